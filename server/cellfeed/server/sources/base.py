@@ -1,0 +1,57 @@
+"""The one interface every stream kind implements: open a config, plan epochs, build batches.
+
+A source is a pure function of its config: `batch(split, epoch, rank, world_size, k)` must give
+the same record batch in any server process, so resume and fail-over need no server memory.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import pyarrow as pa
+
+if TYPE_CHECKING:
+    from cellfeed.server.context import ServerContext
+
+
+class Source(ABC):
+    """A session's batch producer for one kind ("perturbation", "dynaclr", "table")."""
+
+    kind: ClassVar[str]
+
+    @classmethod
+    @abstractmethod
+    def open(cls, config: dict[str, Any], ctx: "ServerContext") -> "Source":
+        """Validate `config` and open what it names; raise CellfeedError naming any fault."""
+
+    @abstractmethod
+    def info(self) -> dict[str, Any]:
+        """JSON-able facts the client needs: splits, vocabularies, shapes, var names."""
+
+    def tables(self) -> dict[str, pa.Table]:
+        """Side tables sent once with the session (e.g. target embeddings)."""
+        return {}
+
+    @abstractmethod
+    def splits(self) -> list[str]:
+        """The split names this session can stream (e.g. train, val, test)."""
+
+    @abstractmethod
+    def schema(self, split: str) -> pa.Schema:
+        """The schema of every record batch of `split`."""
+
+    @abstractmethod
+    def batch_size(self, split: str) -> int:
+        """Training items per batch in `split`."""
+
+    @abstractmethod
+    def num_batches(self, split: str, world_size: int) -> int:
+        """Batches per rank in one epoch; the same on every rank and in every epoch."""
+
+    @abstractmethod
+    def batch(self, split: str, epoch: int, rank: int, world_size: int, index: int) -> pa.RecordBatch:
+        """Rank-local batch `index` of `epoch`. Thread-safe: several streams call it at once."""
+
+    def close(self) -> None:
+        """Release what `open` acquired beyond the shared handle cache."""
