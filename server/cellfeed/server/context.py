@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cellfeed.server.paths import DataRoot
+from cellfeed.server.reading.blocks import BlockCache
 from cellfeed.server.reading.handles import HandleCache
 from cellfeed.server.settings import Settings
 
@@ -17,6 +18,7 @@ class ServerContext:
     settings: Settings
     data_root: DataRoot
     handles: HandleCache = field(default_factory=HandleCache)
+    blocks: BlockCache = field(default_factory=lambda: BlockCache(1 << 30))
 
     @property
     def state_dir(self) -> Path:
@@ -24,4 +26,4 @@ class ServerContext:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "ServerContext":
-        return cls(settings=settings, data_root=DataRoot(settings.data_root))
+        return cls(settings=settings, data_root=DataRoot(settings.data_root), blocks=BlockCache(settings.cache_bytes))

@@ -1,0 +1,47 @@
+"""The `cellfeed` command: `cellfeed serve ...` and `cellfeed preprocess ...`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from cellfeed.server.settings import Settings
+
+
+def _serve_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="run the server (Flight data plane + HTTP control plane)")
+    p.add_argument("--data-root", help="directory every client path is resolved in [CELLFEED_DATA_ROOT]")
+    p.add_argument("--host", help="address to bind [CELLFEED_HOST, 127.0.0.1]")
+    p.add_argument("--flight-port", type=int, help="Arrow Flight port [CELLFEED_FLIGHT_PORT, 8815]")
+    p.add_argument("--http-port", type=int, help="HTTP port [CELLFEED_HTTP_PORT, 8000]")
+    p.add_argument("--token", help="bearer token both planes require [CELLFEED_TOKEN]")
+    p.add_argument("--state-dir", help="job records and logs [CELLFEED_STATE_DIR, <data-root>/.cellfeed]")
+    p.add_argument("--dask-scheduler", help="run jobs on this Dask scheduler [CELLFEED_DASK_SCHEDULER]")
+    p.add_argument("--tls-cert", help="PEM certificate: serve Flight over TLS [CELLFEED_TLS_CERT]")
+    p.add_argument("--tls-key", help="PEM private key for --tls-cert [CELLFEED_TLS_KEY]")
+    p.add_argument("--cache-bytes", type=int, help="bytes of decoded row blocks kept [CELLFEED_CACHE_BYTES, 1 GiB]")
+    p.add_argument("--log-level", default="INFO")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "preprocess":
+        from cellfeed.server.preprocess.cli import main as preprocess_main
+
+        return preprocess_main(argv[1:])
+    parser = argparse.ArgumentParser(prog="cellfeed", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _serve_parser(sub)
+    sub.add_parser("preprocess", help="h5ad -> training-ready parquet; `cellfeed preprocess --help`")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=getattr(args, "log_level", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from cellfeed.server.serving.server import serve
+
+    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "log_level")}
+    serve(Settings.from_env(**overrides))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

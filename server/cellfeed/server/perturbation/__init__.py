@@ -1,0 +1,1 @@
+"""Perturbation scRNA-seq: configs, file layouts, embeddings."""

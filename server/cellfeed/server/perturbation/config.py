@@ -1,0 +1,203 @@
+"""Perturbation session config: the DataModule's arguments plus protoplast/cell-load TOML.
+
+The TOML schema accepted is the union of protoplast's and cell-load's: [datasets] (brace
+patterns, globs, directories or files), [training], [zeroshot], [fewshot."dataset.celltype"],
+[dataset_opts] and [loader]. Dataset paths are server-side, inside the data root.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from braceexpand import braceexpand
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from cellfeed.server.errors import CellfeedError
+from cellfeed.server.paths import DataRoot
+
+SPLITS = ("train", "val", "test")
+H5AD_SUFFIXES = (".h5ad", ".h5")
+
+
+class PerturbationConfig(BaseModel):
+    """What a client sends to open a perturbation session (see docs/protocol/perturbation.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    files: list[str] | None = None
+    toml: str | None = None
+    pert_embedding_file: str | None = None
+    cell_type_label: str = "cell_type"
+    target_label: str = "target_gene"
+    control_label: str = "non-targeting"
+    batch_label: str = "batch_var"
+    group_size_S: int = Field(32, ge=1)
+    batch_size: int = Field(64, ge=1)
+    block_size: int = Field(2048, ge=1)
+    window_blocks: int = Field(8, ge=1)
+    barcodes: bool = False
+    seed: int = 0
+    match_controls_by_batch: bool = False
+    prefix_batches_with_file: bool = False
+
+    @classmethod
+    def parse(cls, raw: dict[str, Any]) -> "PerturbationConfig":
+        try:
+            config = cls.model_validate(raw)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "config"
+            raise CellfeedError(f"perturbation config: {where}: {first['msg']}") from None
+        if (config.files is None) == (config.toml is None):
+            raise CellfeedError("perturbation config: give exactly one of `files` or a TOML config (`config_path`)")
+        return config
+
+
+@dataclass
+class FileSpec:
+    """One h5ad file of the session, with the split rules that apply to it."""
+
+    dataset: str
+    path: Path
+    label: str  # as clients name it: relative to the data root
+    split: str = "train"
+    zeroshot: dict[str, str] = field(default_factory=dict)  # cell type (or file stem) -> split
+    fewshot: dict[str, dict[str, str]] = field(default_factory=dict)  # cell type -> target -> split
+
+    @property
+    def stem(self) -> str:
+        return self.path.stem
+
+
+@dataclass
+class DatasetLayout:
+    files: list[FileSpec]
+    dataset_opts: dict[str, Any]
+
+
+def resolve_files(config: PerturbationConfig, root: DataRoot) -> DatasetLayout:
+    """The files of a session and their split rules, from an explicit list or from TOML."""
+    if config.files is not None:
+        if not config.files:
+            raise CellfeedError("perturbation config: `files` is empty")
+        specs = []
+        for name in config.files:
+            path = root.resolve(name)
+            specs.append(FileSpec(dataset=path.stem, path=path, label=root.relative(path)))
+        return DatasetLayout(files=specs, dataset_opts={})
+    assert config.toml is not None
+    return _from_toml(config.toml, root)
+
+
+def _from_toml(text: str, root: DataRoot) -> DatasetLayout:
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise CellfeedError(f"TOML config: {exc}") from None
+    known = {"datasets", "training", "zeroshot", "fewshot", "dataset_opts", "loader"}
+    unknown = sorted(set(doc) - known)
+    if unknown:
+        raise CellfeedError(f"TOML config: unknown table [{unknown[0]}] (known: {', '.join(sorted(known))})")
+    datasets = doc.get("datasets")
+    if not isinstance(datasets, dict) or not datasets:
+        raise CellfeedError("TOML config: [datasets] is missing or empty")
+    training = doc.get("training", {}) or {}
+    zeroshot = doc.get("zeroshot", {}) or {}
+    fewshot = doc.get("fewshot", {}) or {}
+    for table, name in ((training, "training"), (zeroshot, "zeroshot"), (fewshot, "fewshot")):
+        if not isinstance(table, dict):
+            raise CellfeedError(f"TOML config: [{name}] must be a table")
+
+    for name, split in training.items():
+        if name not in datasets:
+            raise CellfeedError(f"TOML config: [training] names dataset {name!r}, which [datasets] does not define")
+        _check_split(split, f"[training] {name}")
+    zeroshot_rules: dict[str, dict[str, str]] = {}
+    for key, split in zeroshot.items():
+        dataset, celltype = _split_key(key, "zeroshot", datasets)
+        _check_split(split, f"[zeroshot] {key!r}")
+        zeroshot_rules.setdefault(dataset, {})[celltype] = split
+    fewshot_rules: dict[str, dict[str, dict[str, str]]] = {}
+    for key, table in fewshot.items():
+        dataset, celltype = _split_key(key, "fewshot", datasets)
+        if not isinstance(table, dict):
+            raise CellfeedError(f"TOML config: [fewshot.{key!r}] must be a table of split = [targets]")
+        targets: dict[str, str] = {}
+        for split, names in table.items():
+            if split not in ("val", "test"):
+                raise CellfeedError(f"TOML config: [fewshot.{key!r}] has unknown split {split!r} (use val or test)")
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                raise CellfeedError(f"TOML config: [fewshot.{key!r}] {split} must be a list of target names")
+            for target in names:
+                targets[target] = split  # listed in both: the later table wins, as in protoplast
+        fewshot_rules.setdefault(dataset, {})[celltype] = targets
+
+    # cell-load loads only datasets named in [training], [zeroshot] or [fewshot]; protoplast loads all.
+    named = set(training) | set(zeroshot_rules) | set(fewshot_rules)
+    specs: list[FileSpec] = []
+    for dataset, pattern in datasets.items():
+        if named and dataset not in named:
+            continue
+        if not isinstance(pattern, str) or not pattern:
+            raise CellfeedError(f"TOML config: [datasets] {dataset} must be a path pattern string")
+        paths = _expand(pattern, root, dataset)
+        for path in paths:
+            specs.append(
+                FileSpec(
+                    dataset=dataset,
+                    path=path,
+                    label=root.relative(path),
+                    split=training.get(dataset, "train"),
+                    zeroshot=zeroshot_rules.get(dataset, {}),
+                    fewshot=fewshot_rules.get(dataset, {}),
+                )
+            )
+    if not specs:
+        raise CellfeedError("TOML config: no dataset files selected")
+    opts = doc.get("dataset_opts", {}) or {}
+    return DatasetLayout(files=specs, dataset_opts=opts)
+
+
+def _check_split(split: object, where: str) -> None:
+    if split not in SPLITS:
+        raise CellfeedError(f"TOML config: {where} = {split!r} is not a split name (use one of {', '.join(SPLITS)})")
+
+
+def _split_key(key: str, table: str, datasets: dict[str, Any]) -> tuple[str, str]:
+    dataset, dot, celltype = key.partition(".")
+    if not dot or not celltype:
+        raise CellfeedError(f"TOML config: [{table}] key {key!r} must be \"dataset.celltype\"")
+    if dataset not in datasets:
+        raise CellfeedError(f"TOML config: [{table}] key {key!r} names dataset {dataset!r}, which [datasets] does not define")
+    return dataset, celltype
+
+
+def _expand(pattern: str, root: DataRoot, dataset: str) -> list[Path]:
+    """Brace patterns, then globs and directories, each resolved inside the data root."""
+    found: list[Path] = []
+    for item in braceexpand(pattern):
+        if any(ch in item for ch in "*?["):
+            rel = Path(item)
+            if rel.is_absolute():
+                root.resolve(rel.parent if "*" not in str(rel.parent) else root.path, must_exist=False)
+                try:
+                    rel = rel.relative_to(root.path)
+                except ValueError:
+                    raise CellfeedError(f"path {item!r} is outside the server's data root") from None
+            matches = sorted(p for p in root.path.glob(str(rel)) if p.suffix in H5AD_SUFFIXES)
+            found.extend(root.resolve(p) for p in matches)
+            if not matches:
+                raise CellfeedError(f"TOML config: [datasets] {dataset}: pattern {item!r} matches no .h5ad file")
+            continue
+        path = root.resolve(item)
+        if path.is_dir():
+            files = sorted(p for p in path.iterdir() if p.suffix in H5AD_SUFFIXES)
+            if not files:
+                raise CellfeedError(f"TOML config: [datasets] {dataset}: directory {item!r} holds no .h5ad file")
+            found.extend(files)
+        else:
+            found.append(path)
+    return found

@@ -1,0 +1,209 @@
+"""The row layout of one perturbation h5ad: target groups, control pools, and the sort check.
+
+Samplers need each target's cells as one contiguous run (so a group reads as one slice) and the
+controls of a file contiguous; files that break this are refused with the first offending row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from cellfeed.server.errors import CellfeedError
+from cellfeed.server.perturbation.config import FileSpec
+from cellfeed.server.reading.h5ad import H5ad
+
+SORT_HINT = "rewrite it sorted with `cellfeed preprocess sort` (or POST /v1/jobs with kind \"sort\")"
+
+
+@dataclass
+class Group:
+    """The cells of one (file, cell type, target): the unit that is shuffled and cut into items."""
+
+    file: int
+    cell_type: str
+    target: str
+    rows: np.ndarray  # int64, ascending, inside one contiguous target run
+    batches: np.ndarray  # batch label per row
+    split: str
+
+    @property
+    def start(self) -> int:
+        return int(self.rows[0])
+
+    @property
+    def stop(self) -> int:
+        return int(self.rows[-1]) + 1
+
+
+@dataclass
+class FileLayout:
+    """Everything the sampler needs to know about one file, read once when a session opens."""
+
+    spec: FileSpec
+    h5: H5ad
+    groups: list[Group]
+    control_span: tuple[int, int]  # the contiguous run of control rows
+    control_rows: dict[str, np.ndarray]  # cell type -> control rows
+    control_rows_by_batch: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
+    row_batch: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))  # code per row
+    batch_names: np.ndarray = field(default_factory=lambda: np.zeros(0, str))  # code -> batch label
+    cell_types: set[str] = field(default_factory=set)
+    batches: set[str] = field(default_factory=set)
+
+
+def read_layout(
+    spec: FileSpec,
+    h5: H5ad,
+    *,
+    cell_type_label: str,
+    target_label: str,
+    control_label: str,
+    batch_label: str,
+    file_index: int,
+    batch_prefix: str = "",
+) -> FileLayout:
+    """Read obs columns, check the sort order, and build groups and control pools."""
+    n = h5.n_obs
+    if n == 0:
+        raise CellfeedError(f"{spec.label}: the file has no cells")
+    targets = h5.obs_column(target_label)
+    batches = h5.obs_column(batch_label)
+    if cell_type_label in h5.obs_keys():
+        cell_types = h5.obs_column(cell_type_label)
+    else:  # protoplast's convention: one cell type per file, named by the file stem
+        cell_types = pd.Categorical(np.full(n, spec.stem))
+    target_codes = np.asarray(targets.codes, dtype=np.int64)
+    batch_codes = np.asarray(batches.codes, dtype=np.int64)
+    if (target_codes < 0).any():
+        row = int(np.argmax(target_codes < 0))
+        raise CellfeedError(f"{spec.label}: obs column {target_label!r} is missing a value at row {row}")
+    target_names = np.asarray(targets.categories).astype(str)
+    control_code = np.flatnonzero(target_names == control_label)
+    if control_code.size == 0:
+        raise CellfeedError(
+            f"{spec.label}: no control cells: obs column {target_label!r} has no value {control_label!r} "
+            "(set control_label to the name your controls use)"
+        )
+    control_code = int(control_code[0])
+
+    starts, values = _runs(target_codes)
+    _check_runs_unique(spec, h5, starts, values, target_names, target_label, control_code, control_label)
+    key = target_codes * (len(batches.categories) + 1) + (batch_codes + 1)
+    bstarts, bvalues = _runs(key)
+    if len(np.unique(bvalues)) != len(bvalues):
+        row = _first_repeat(bstarts, bvalues)
+        raise CellfeedError(
+            f"{spec.label}: rows are not sorted by {target_label} then {batch_label}: batch "
+            f"{_label(batches, batch_codes[row])!r} of target {target_names[target_codes[row]]!r} "
+            f"starts again at row {row} ({_obs_name(h5, row)}); {SORT_HINT}"
+        )
+
+    ct_codes = np.asarray(cell_types.codes, dtype=np.int64)
+    ct_names = np.asarray(cell_types.categories).astype(str)
+    batch_names = np.array([batch_prefix + str(b) for b in batches.categories] + [batch_prefix + "nan"])
+    row_batch = np.where(batch_codes < 0, len(batch_names) - 1, batch_codes).astype(np.int32)
+    row_batches = batch_names[row_batch]
+
+    groups: list[Group] = []
+    control_span = (0, 0)
+    stops = np.append(starts[1:], n)
+    for start, stop, value in zip(starts.tolist(), stops.tolist(), values.tolist()):
+        if value == control_code:
+            control_span = (start, stop)
+            continue
+        run_ct = ct_codes[start:stop]
+        for ct in np.unique(run_ct):
+            rows = start + np.flatnonzero(run_ct == ct)
+            cell_type = ct_names[ct] if ct >= 0 else "nan"
+            target = str(target_names[value])
+            groups.append(
+                Group(
+                    file=file_index,
+                    cell_type=cell_type,
+                    target=target,
+                    rows=rows.astype(np.int64),
+                    batches=row_batches[rows],
+                    split=_split_for(spec, cell_type, target),
+                )
+            )
+
+    lo, hi = control_span
+    ctrl_ct = ct_codes[lo:hi]
+    control_rows: dict[str, np.ndarray] = {}
+    by_batch: dict[tuple[str, str], np.ndarray] = {}
+    for ct in np.unique(ctrl_ct):
+        rows = lo + np.flatnonzero(ctrl_ct == ct)
+        name = ct_names[ct] if ct >= 0 else "nan"
+        control_rows[name] = rows.astype(np.int64)
+        for b in np.unique(row_batches[rows]):
+            by_batch[(name, str(b))] = rows[row_batches[rows] == b]
+    for group in groups:
+        if group.cell_type not in control_rows:
+            raise CellfeedError(
+                f"{spec.label}: no control cells ({target_label} == {control_label!r}) for cell type "
+                f"{group.cell_type!r}, so its perturbed cells cannot be matched"
+            )
+    return FileLayout(
+        spec=spec,
+        h5=h5,
+        groups=groups,
+        control_span=control_span,
+        control_rows=control_rows,
+        control_rows_by_batch=by_batch,
+        cell_types={str(c) for c in np.unique(ct_names[ct_codes[ct_codes >= 0]])} | ({"nan"} if (ct_codes < 0).any() else set()),
+        batches={str(b) for b in np.unique(row_batches)},
+        row_batch=row_batch,
+        batch_names=batch_names,
+    )
+
+
+def _split_for(spec: FileSpec, cell_type: str, target: str) -> str:
+    """fewshot (per target) beats zeroshot (whole cell type) beats the dataset's split."""
+    for key in (cell_type, spec.stem):
+        if key in spec.fewshot and target in spec.fewshot[key]:
+            return spec.fewshot[key][target]
+    for key in (cell_type, spec.stem):
+        if key in spec.zeroshot:
+            return spec.zeroshot[key]
+    return spec.split
+
+
+def _runs(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Start row and value of each run of equal consecutive codes."""
+    starts = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]])
+    return starts, codes[starts]
+
+
+def _first_repeat(starts: np.ndarray, values: np.ndarray) -> int:
+    """The start row of the first run whose value already had a run."""
+    _, first = np.unique(values, return_index=True)
+    repeated = np.setdiff1d(np.arange(len(values)), first)
+    return int(starts[repeated.min()])
+
+
+def _check_runs_unique(spec, h5, starts, values, names, target_label, control_code, control_label) -> None:
+    if len(np.unique(values)) == len(values):
+        return
+    row = _first_repeat(starts, values)
+    run = int(np.searchsorted(starts, row))
+    value = values[run]
+    if value == control_code:
+        raise CellfeedError(
+            f"{spec.label}: controls ({target_label} == {control_label!r}) are not contiguous: they start again "
+            f"at row {row} ({_obs_name(h5, row)}); {SORT_HINT}"
+        )
+    raise CellfeedError(
+        f"{spec.label}: rows are not sorted by {target_label}: target {names[value]!r} starts again at row "
+        f"{row} ({_obs_name(h5, row)}); {SORT_HINT}"
+    )
+
+
+def _obs_name(h5: H5ad, row: int) -> str:
+    return f"obs_name {h5.obs_names()[row]!r}"
+
+
+def _label(cat: pd.Categorical, code: int) -> str:
+    return str(cat.categories[code]) if code >= 0 else "nan"

@@ -1,0 +1,68 @@
+"""A byte-bounded LRU cache of contiguous CSR row blocks, shared by every session of a server.
+
+Plans read each block once per epoch and every rank and stream of a job draws its batches from
+the same few blocks at about the same time, so one read serves them all.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+
+import scipy.sparse as sp
+
+
+class BlockCache:
+    """Keeps recently used CSR blocks up to `max_bytes`; loads a missing block once, even if
+    several threads ask for it together."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._blocks: OrderedDict[Hashable, sp.csr_matrix] = OrderedDict()
+        self._loading: dict[Hashable, threading.Event] = {}
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: Hashable, load: Callable[[], sp.csr_matrix]) -> sp.csr_matrix:
+        while True:
+            with self._lock:
+                block = self._blocks.get(key)
+                if block is not None:
+                    self._blocks.move_to_end(key)
+                    self.hits += 1
+                    return block
+                waiter = self._loading.get(key)
+                if waiter is None:
+                    self._loading[key] = threading.Event()
+                    self.misses += 1
+                    break
+            waiter.wait()
+        try:
+            block = load()
+        finally:
+            with self._lock:
+                self._loading.pop(key).set()
+        with self._lock:
+            self._store(key, block)
+        return block
+
+    def _store(self, key: Hashable, block: sp.csr_matrix) -> None:
+        size = _nbytes(block)
+        if key in self._blocks:
+            return
+        self._blocks[key] = block
+        self._bytes += size
+        while self._bytes > self.max_bytes and len(self._blocks) > 1:
+            _, old = self._blocks.popitem(last=False)
+            self._bytes -= _nbytes(old)
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+
+def _nbytes(block: sp.csr_matrix) -> int:
+    return block.data.nbytes + block.indices.nbytes + block.indptr.nbytes

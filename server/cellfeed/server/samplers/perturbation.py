@@ -1,0 +1,165 @@
+"""Groups of S perturbed cells of one target, with S matched controls, planned per epoch.
+
+Each epoch (seeded by seed, split and epoch) shuffles cells within every target, cuts them into
+groups of S (padding only a target's last partial group, with replacement), and shuffles the
+groups across a window of contiguous row blocks so that batches mix targets and cell types while
+every read stays a contiguous slice. Every cell of the split is drawn at least once per epoch.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+from cellfeed.server.perturbation.layout import FileLayout, Group
+from cellfeed.server.samplers.base import Sampler, batches_per_rank, global_batch
+
+
+@dataclass(frozen=True)
+class Block:
+    """A contiguous run of rows [start, stop) of one file, holding whole groups."""
+
+    file: int
+    start: int
+    stop: int
+
+
+@dataclass
+class EpochPlan:
+    group: np.ndarray  # [n_items] group index of each item
+    rows: np.ndarray  # [n_items, S] file rows of each item's perturbed cells
+
+
+@dataclass
+class PerturbationBatch:
+    """One batch: B items of S perturbed cells each, with their S control cells."""
+
+    group: np.ndarray  # [B]
+    pert_rows: np.ndarray  # [B, S]
+    ctrl_rows: np.ndarray  # [B, S]
+    global_index: int
+
+
+class PerturbationSampler(Sampler):
+    """Plans the items of one split (see the module docstring for the promises it keeps)."""
+
+    def __init__(
+        self,
+        groups: list[Group],
+        layouts: list[FileLayout],
+        *,
+        group_size: int,
+        batch_size: int,
+        block_size: int,
+        window_blocks: int,
+        seed: int,
+        stream_key: int,
+        match_controls_by_batch: bool,
+    ) -> None:
+        self.groups = groups
+        self.layouts = layouts
+        self.S = group_size
+        self.B = batch_size
+        self.window_blocks = window_blocks
+        self.seed = seed
+        self.stream_key = stream_key
+        self.match_controls_by_batch = match_controls_by_batch
+        self.blocks, self.block_of_group = _blocks(groups, block_size)
+        self.groups_of_block: list[list[int]] = [[] for _ in self.blocks]
+        for g, b in enumerate(self.block_of_group):
+            self.groups_of_block[b].append(g)
+        self.num_items = sum(math.ceil(len(g.rows) / group_size) for g in groups)
+        self._plan_lock = threading.Lock()
+        self._plan = lru_cache(maxsize=4)(self._build_plan)
+
+    def num_batches(self, world_size: int) -> int:
+        return batches_per_rank(self.num_items, self.B, world_size) if self.num_items else 0
+
+    def plan(self, epoch: int) -> EpochPlan:
+        with self._plan_lock:
+            return self._plan(epoch)
+
+    def batch(self, epoch: int, rank: int, world_size: int, index: int) -> PerturbationBatch:
+        plan = self.plan(epoch)
+        j = global_batch(index, rank, world_size)
+        items = np.arange(j * self.B, (j + 1) * self.B) % self.num_items  # wrap-around = declared padding
+        group = plan.group[items]
+        pert_rows = plan.rows[items]
+        rng = np.random.default_rng([self.seed, self.stream_key, epoch, j, 1])
+        ctrl_rows = np.stack([self._controls(rng, self.groups[g], rows) for g, rows in zip(group, pert_rows)])
+        return PerturbationBatch(group=group, pert_rows=pert_rows, ctrl_rows=ctrl_rows, global_index=j)
+
+    def _build_plan(self, epoch: int) -> EpochPlan:
+        rng = np.random.default_rng([self.seed, self.stream_key, epoch])
+        order = rng.permutation(len(self.blocks))
+        item_groups: list[np.ndarray] = []
+        item_rows: list[np.ndarray] = []
+        S = self.S
+        for w in range(0, len(order), self.window_blocks):
+            w_groups: list[np.ndarray] = []
+            w_rows: list[np.ndarray] = []
+            for b in order[w : w + self.window_blocks]:
+                for g in self.groups_of_block[b]:
+                    rows = rng.permutation(self.groups[g].rows)
+                    short = (-len(rows)) % S
+                    if short:
+                        rows = np.concatenate([rows, rng.choice(self.groups[g].rows, short, replace=True)])
+                    chunks = rows.reshape(-1, S)
+                    w_rows.append(chunks)
+                    w_groups.append(np.full(len(chunks), g, dtype=np.int32))
+            if not w_rows:
+                continue
+            perm = rng.permutation(sum(len(c) for c in w_rows))
+            item_rows.append(np.concatenate(w_rows)[perm])
+            item_groups.append(np.concatenate(w_groups)[perm])
+        if not item_rows:
+            return EpochPlan(group=np.zeros(0, np.int32), rows=np.zeros((0, S), np.int64))
+        return EpochPlan(group=np.concatenate(item_groups), rows=np.concatenate(item_rows))
+
+    def _controls(self, rng: np.random.Generator, group: Group, pert_rows: np.ndarray) -> np.ndarray:
+        """S control rows from the same file and cell type (and batch, when asked and possible)."""
+        layout = self.layouts[group.file]
+        pool = layout.control_rows[group.cell_type]
+        if not self.match_controls_by_batch:
+            return _draw(rng, pool, self.S)
+        out = np.empty(self.S, dtype=np.int64)
+        local = np.searchsorted(group.rows, pert_rows)
+        cell_batches = group.batches[local]
+        for b in np.unique(cell_batches):
+            where = np.flatnonzero(cell_batches == b)
+            same = layout.control_rows_by_batch.get((group.cell_type, str(b)))
+            source = same if same is not None and len(same) >= len(where) else pool
+            out[where] = _draw(rng, source, len(where))
+        return out
+
+
+def _draw(rng: np.random.Generator, pool: np.ndarray, n: int) -> np.ndarray:
+    """n rows from pool, without replacement unless the pool is smaller than n."""
+    return pool[rng.choice(len(pool), n, replace=len(pool) < n)]
+
+
+def _blocks(groups: list[Group], block_size: int) -> tuple[list[Block], np.ndarray]:
+    """Merge adjacent groups of a file into blocks of at most block_size rows (a larger group
+    stays whole, as its own block)."""
+    order = sorted(range(len(groups)), key=lambda g: (groups[g].file, groups[g].start))
+    blocks: list[Block] = []
+    block_of_group = np.zeros(len(groups), dtype=np.int64)
+    for g in order:
+        group = groups[g]
+        last = blocks[-1] if blocks else None
+        if (
+            last is not None
+            and last.file == group.file
+            and group.start >= last.start
+            and group.start <= last.stop
+            and max(last.stop, group.stop) - last.start <= block_size
+        ):
+            blocks[-1] = Block(last.file, last.start, max(last.stop, group.stop))
+        else:
+            blocks.append(Block(group.file, group.start, group.stop))
+        block_of_group[g] = len(blocks) - 1
+    return blocks, block_of_group

@@ -1,0 +1,158 @@
+"""The data plane: an Arrow Flight service that opens sessions, plans streams and serves batches.
+
+Calls: DoAction("open_session", OpenSession) -> SessionInfo; GetFlightInfo(StreamRequest) ->
+one endpoint per stream with its Ticket and the Plan in app_metadata; DoGet(Ticket) -> batches.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator
+
+import pyarrow as pa
+import pyarrow.flight as flight
+from google.protobuf.message import DecodeError
+
+from cellfeed.server.errors import CellfeedError, NotFound
+from cellfeed.server.serving.sessions import SessionRegistry, StreamProgress
+from cellfeed.wire import cellfeed_pb2 as pb
+from cellfeed.wire import codec
+
+log = logging.getLogger(__name__)
+
+NOT_FOUND = b"cellfeed:not_found"
+INVALID = b"cellfeed:invalid"
+
+
+def _client_error(exc: CellfeedError) -> flight.FlightServerError:
+    """A request's own fault, sent with its message (extra_info tells not-found from invalid)."""
+    return flight.FlightServerError(str(exc), extra_info=NOT_FOUND if isinstance(exc, NotFound) else INVALID)
+
+
+def _parse(message_type, payload: bytes, what: str):
+    message = message_type()
+    try:
+        message.ParseFromString(payload)
+    except DecodeError:
+        raise CellfeedError(f"malformed {what}: not a cellfeed.v1.{message_type.__name__} message") from None
+    return message
+
+
+class FlightService(flight.FlightServerBase):
+    """cellfeed's Flight server; one per process, serving every session and client."""
+
+    def __init__(self, location: str, sessions: SessionRegistry, **kwargs) -> None:
+        super().__init__(location, **kwargs)
+        self.sessions = sessions
+
+    def list_actions(self, context):
+        return [("open_session", "Open (or find) a session: body OpenSession, result SessionInfo")]
+
+    def do_action(self, context, action):
+        try:
+            if action.type != "open_session":
+                raise CellfeedError(f"unknown action {action.type!r}; known: open_session")
+            request = _parse(pb.OpenSession, action.body.to_pybytes(), "OpenSession")
+            try:
+                config = json.loads(request.config_json or "{}")
+            except json.JSONDecodeError as exc:
+                raise CellfeedError(f"OpenSession.config_json is not JSON: {exc}") from None
+            if not isinstance(config, dict):
+                raise CellfeedError("OpenSession.config_json must be a JSON object")
+            session = self.sessions.open(request.kind, config)
+            reply = pb.SessionInfo(
+                session_id=session.session_id,
+                kind=session.kind,
+                info_json=json.dumps(session.source.info()),
+                tables={name: codec.table_to_ipc(t) for name, t in session.source.tables().items()},
+            )
+            return [flight.Result(pa.py_buffer(reply.SerializeToString()))]
+        except CellfeedError as exc:
+            log.info("open_session refused: %s", exc)
+            raise _client_error(exc) from None
+
+    def get_flight_info(self, context, descriptor):
+        try:
+            request = _parse(pb.StreamRequest, descriptor.command, "StreamRequest")
+            source = self.sessions.get(request.session_id).source
+            world = max(1, request.world_size)
+            count = max(1, request.stream_count)
+            num_batches = source.num_batches(request.split, world)
+            endpoints = []
+            for index in range(count):
+                ticket = pb.Ticket(
+                    session_id=request.session_id,
+                    split=request.split,
+                    epoch=request.epoch,
+                    rank=request.rank,
+                    world_size=world,
+                    stream_index=index,
+                    stream_count=count,
+                    first_batch=request.first_batch,
+                )
+                endpoints.append(flight.FlightEndpoint(ticket.SerializeToString(), []))
+            plan = pb.Plan(num_batches=num_batches, batch_size=source.batch_size(request.split))
+            return flight.FlightInfo(
+                source.schema(request.split),
+                descriptor,
+                endpoints,
+                total_records=-1,
+                total_bytes=-1,
+                ordered=True,
+                app_metadata=plan.SerializeToString(),
+            )
+        except CellfeedError as exc:
+            raise _client_error(exc) from None
+
+    def do_get(self, context, ticket):
+        try:
+            t = _parse(pb.Ticket, ticket.ticket, "ticket")
+            if t.world_size < 1 or t.stream_count < 1 or t.rank >= t.world_size or t.stream_index >= t.stream_count:
+                raise CellfeedError(
+                    f"malformed ticket: rank {t.rank} / world size {t.world_size}, "
+                    f"stream {t.stream_index} / {t.stream_count}"
+                )
+            source = self.sessions.get(t.session_id).source
+            schema = source.schema(t.split)
+            total = source.num_batches(t.split, t.world_size)
+        except CellfeedError as exc:
+            raise _client_error(exc) from None
+        first = t.first_batch + (t.stream_index - t.first_batch) % t.stream_count
+        progress = self.sessions.start_stream(
+            StreamProgress(
+                session_id=t.session_id,
+                split=t.split,
+                epoch=t.epoch,
+                rank=t.rank,
+                world_size=t.world_size,
+                stream_index=t.stream_index,
+                stream_count=t.stream_count,
+                first_batch=t.first_batch,
+                total_batches=len(range(first, total, t.stream_count)),
+                peer=context.peer(),
+            )
+        )
+        return flight.GeneratorStream(schema, self._batches(source, t, first, total, progress, context))
+
+    def _batches(self, source, t, first: int, total: int, progress: StreamProgress, context) -> Iterator[pa.RecordBatch]:
+        try:
+            for index in range(first, total, t.stream_count):
+                if context.is_cancelled():
+                    progress.state = "cancelled"
+                    return
+                yield source.batch(t.split, t.epoch, t.rank, t.world_size, index)
+                progress.sent += 1
+                progress.updated_at = time.time()
+            progress.state = "done"
+        except CellfeedError as exc:
+            progress.state, progress.error = "failed", str(exc)
+            raise _client_error(exc) from None
+        except Exception as exc:
+            progress.state, progress.error = "failed", repr(exc)
+            log.exception("stream of session %s failed", t.session_id)
+            raise flight.FlightServerError(f"server error while building a batch: {exc!r}") from None
+        finally:
+            if progress.state == "streaming":
+                progress.state = "closed"

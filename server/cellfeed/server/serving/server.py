@@ -1,0 +1,47 @@
+"""Run one cellfeed server process: the Flight data plane in a thread, the HTTP plane in front."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import uvicorn
+
+from cellfeed.server.context import ServerContext
+from cellfeed.server.serving.auth import TokenMiddlewareFactory
+from cellfeed.server.serving.flight import FlightService
+from cellfeed.server.serving.http import create_app
+from cellfeed.server.serving.sessions import SessionRegistry
+from cellfeed.server.settings import Settings
+
+log = logging.getLogger("cellfeed")
+
+
+def build_flight(ctx: ServerContext, sessions: SessionRegistry) -> tuple[FlightService, str]:
+    s = ctx.settings
+    kwargs: dict = {}
+    scheme = "grpc+tcp"
+    if s.tls_cert and s.tls_key:
+        with open(s.tls_cert, "rb") as cert, open(s.tls_key, "rb") as key:
+            kwargs["tls_certificates"] = [(cert.read(), key.read())]
+        scheme = "grpc+tls"
+    if s.token:
+        kwargs["middleware"] = {"auth": TokenMiddlewareFactory(s.token)}
+    service = FlightService(f"{scheme}://{s.host}:{s.flight_port}", sessions, **kwargs)
+    return service, f"{scheme}://{s.host}:{service.port}"
+
+
+def serve(settings: Settings) -> None:
+    """Serve until SIGINT/SIGTERM; both planes share one context (handles, caches, sessions)."""
+    ctx = ServerContext.from_settings(settings)
+    sessions = SessionRegistry(ctx)
+    flight_service, flight_uri = build_flight(ctx, sessions)
+    thread = threading.Thread(target=flight_service.serve, name="flight", daemon=True)
+    thread.start()
+    app = create_app(ctx, sessions, flight_uri)
+    log.info("cellfeed serving %s: flight %s, http http://%s:%d", ctx.data_root.path, flight_uri, settings.host, settings.http_port)
+    try:
+        uvicorn.run(app, host=settings.host, port=settings.http_port, log_level="warning")
+    finally:
+        flight_service.shutdown()
+        ctx.handles.close()

@@ -1,0 +1,257 @@
+"""The perturbation stream: groups of S perturbed cells with S matched controls, as CSR batches.
+
+One record batch = one training batch of B items; its rows are the B*S perturbed cells in item
+order (item b owns rows b*S .. b*S+S-1), each row also carrying its matched control cell.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import scipy.sparse as sp
+
+from cellfeed.server.context import ServerContext
+from cellfeed.server.errors import CellfeedError, NotFound
+from cellfeed.server.perturbation.config import SPLITS, PerturbationConfig, resolve_files
+from cellfeed.server.perturbation.embeddings import load_embeddings
+from cellfeed.server.perturbation.layout import FileLayout, read_layout
+from cellfeed.server.reading.h5ad import H5ad
+from cellfeed.server.samplers.base import check_batch_index
+from cellfeed.server.samplers.perturbation import PerturbationSampler
+from cellfeed.server.sources.base import Source
+from cellfeed.wire import codec
+
+log = logging.getLogger(__name__)
+
+# TOML [dataset_opts] keys and the config fields they set (protoplast's names).
+_DATASET_OPTS = {
+    "cell_type_label": "cell_type_label",
+    "target_label": "target_label",
+    "control_label": "control_label",
+    "batch_label": "batch_label",
+    "n_basal_samples": "group_size_S",
+    "group_size_S": "group_size_S",
+}
+
+
+class PerturbationSource(Source):
+    kind = "perturbation"
+
+    def __init__(self, config: PerturbationConfig, layouts: list[FileLayout], ctx: ServerContext) -> None:
+        self.config = config
+        self.layouts = layouts
+        self.ctx = ctx
+        self.var_names = layouts[0].h5.var_names()
+        self.cell_types = sorted(set().union(*(l.cell_types for l in layouts)))
+        self.batches = sorted(set().union(*(l.batches for l in layouts)))
+        targets = sorted({g.target for l in layouts for g in l.groups} | {config.control_label})
+        self.targets = targets
+        self._target_code = {t: i for i, t in enumerate(targets)}
+        self._cell_type_code = {c: i for i, c in enumerate(self.cell_types)}
+        batch_code = {b: i for i, b in enumerate(self.batches)}
+        # per file: layout batch code -> session batch code
+        self._batch_map = [np.array([batch_code.get(str(n), 0) for n in l.batch_names], dtype=np.int32) for l in layouts]
+        self.embedding_dim = len(targets)
+        self._embeddings: np.ndarray | None = None
+        self.missing_embeddings: list[str] = []
+        if config.pert_embedding_file:
+            path = ctx.data_root.resolve(config.pert_embedding_file)
+            self._embeddings, self.missing_embeddings = load_embeddings(
+                path, ctx.data_root.relative(path), targets, control=config.control_label
+            )
+            self.embedding_dim = int(self._embeddings.shape[1])
+        groups = [g for l in layouts for g in l.groups]
+        self.samplers = {
+            split: PerturbationSampler(
+                [g for g in groups if g.split == split],
+                layouts,
+                group_size=config.group_size_S,
+                batch_size=config.batch_size,
+                block_size=config.block_size,
+                window_blocks=config.window_blocks,
+                seed=config.seed,
+                stream_key=k,
+                match_controls_by_batch=config.match_controls_by_batch,
+            )
+            for k, split in enumerate(SPLITS)
+        }
+        self._barcodes = [l.h5.obs_names() for l in layouts] if config.barcodes else None
+        self._schema = self._build_schema()
+
+    @classmethod
+    def open(cls, config: dict[str, Any], ctx: ServerContext) -> "PerturbationSource":
+        cfg = PerturbationConfig.parse(config)
+        files = resolve_files(cfg, ctx.data_root)
+        updates = {_DATASET_OPTS[k]: v for k, v in files.dataset_opts.items() if k in _DATASET_OPTS}
+        if updates:
+            cfg = PerturbationConfig.parse({**cfg.model_dump(), **updates})
+        layouts = []
+        for i, spec in enumerate(files.files):
+            h5 = ctx.handles.get(spec.path, lambda p, label=spec.label: H5ad(p, label), name="h5ad")
+            layouts.append(
+                read_layout(
+                    spec,
+                    h5,
+                    cell_type_label=cfg.cell_type_label,
+                    target_label=cfg.target_label,
+                    control_label=cfg.control_label,
+                    batch_label=cfg.batch_label,
+                    file_index=i,
+                    batch_prefix=f"{spec.stem}:" if cfg.prefix_batches_with_file else "",
+                )
+            )
+        _check_same_genes(layouts)
+        _check_rules(layouts)
+        return cls(cfg, layouts, ctx)
+
+    def splits(self) -> list[str]:
+        return list(SPLITS)
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "var_names": self.var_names.tolist(),
+            "n_vars": len(self.var_names),
+            "cell_types": self.cell_types,
+            "batches": self.batches,
+            "targets": self.targets,
+            "control_label": self.config.control_label,
+            "embedding_dim": self.embedding_dim,
+            "pert_emb": "table" if self._embeddings is not None else "onehot",
+            "missing_embeddings": self.missing_embeddings,
+            "group_size_S": self.config.group_size_S,
+            "batch_size": self.config.batch_size,
+            "barcodes": self.config.barcodes,
+            "files": [l.spec.label for l in self.layouts],
+            "splits": {s: {"items": self.samplers[s].num_items, "groups": len(self.samplers[s].groups)} for s in SPLITS},
+        }
+
+    def tables(self) -> dict[str, pa.Table]:
+        if self._embeddings is None:
+            return {}
+        return {
+            "pert_emb": pa.table(
+                {
+                    "target": pa.array(self.targets),
+                    "embedding": codec.tensor_column(self._embeddings),
+                }
+            )
+        }
+
+    def schema(self, split: str) -> pa.Schema:
+        self._sampler(split)
+        return self._schema
+
+    def batch_size(self, split: str) -> int:
+        return self.config.batch_size
+
+    def num_batches(self, split: str, world_size: int) -> int:
+        return self._sampler(split).num_batches(world_size)
+
+    def batch(self, split: str, epoch: int, rank: int, world_size: int, index: int) -> pa.RecordBatch:
+        sampler = self._sampler(split)
+        check_batch_index(index, rank, world_size, sampler.num_batches(world_size))
+        planned = sampler.batch(epoch, rank, world_size, index)
+        blocks = sampler.block_of_group[planned.group]
+        order = np.argsort(blocks, kind="stable")  # items of one block together: one gather per block
+        group, pert_rows, ctrl_rows, blocks = planned.group[order], planned.pert_rows[order], planned.ctrl_rows[order], blocks[order]
+        S = self.config.group_size_S
+        files = np.array([sampler.groups[g].file for g in group])
+
+        pert_pieces = []
+        for b in np.unique(blocks):
+            block = sampler.blocks[b]
+            csr = self._rows(block.file, block.start, block.stop)
+            pert_pieces.append(csr[(pert_rows[blocks == b] - block.start).ravel()])
+        ctrl_pieces = []
+        for f in np.unique(files):
+            lo, hi = self.layouts[f].control_span
+            csr = self._rows(int(f), lo, hi)
+            ctrl_pieces.append(csr[(ctrl_rows[files == f] - lo).ravel()])
+        pert = sp.vstack(pert_pieces, format="csr") if len(pert_pieces) > 1 else pert_pieces[0]
+        ctrl = sp.vstack(ctrl_pieces, format="csr") if len(ctrl_pieces) > 1 else ctrl_pieces[0]
+
+        target_codes = np.array([self._target_code[sampler.groups[g].target] for g in group], dtype=np.int32)
+        ct_codes = np.array([self._cell_type_code[sampler.groups[g].cell_type] for g in group], dtype=np.int32)
+        cell_files = np.repeat(files, S)
+        flat_rows = pert_rows.ravel()
+        batch_codes = np.empty(len(flat_rows), dtype=np.int32)
+        for f in np.unique(files):
+            sel = cell_files == f
+            batch_codes[sel] = self._batch_map[f][self.layouts[f].row_batch[flat_rows[sel]]]
+        columns: dict[str, pa.Array] = {}
+        columns.update(codec.csr_columns("pert", pert.indptr, pert.indices, pert.data))
+        columns.update(codec.csr_columns("ctrl", ctrl.indptr, ctrl.indices, ctrl.data))
+        columns["target"] = pa.DictionaryArray.from_arrays(np.repeat(target_codes, S), self._target_dict)
+        columns["cell_type"] = pa.DictionaryArray.from_arrays(np.repeat(ct_codes, S), self._cell_type_dict)
+        columns["batch"] = pa.DictionaryArray.from_arrays(batch_codes, self._batch_dict)
+        if self._barcodes is not None:
+            flat_ctrl = ctrl_rows.ravel()
+            pert_bc = np.empty(len(flat_rows), dtype=object)
+            ctrl_bc = np.empty(len(flat_rows), dtype=object)
+            for f in np.unique(files):
+                sel = cell_files == f
+                pert_bc[sel] = self._barcodes[f][flat_rows[sel]]
+                ctrl_bc[sel] = self._barcodes[f][flat_ctrl[sel]]
+            columns["pert_barcode"] = pa.array(pert_bc, pa.string())
+            columns["ctrl_barcode"] = pa.array(ctrl_bc, pa.string())
+        return pa.RecordBatch.from_arrays(list(columns.values()), schema=self._schema)
+
+    def _rows(self, file: int, start: int, stop: int) -> sp.csr_matrix:
+        layout = self.layouts[file]
+
+        def load() -> sp.csr_matrix:
+            indptr, indices, data = layout.h5.read_rows(start, stop)
+            return sp.csr_matrix((data, indices, indptr), shape=(stop - start, layout.h5.n_vars), copy=False)
+
+        return self.ctx.blocks.get((str(layout.spec.path), start, stop), load)
+
+    def _sampler(self, split: str) -> PerturbationSampler:
+        try:
+            return self.samplers[split]
+        except KeyError:
+            raise NotFound(f"unknown split {split!r}; this session has {', '.join(SPLITS)}") from None
+
+    def _build_schema(self) -> pa.Schema:
+        self._target_dict = pa.array(self.targets, pa.string())
+        self._cell_type_dict = pa.array(self.cell_types, pa.string())
+        self._batch_dict = pa.array(self.batches, pa.string())
+        fields = [*codec.csr_fields("pert"), *codec.csr_fields("ctrl")]
+        fields += [
+            pa.field("target", pa.dictionary(pa.int32(), pa.string()), nullable=False),
+            pa.field("cell_type", pa.dictionary(pa.int32(), pa.string()), nullable=False),
+            pa.field("batch", pa.dictionary(pa.int32(), pa.string()), nullable=False),
+        ]
+        if self.config.barcodes:
+            fields += [pa.field("pert_barcode", pa.string(), nullable=False), pa.field("ctrl_barcode", pa.string(), nullable=False)]
+        meta = {"kind": self.kind, "group_size_S": self.config.group_size_S, "n_vars": len(self.var_names)}
+        return codec.with_metadata(pa.schema(fields), meta)
+
+
+def _check_same_genes(layouts: list[FileLayout]) -> None:
+    first = layouts[0].h5.var_names()
+    for layout in layouts[1:]:
+        names = layout.h5.var_names()
+        if len(names) != len(first) or not np.array_equal(names, first):
+            raise CellfeedError(
+                f"{layout.spec.label}: var_names differ from {layouts[0].spec.label} "
+                f"({len(names)} vs {len(first)} genes); every file of a session must share one gene space"
+            )
+
+
+def _check_rules(layouts: list[FileLayout]) -> None:
+    """Every zeroshot/fewshot key must name a cell type (or file stem) of its dataset."""
+    seen: dict[str, set[str]] = {}
+    for layout in layouts:
+        seen.setdefault(layout.spec.dataset, set()).update(layout.cell_types | {layout.spec.stem})
+    for layout in layouts:
+        for table, rules in (("zeroshot", layout.spec.zeroshot), ("fewshot", layout.spec.fewshot)):
+            for celltype in rules:
+                if celltype not in seen[layout.spec.dataset]:
+                    known = ", ".join(sorted(seen[layout.spec.dataset]))
+                    raise CellfeedError(
+                        f"TOML config: [{table}] key {layout.spec.dataset + '.' + celltype!r} names no cell type or "
+                        f"file of dataset {layout.spec.dataset!r} (have: {known})"
+                    )
