@@ -1,1 +1,18 @@
-"""cellfeed."""
+"""cellfeed's client: Lightning DataModules that pull ready batches from a cellfeed server.
+
+Needs pyarrow and torch only; nothing here imports HDF5, zarr or tensorstore.
+"""
+
+from cellfeed.client.connection import Connection, Session
+from cellfeed.client.errors import RequestError, ServerUnavailable
+from cellfeed.client.loader import RemoteLoader
+from cellfeed.client.perturbation import PerturbationDataModule
+
+__all__ = [
+    "Connection",
+    "PerturbationDataModule",
+    "RemoteLoader",
+    "RequestError",
+    "ServerUnavailable",
+    "Session",
+]

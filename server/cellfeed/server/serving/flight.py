@@ -134,7 +134,9 @@ class FlightService(flight.FlightServerBase):
                 peer=context.peer(),
             )
         )
-        return flight.GeneratorStream(schema, self._batches(source, t, first, total, progress, context))
+        batches = self._batches(source, t, first, total, progress, context)
+        # RecordBatchStream (not GeneratorStream) so dictionary batches precede the first record batch.
+        return flight.RecordBatchStream(pa.RecordBatchReader.from_batches(schema, batches))
 
     def _batches(self, source, t, first: int, total: int, progress: StreamProgress, context) -> Iterator[pa.RecordBatch]:
         try:

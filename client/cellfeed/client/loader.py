@@ -1,0 +1,247 @@
+"""RemoteLoader: a resumable, prefetching iterable of one split's batches from a cellfeed server.
+
+It behaves like a DataLoader to Lightning: exact `len`, `sampler.set_epoch`, `state_dict()` /
+`load_state_dict()` for mid-epoch resume. `num_streams` DoGet streams are read in background
+threads (stream i carries batches k with k % num_streams == i); batches come out in order, so
+the sequence never depends on the number of streams. A stream that breaks is reopened from the
+batch it owed, after backoff, so nothing is lost or repeated.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.flight as flight
+
+from cellfeed.client.connection import INVALID, NOT_FOUND, Connection, Session, message
+from cellfeed.client.errors import RequestError, ServerUnavailable
+from cellfeed.wire import cellfeed_pb2 as pb
+
+STATE_VERSION = 1
+
+
+class RemoteLoader:
+    """Batches of `split` for one rank, decoded by `decode` in the fetch threads."""
+
+    def __init__(
+        self,
+        connection: Connection,
+        session: Session,
+        split: str,
+        decode: Callable[[pa.RecordBatch], Any],
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        num_streams: int = 1,
+        prefetch: int = 2,
+        epoch: int = 0,
+        fixed_epoch: bool = False,
+    ) -> None:
+        self.connection = connection
+        self.session = session
+        self.split = split
+        self.decode = decode
+        self.rank = rank
+        self.world_size = world_size
+        self.num_streams = max(1, int(num_streams))
+        self.prefetch = max(1, int(prefetch))
+        self.fixed_epoch = fixed_epoch
+        self._epoch = epoch
+        self._next = 0
+        self._resume_from: int | None = None
+        self._num_batches: int | None = None
+
+    # -- what Lightning and torch expect of a loader ------------------------------------------
+    @property
+    def sampler(self) -> "RemoteLoader":
+        """Lightning calls `dataloader.sampler.set_epoch(epoch)` before each epoch."""
+        return self
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        if not self.fixed_epoch:
+            self._epoch = int(epoch)
+
+    def __len__(self) -> int:
+        if self._num_batches is None:
+            plan = self.connection.plan(self.session, self.split, self._epoch, self.rank, self.world_size, self.num_streams, 0)
+            self._num_batches = plan.num_batches
+        return self._num_batches
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where this loader stands: resuming from it yields exactly the batches not yet yielded."""
+        return {
+            "version": STATE_VERSION,
+            "session_id": self.session.session_id,
+            "split": self.split,
+            "epoch": self._epoch,
+            "next_batch": self._next,
+            "rank": self.rank,
+            "world_size": self.world_size,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"loader state version {state.get('version')!r} is not {STATE_VERSION}")
+        mine = {"session_id": self.session.session_id, "split": self.split, "world_size": self.world_size}
+        for key, value in mine.items():
+            if state.get(key) != value:
+                raise ValueError(
+                    f"cannot resume: the saved state has {key}={state.get(key)!r}, this loader has {value!r} "
+                    "(resuming needs the same config, split and world size)"
+                )
+        self._epoch = int(state["epoch"])
+        self._next = int(state["next_batch"])
+        self._resume_from = self._next
+
+    def __iter__(self) -> Iterator[Any]:
+        epoch = self._epoch
+        start, self._resume_from = (self._resume_from or 0), None
+        total = len(self)
+        self._next = start
+        fetcher = _Fetcher(self, epoch, start, total)
+        try:
+            for k in range(start, total):
+                batch = fetcher.get(k)
+                self._next = k + 1
+                yield batch
+        finally:
+            fetcher.close()
+        self._next = 0
+        if not self.fixed_epoch:
+            self._epoch = epoch + 1
+
+    def ticket(self, epoch: int, stream_index: int, first_batch: int) -> bytes:
+        return pb.Ticket(
+            session_id=self.session.session_id,
+            split=self.split,
+            epoch=epoch,
+            rank=self.rank,
+            world_size=self.world_size,
+            stream_index=stream_index,
+            stream_count=self.num_streams,
+            first_batch=first_batch,
+        ).SerializeToString()
+
+
+class _Fetcher:
+    """The background threads of one pass: one per stream, each with a bounded queue."""
+
+    def __init__(self, loader: RemoteLoader, epoch: int, start: int, total: int) -> None:
+        self.loader = loader
+        self.epoch = epoch
+        self.total = total
+        self.stop = threading.Event()
+        self.queues = [queue.Queue(maxsize=loader.prefetch) for _ in range(loader.num_streams)]
+        self.readers: dict[int, flight.FlightStreamReader] = {}
+        self.threads = []
+        for i in range(loader.num_streams):
+            first = start + (i - start) % loader.num_streams
+            if first < total:
+                thread = threading.Thread(target=self._run, args=(i, first), name=f"cellfeed-stream-{i}", daemon=True)
+                thread.start()
+                self.threads.append(thread)
+
+    def get(self, k: int) -> Any:
+        q = self.queues[k % self.loader.num_streams]
+        while True:
+            try:
+                index, item = q.get(timeout=1.0)
+                break
+            except queue.Empty:
+                if self.stop.is_set():
+                    raise RuntimeError("the loader was closed")
+        if isinstance(item, BaseException):
+            raise item
+        assert index == k, f"stream delivered batch {index}, expected {k}"
+        return item
+
+    def _put(self, i: int, item: tuple[int, Any]) -> bool:
+        while not self.stop.is_set():
+            try:
+                self.queues[i].put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self, i: int, k: int) -> None:
+        loader, conn = self.loader, self.loader.connection
+        step = loader.num_streams
+        budget = conn.retry_seconds
+        last_ok = time.monotonic()
+        delay = 0.1
+        while k < self.total and not self.stop.is_set():
+            try:
+                reader = conn.do_get(loader.ticket(self.epoch, i, k))
+                self.readers[i] = reader
+                for chunk in reader:
+                    batch = loader.decode(chunk.data)
+                    if not self._put(i, (k, batch)):
+                        return
+                    k += step
+                    last_ok, delay = time.monotonic(), 0.1
+                if k < self.total and not self.stop.is_set():
+                    raise flight.FlightUnavailableError("stream ended early")
+            except flight.FlightServerError as exc:
+                info = getattr(exc, "extra_info", b"")
+                if info == NOT_FOUND:
+                    try:
+                        conn.reopen(loader.session)
+                        continue
+                    except ServerUnavailable as exc2:
+                        self._put(i, (k, exc2))
+                        return
+                    except RequestError as exc2:
+                        self._put(i, (k, exc2))
+                        return
+                if info == INVALID:
+                    self._put(i, (k, RequestError(message(exc))))
+                    return
+                if not self._backoff(last_ok, budget, delay, exc, i, k):
+                    return
+                delay = min(delay * 2, 5.0)
+            except flight.FlightUnauthenticatedError as exc:
+                self._put(i, (k, RequestError(message(exc))))
+                return
+            except (flight.FlightError, ConnectionError, OSError) as exc:
+                if self.stop.is_set():
+                    return
+                if not self._backoff(last_ok, budget, delay, exc, i, k):
+                    return
+                delay = min(delay * 2, 5.0)
+            except Exception as exc:  # noqa: BLE001 - a decode error must reach the training loop
+                self._put(i, (k, exc))
+                return
+            finally:
+                self.readers.pop(i, None)
+
+    def _backoff(self, last_ok: float, budget: float, delay: float, exc: Exception, i: int, k: int) -> bool:
+        """Sleep before a retry; past the budget, hand a clear error to the consumer instead."""
+        if time.monotonic() - last_ok > budget:
+            error = ServerUnavailable(
+                f"cellfeed server at {self.loader.connection.location} failed for {budget:.0f} s while streaming "
+                f"batch {k} of {self.loader.split!r} (epoch {self.epoch}): {message(exc)}"
+            )
+            self._put(i, (k, error))
+            return False
+        self.loader.connection.reset()
+        return not self.stop.wait(delay)
+
+    def close(self) -> None:
+        self.stop.set()
+        for reader in list(self.readers.values()):
+            try:
+                reader.cancel()
+            except Exception:  # noqa: BLE001 - the reader may already be finished
+                pass
+        for thread in self.threads:
+            thread.join(timeout=5)

@@ -1,0 +1,245 @@
+"""PerturbationDataModule: protoplast's/cell-load's perturbation loader, fed by a cellfeed server.
+
+Batches follow protoplast's collated schema: `pert_cell_emb`/`ctrl_cell_emb` sparse COO
+[B, S, G] float32, `pert_emb` [B, D], `pert_name`/`cell_type` numpy str [B], one-hots [B, S, ·],
+`pert_idx` [B, 1], and optional barcodes [B, S]. Paths are server-side, inside its data root.
+"""
+
+from __future__ import annotations
+
+import tomllib
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+
+from cellfeed.client.connection import Connection, Session
+from cellfeed.client.distributed import resolve_rank
+from cellfeed.client.loader import RemoteLoader
+from cellfeed.wire import codec
+
+# Arrow buffers are read-only; the tensors built on them are never written in place.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable", module="cellfeed")
+
+STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
+
+
+class PerturbationBatchDecoder:
+    """Turns one record batch into protoplast's batch dict, with no copy of the CSR buffers."""
+
+    def __init__(self, info: dict[str, Any], embeddings: torch.Tensor | None) -> None:
+        self.S = int(info["group_size_S"])
+        self.G = int(info["n_vars"])
+        self.targets = np.asarray(info["targets"], dtype=object)
+        self.cell_types = np.asarray(info["cell_types"], dtype=object)
+        self.n_cell_types = len(self.cell_types)
+        self.n_batches = len(info["batches"])
+        self.embeddings = embeddings
+        self.n_targets = len(self.targets)
+
+    def __call__(self, rb: pa.RecordBatch) -> dict[str, Any]:
+        S = self.S
+        B = rb.num_rows // S
+        target = torch.from_numpy(rb.column("target").indices.to_numpy()[::S].astype(np.int64))
+        cell_type = rb.column("cell_type").indices.to_numpy()
+        batch = rb.column("batch").indices.to_numpy()
+        out: dict[str, Any] = {
+            "pert_cell_emb": self._coo(rb, "pert", B),
+            "ctrl_cell_emb": self._coo(rb, "ctrl", B),
+            "pert_emb": self.embeddings[target] if self.embeddings is not None else F.one_hot(target, self.n_targets).float(),
+            "pert_name": self.targets[target.numpy()].astype(str),
+            "cell_type": self.cell_types[cell_type[::S]].astype(str),
+            "cell_type_onehot": F.one_hot(torch.from_numpy(cell_type.astype(np.int64)), self.n_cell_types).float().view(B, S, -1),
+            "batch_onehot": F.one_hot(torch.from_numpy(batch.astype(np.int64)), self.n_batches).float().view(B, S, -1),
+            "pert_idx": target.view(B, 1),
+        }
+        if "pert_barcode" in rb.schema.names:
+            out["pert_cell_barcode"] = np.asarray(rb.column("pert_barcode").to_numpy(zero_copy_only=False), dtype=str).reshape(B, S)
+            out["ctrl_cell_barcode"] = np.asarray(rb.column("ctrl_barcode").to_numpy(zero_copy_only=False), dtype=str).reshape(B, S)
+        return out
+
+    def _coo(self, rb: pa.RecordBatch, prefix: str, B: int) -> torch.Tensor:
+        indptr, indices, data = codec.csr_from_columns(rb, prefix)
+        counts = torch.from_numpy(np.diff(indptr))
+        rows = torch.repeat_interleave(torch.arange(len(counts), dtype=torch.int64), counts)
+        coords = torch.empty((3, len(indices)), dtype=torch.int64)
+        torch.div(rows, self.S, rounding_mode="floor", out=coords[0])
+        torch.remainder(rows, self.S, out=coords[1])
+        coords[2].copy_(torch.from_numpy(indices))
+        return torch.sparse_coo_tensor(coords, torch.from_numpy(data), (B, self.S, self.G), check_invariants=False)
+
+
+class PerturbationDataModule(pl.LightningDataModule):
+    """Remote drop-in for protoplast's PerturbationDataModule (plus `server`, `seed`, DDP args).
+
+    `num_workers` is the number of parallel Flight streams per loader, read in threads.
+    """
+
+    def __init__(
+        self,
+        files: list[str] | None = None,
+        pert_embedding_file: str | None = None,
+        config_path: str | None = None,
+        num_workers: int | None = None,
+        prefetch_factor: int = 2,
+        cell_type_label: str = "cell_type",
+        target_label: str = "target_gene",
+        control_label: str = "non-targeting",
+        batch_label: str = "batch_var",
+        group_size_S: int = 32,
+        barcodes: bool = False,
+        block_size: int = 2048,
+        batch_size: int = 64,
+        server: str = "grpc://127.0.0.1:8815",
+        token: str | None = None,
+        seed: int = 0,
+        match_controls_by_batch: bool = False,
+        rank: int | None = None,
+        world_size: int | None = None,
+        window_blocks: int = 8,
+        prefix_batches_with_file: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["token"])
+        self.token = token
+        self.session: Session | None = None
+        self._connection: Connection | None = None
+        self._loaders: dict[str, RemoteLoader] = {}
+        self._pending_state: dict[str, Any] | None = None
+
+    # -- setup -------------------------------------------------------------------------------
+    def _session_config(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        hp = self.hparams
+        config: dict[str, Any] = {
+            "files": hp.files,
+            "pert_embedding_file": hp.pert_embedding_file,
+            "cell_type_label": hp.cell_type_label,
+            "target_label": hp.target_label,
+            "control_label": hp.control_label,
+            "batch_label": hp.batch_label,
+            "group_size_S": hp.group_size_S,
+            "batch_size": hp.batch_size,
+            "block_size": hp.block_size,
+            "window_blocks": hp.window_blocks,
+            "barcodes": hp.barcodes,
+            "seed": hp.seed,
+            "match_controls_by_batch": hp.match_controls_by_batch,
+            "prefix_batches_with_file": hp.prefix_batches_with_file,
+        }
+        loader_opts: dict[str, Any] = {}
+        if hp.config_path is not None:
+            text = Path(hp.config_path).read_text()
+            try:
+                loader_opts = tomllib.loads(text).get("loader", {}) or {}
+            except tomllib.TOMLDecodeError as exc:
+                raise ValueError(f"{hp.config_path}: invalid TOML: {exc}") from None
+            config["toml"] = text
+            config["files"] = None
+        return config, loader_opts
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.session is None:
+            config, loader_opts = self._session_config()
+            self._connection = Connection(self.hparams.server, self.token)
+            self.session = self._connection.open_session("perturbation", config)
+            self._loader_opts = loader_opts
+            table = self.session.tables.get("pert_emb")
+            embeddings = torch.from_numpy(codec.tensor_from_column(table.column("embedding")).copy()) if table is not None else None
+            self.decoder = PerturbationBatchDecoder(self.session.info, embeddings)
+        self.rank, self.world_size = resolve_rank(self.trainer, self.hparams.rank, self.hparams.world_size)
+
+    # -- facts about the data ------------------------------------------------------------------
+    @property
+    def info(self) -> dict[str, Any]:
+        if self.session is None:
+            raise RuntimeError("call setup() first: the vocabularies come from the server")
+        return self.session.info
+
+    @property
+    def var_names(self) -> list[str]:
+        return self.info["var_names"]
+
+    @property
+    def cell_type_vocab(self) -> list[str]:
+        return self.info["cell_types"]
+
+    @property
+    def batch_vocab(self) -> list[str]:
+        return self.info["batches"]
+
+    @property
+    def target_vocab(self) -> list[str]:
+        return self.info["targets"]
+
+    @property
+    def embedding_dim(self) -> int:
+        return int(self.info["embedding_dim"])
+
+    def get_var_dims(self) -> dict[str, Any]:
+        """cell-load's summary of dimensions."""
+        G = int(self.info["n_vars"])
+        return {
+            "input_dim": G,
+            "gene_dim": G,
+            "output_dim": G,
+            "pert_dim": self.embedding_dim,
+            "batch_dim": len(self.batch_vocab),
+            "cell_type_dim": len(self.cell_type_vocab),
+            "gene_names": self.var_names,
+        }
+
+    # -- loaders -------------------------------------------------------------------------------
+    def loader(self, split: str) -> RemoteLoader:
+        """The loader of one split (train, val or test), created once and kept."""
+        if split not in self._loaders:
+            if self.session is None or self._connection is None:
+                raise RuntimeError("call setup() before asking for a dataloader")
+            hp = self.hparams
+            num_workers = hp.num_workers if hp.num_workers is not None else int(self._loader_opts.get("num_workers", 2))
+            prefetch = hp.prefetch_factor if hp.prefetch_factor is not None else int(self._loader_opts.get("prefetch_factor", 2))
+            loader = RemoteLoader(
+                self._connection,
+                self.session,
+                split,
+                self.decoder,
+                rank=self.rank,
+                world_size=self.world_size,
+                num_streams=max(1, num_workers),
+                prefetch=prefetch,
+                fixed_epoch=split != "train",
+            )
+            if self._pending_state and split in self._pending_state:
+                loader.load_state_dict(self._pending_state.pop(split))
+            self._loaders[split] = loader
+        return self._loaders[split]
+
+    def train_dataloader(self) -> RemoteLoader:
+        return self.loader("train")
+
+    def val_dataloader(self) -> RemoteLoader | list:
+        return self._if_any("val")
+
+    def test_dataloader(self) -> RemoteLoader | list:
+        return self._if_any("test")
+
+    def predict_dataloader(self) -> RemoteLoader | list:
+        return self._if_any("test")
+
+    def _if_any(self, split: str) -> RemoteLoader | list:
+        loader = self.loader(split)
+        return loader if len(loader) else []
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {split: loader.state_dict() for split, loader in self._loaders.items() if split == "train"}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._pending_state = dict(state_dict)
+        for split, loader in self._loaders.items():
+            if split in self._pending_state:
+                loader.load_state_dict(self._pending_state.pop(split))

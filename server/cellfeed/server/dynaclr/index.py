@@ -1,0 +1,206 @@
+"""The cell index: every tracked observation of every selected FOV, with lineage, HPI, patch origin.
+
+Built once per session from the registry, the plates and the tracking CSVs, all vectorised:
+FOVs are keyed by (experiment, name), so equal FOV names in two experiments never collide.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from cellfeed.server.dynaclr.lineage import LineageGrid, lineage_roots, valid_anchors
+from cellfeed.server.dynaclr.registry import ExperimentRegistry
+from cellfeed.server.errors import CellfeedError
+from cellfeed.server.reading.omezarr import FOV, Plate
+from cellfeed.server.reading.tracks import find_tracks_csv, read_tracks
+
+log = logging.getLogger(__name__)
+
+# Per-row columns carried from the tracking CSVs into batches.
+TRACK_COLUMNS = ("track_id", "t", "id", "parent_track_id", "parent_id", "z", "y", "x")
+
+
+@dataclass(frozen=True)
+class FovRef:
+    """A selected FOV: which experiment it belongs to and the condition of its well."""
+
+    experiment: int
+    condition: int
+    fov: FOV
+
+
+@dataclass
+class CellIndex:
+    """Rows sorted by (experiment, FOV, track, t). Codes index `experiments`, `conditions`, `fovs`."""
+
+    experiments: list[str]
+    conditions: list[str]
+    fovs: list[FovRef]
+    rows: dict[str, np.ndarray]  # TRACK_COLUMNS plus experiment, condition, fov, lineage, lineage_track_id, hpi, y0, x0
+    tau_frames: list[tuple[int, int]]  # per experiment
+    grid: LineageGrid
+    valid: np.ndarray  # bool per row: a valid anchor
+    warnings: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.valid)
+
+    @property
+    def fov_names(self) -> list[str]:
+        return sorted({ref.fov.name for ref in self.fovs})
+
+
+def select_fovs(
+    registry: ExperimentRegistry,
+    plates: dict[str, Plate],
+    include_wells: list[str] | None,
+    exclude_fovs: list[str] | None,
+) -> tuple[list[FovRef], list[str], list[str]]:
+    """The FOVs to index, the condition vocabulary, and warnings about skipped wells.
+
+    Wells absent from condition_wells are skipped (they have no condition to balance on).
+    """
+    conditions = sorted({c for e in registry.experiments for c in e.condition_wells})
+    code = {c: i for i, c in enumerate(conditions)}
+    include = set(include_wells) if include_wells is not None else None
+    exclude = set(exclude_fovs or ())
+    selected: list[FovRef] = []
+    warnings: list[str] = []
+    for e, exp in enumerate(registry.experiments):
+        well_condition = exp.well_condition
+        unlisted = set()
+        for fov in plates[exp.name].fovs:
+            if include is not None and fov.well not in include:
+                continue
+            if fov.name in exclude:
+                continue
+            condition = well_condition.get(fov.well)
+            if condition is None:
+                unlisted.add(fov.well)
+                continue
+            selected.append(FovRef(experiment=e, condition=code[condition], fov=fov))
+        if unlisted:
+            warnings.append(f"experiment {exp.name!r}: wells {sorted(unlisted)} are in no condition_wells entry; skipped")
+    if not selected:
+        raise CellfeedError("no FOV is left after include_wells / exclude_fovs and condition_wells")
+    return selected, conditions, warnings
+
+
+def build_index(
+    registry: ExperimentRegistry,
+    plates: dict[str, Plate],
+    tracks_paths: dict[str, Path],
+    *,
+    patch_yx: tuple[int, int],
+    z_range: tuple[int, int],
+    tau_range_hours: tuple[float, float],
+    include_wells: list[str] | None = None,
+    exclude_fovs: list[str] | None = None,
+    tracks_label: dict[str, str] | None = None,
+) -> CellIndex:
+    """Read every selected FOV's tracks and derive lineage, HPI, patch origins and valid anchors."""
+    fovs, conditions, warnings = select_fovs(registry, plates, include_wells, exclude_fovs)
+    tau_frames = [exp.tau_range_frames(tau_range_hours) for exp in registry.experiments]
+    _check_geometry(registry, fovs, patch_yx, z_range)
+
+    pieces: list[dict[str, np.ndarray]] = []
+    kept: list[FovRef] = []
+    for ref in fovs:
+        exp = registry.experiments[ref.experiment]
+        label = f"{(tracks_label or {}).get(exp.name, exp.tracks_path)}/{ref.fov.name}"
+        csv = find_tracks_csv(tracks_paths[exp.name], ref.fov.name)
+        if csv is None:
+            warnings.append(f"experiment {exp.name!r}: no tracks CSV for FOV {ref.fov.name} (looked in {label}); skipped")
+            continue
+        table = read_tracks(csv, f"{label}/{csv.name}")
+        table["fov"] = np.full(len(table["t"]), len(kept), dtype=np.int32)
+        pieces.append(table)
+        kept.append(ref)
+    if not pieces:
+        raise CellfeedError("no tracks found for any selected FOV (see tracks_path in the experiments YAML)")
+    rows = {name: np.concatenate([p[name] for p in pieces]) for name in pieces[0]}
+    rows, dropped = _inside_images(rows, kept, warnings)
+
+    fov_exp = np.array([ref.experiment for ref in kept], dtype=np.int16)
+    fov_cond = np.array([ref.condition for ref in kept], dtype=np.int16)
+    order = np.lexsort((rows["t"], rows["track_id"], rows["fov"]))
+    rows = {k: v[order] for k, v in rows.items()}
+    rows["experiment"] = fov_exp[rows["fov"]]
+    rows["condition"] = fov_cond[rows["fov"]]
+    interval = np.array([e.interval_minutes for e in registry.experiments])
+    start = np.array([e.start_hpi for e in registry.experiments])
+    rows["hpi"] = start[rows["experiment"]] + rows["t"] * interval[rows["experiment"]] / 60.0
+    rows["y0"], rows["x0"] = _patch_origins(rows, kept, patch_yx)
+    cycles = _add_lineages(rows)
+    if cycles:
+        warnings.append(f"{cycles} tracks sit on parent_track_id cycles; each cycle became one lineage")
+
+    grid = LineageGrid(rows["lineage"], rows["t"])
+    lo = np.array([tf[0] for tf in tau_frames])[rows["experiment"]]
+    hi = np.array([tf[1] for tf in tau_frames])[rows["experiment"]]
+    valid = valid_anchors(grid, lo, hi)
+    for w in warnings:
+        log.warning(w)
+    return CellIndex(
+        experiments=registry.names,
+        conditions=conditions,
+        fovs=kept,
+        rows=rows,
+        tau_frames=tau_frames,
+        grid=grid,
+        valid=valid,
+        warnings=warnings,
+    )
+
+
+def _check_geometry(registry: ExperimentRegistry, fovs: list[FovRef], patch_yx: tuple[int, int], z_range: tuple[int, int]) -> None:
+    for ref in fovs:
+        _, _, Z, H, W = ref.fov.shape
+        where = f"experiment {registry.experiments[ref.experiment].name!r}, FOV {ref.fov.name}"
+        if patch_yx[0] > H or patch_yx[1] > W:
+            raise CellfeedError(f"{where}: yx_patch_size {list(patch_yx)} is larger than the image ({H} x {W})")
+        if z_range[1] > Z:
+            raise CellfeedError(f"{where}: z_range {list(z_range)} reaches past the image's {Z} Z slices")
+
+
+def _inside_images(rows: dict[str, np.ndarray], fovs: list[FovRef], warnings: list[str]) -> tuple[dict[str, np.ndarray], int]:
+    """Drop rows whose centroid lies outside [0, H) x [0, W) or whose t is past the last frame."""
+    shapes = np.array([ref.fov.shape for ref in fovs], dtype=np.int64)
+    T, H, W = shapes[rows["fov"], 0], shapes[rows["fov"], 3], shapes[rows["fov"], 4]
+    y, x = rows["y"], rows["x"]
+    inside = (y >= 0) & (y < H) & (x >= 0) & (x < W)
+    in_time = rows["t"] < T
+    keep = inside & in_time
+    dropped = int(len(keep) - np.count_nonzero(keep))
+    if np.count_nonzero(~inside):
+        warnings.append(f"{np.count_nonzero(~inside)} track rows have centroids outside their image; dropped")
+    if np.count_nonzero(~in_time):
+        warnings.append(f"{np.count_nonzero(~in_time)} track rows have t past their FOV's last frame; dropped")
+    return {k: v[keep] for k, v in rows.items()}, dropped
+
+
+def _patch_origins(rows: dict[str, np.ndarray], fovs: list[FovRef], patch_yx: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Top-left corner of each patch: centred on the cell, clamped so the patch stays in the image."""
+    shapes = np.array([ref.fov.shape for ref in fovs], dtype=np.int64)
+    H, W = shapes[rows["fov"], 3], shapes[rows["fov"], 4]
+    py, px = patch_yx
+    y0 = np.clip(np.floor(rows["y"]).astype(np.int64) - py // 2, 0, H - py)
+    x0 = np.clip(np.floor(rows["x"]).astype(np.int64) - px // 2, 0, W - px)
+    return y0.astype(np.int32), x0.astype(np.int32)
+
+
+def _add_lineages(rows: dict[str, np.ndarray]) -> int:
+    """Add `lineage` (a global code) and `lineage_track_id` (the root's track id); return the cycle count."""
+    fov, track = rows["fov"].astype(np.int64), rows["track_id"]
+    span = int(track.max()) + 1 if len(track) else 1
+    key = fov * span + track
+    track_keys, first, inverse = np.unique(key, return_index=True, return_inverse=True)
+    roots, cyclic = lineage_roots(fov[first], track[first], rows["parent_track_id"][first])
+    lineage_keys, lineage_code = np.unique(fov[first] * span + roots, return_inverse=True)
+    rows["lineage"] = lineage_code[inverse].astype(np.int64)
+    rows["lineage_track_id"] = roots[inverse]
+    return int(np.count_nonzero(cyclic))
