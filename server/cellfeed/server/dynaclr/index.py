@@ -123,7 +123,7 @@ def build_index(
     if not pieces:
         raise CellfeedError("no tracks found for any selected FOV (see tracks_path in the experiments YAML)")
     rows = {name: np.concatenate([p[name] for p in pieces]) for name in pieces[0]}
-    rows, dropped = _inside_images(rows, kept, warnings)
+    rows = _inside_images(rows, kept, warnings)
 
     fov_exp = np.array([ref.experiment for ref in kept], dtype=np.int16)
     fov_cond = np.array([ref.condition for ref in kept], dtype=np.int16)
@@ -167,7 +167,7 @@ def _check_geometry(registry: ExperimentRegistry, fovs: list[FovRef], patch_yx: 
             raise CellfeedError(f"{where}: z_range {list(z_range)} reaches past the image's {Z} Z slices")
 
 
-def _inside_images(rows: dict[str, np.ndarray], fovs: list[FovRef], warnings: list[str]) -> tuple[dict[str, np.ndarray], int]:
+def _inside_images(rows: dict[str, np.ndarray], fovs: list[FovRef], warnings: list[str]) -> dict[str, np.ndarray]:
     """Drop rows whose centroid lies outside [0, H) x [0, W) or whose t is past the last frame."""
     shapes = np.array([ref.fov.shape for ref in fovs], dtype=np.int64)
     T, H, W = shapes[rows["fov"], 0], shapes[rows["fov"], 3], shapes[rows["fov"], 4]
@@ -175,12 +175,11 @@ def _inside_images(rows: dict[str, np.ndarray], fovs: list[FovRef], warnings: li
     inside = (y >= 0) & (y < H) & (x >= 0) & (x < W)
     in_time = rows["t"] < T
     keep = inside & in_time
-    dropped = int(len(keep) - np.count_nonzero(keep))
     if np.count_nonzero(~inside):
         warnings.append(f"{np.count_nonzero(~inside)} track rows have centroids outside their image; dropped")
     if np.count_nonzero(~in_time):
         warnings.append(f"{np.count_nonzero(~in_time)} track rows have t past their FOV's last frame; dropped")
-    return {k: v[keep] for k, v in rows.items()}, dropped
+    return {k: v[keep] for k, v in rows.items()}
 
 
 def _patch_origins(rows: dict[str, np.ndarray], fovs: list[FovRef], patch_yx: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -198,9 +197,9 @@ def _add_lineages(rows: dict[str, np.ndarray]) -> int:
     fov, track = rows["fov"].astype(np.int64), rows["track_id"]
     span = int(track.max()) + 1 if len(track) else 1
     key = fov * span + track
-    track_keys, first, inverse = np.unique(key, return_index=True, return_inverse=True)
+    _, first, inverse = np.unique(key, return_index=True, return_inverse=True)
     roots, cyclic = lineage_roots(fov[first], track[first], rows["parent_track_id"][first])
-    lineage_keys, lineage_code = np.unique(fov[first] * span + roots, return_inverse=True)
+    _, lineage_code = np.unique(fov[first] * span + roots, return_inverse=True)
     rows["lineage"] = lineage_code[inverse].astype(np.int64)
     rows["lineage_track_id"] = roots[inverse]
     return int(np.count_nonzero(cyclic))
