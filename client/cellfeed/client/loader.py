@@ -21,6 +21,7 @@ import pyarrow.flight as flight
 from cellfeed.client.connection import INVALID, NOT_FOUND, Connection, Session, message
 from cellfeed.client.errors import RequestError, ServerUnavailable
 from cellfeed.wire import cellfeed_pb2 as pb
+from cellfeed.wire.malloc import reuse_freed_memory
 
 STATE_VERSION = 1
 
@@ -103,6 +104,7 @@ class RemoteLoader:
         self._resume_from = self._next
 
     def __iter__(self) -> Iterator[Any]:
+        reuse_freed_memory()
         epoch = self._epoch
         start, self._resume_from = (self._resume_from or 0), None
         total = len(self)

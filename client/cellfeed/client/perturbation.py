@@ -64,14 +64,18 @@ class PerturbationBatchDecoder:
         return out
 
     def _coo(self, rb: pa.RecordBatch, prefix: str, B: int) -> torch.Tensor:
+        # numpy, not torch, for the index arithmetic: torch's intra-op threads spin after each
+        # parallel op and starve the server and the training step on small machines.
         indptr, indices, data = codec.csr_from_columns(rb, prefix)
-        counts = torch.from_numpy(np.diff(indptr))
-        rows = torch.repeat_interleave(torch.arange(len(counts), dtype=torch.int64), counts)
-        coords = torch.empty((3, len(indices)), dtype=torch.int64)
-        torch.div(rows, self.S, rounding_mode="floor", out=coords[0])
-        torch.remainder(rows, self.S, out=coords[1])
-        coords[2].copy_(torch.from_numpy(indices))
-        return torch.sparse_coo_tensor(coords, torch.from_numpy(data), (B, self.S, self.G), check_invariants=False)
+        counts = np.diff(indptr)
+        cells = np.arange(len(counts))
+        coords = np.empty((3, len(indices)), dtype=np.int64)
+        coords[0] = np.repeat(cells // self.S, counts)
+        coords[1] = np.repeat(cells % self.S, counts)
+        coords[2] = indices
+        return torch.sparse_coo_tensor(
+            torch.from_numpy(coords), torch.from_numpy(data), (B, self.S, self.G), check_invariants=False
+        )
 
 
 class PerturbationDataModule(pl.LightningDataModule):

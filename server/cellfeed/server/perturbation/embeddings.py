@@ -49,9 +49,10 @@ def load_embeddings(path: Path, label: str, targets: list[str], *, control: str 
         vector = vectors.get(target)
         if vector is None and target != control:
             missing.append(target)
-            if (label, target) not in _warned:
-                _warned.add((label, target))
-                log.warning("%s: no embedding for target %r; using zeros of size %d", label, target, dim)
         elif vector is not None:
             matrix[i] = vector
+    new = [t for t in missing if (label, t) not in _warned]
+    if new:
+        _warned.update((label, t) for t in new)
+        log.warning("%s: no embedding for %d target(s), using zeros of size %d: %s", label, len(new), dim, ", ".join(new))
     return matrix, missing

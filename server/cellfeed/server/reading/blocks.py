@@ -10,7 +10,8 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 
-import scipy.sparse as sp
+from cellfeed.server.reading.gather import CSRBlock
+
 
 
 class BlockCache:
@@ -19,14 +20,14 @@ class BlockCache:
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
-        self._blocks: OrderedDict[Hashable, sp.csr_matrix] = OrderedDict()
+        self._blocks: OrderedDict[Hashable, CSRBlock] = OrderedDict()
         self._loading: dict[Hashable, threading.Event] = {}
         self._bytes = 0
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
 
-    def get(self, key: Hashable, load: Callable[[], sp.csr_matrix]) -> sp.csr_matrix:
+    def get(self, key: Hashable, load: Callable[[], CSRBlock]) -> CSRBlock:
         while True:
             with self._lock:
                 block = self._blocks.get(key)
@@ -49,20 +50,16 @@ class BlockCache:
             self._store(key, block)
         return block
 
-    def _store(self, key: Hashable, block: sp.csr_matrix) -> None:
-        size = _nbytes(block)
+    def _store(self, key: Hashable, block: CSRBlock) -> None:
+        size = block.nbytes
         if key in self._blocks:
             return
         self._blocks[key] = block
         self._bytes += size
         while self._bytes > self.max_bytes and len(self._blocks) > 1:
             _, old = self._blocks.popitem(last=False)
-            self._bytes -= _nbytes(old)
+            self._bytes -= old.nbytes
 
     @property
     def nbytes(self) -> int:
         return self._bytes
-
-
-def _nbytes(block: sp.csr_matrix) -> int:
-    return block.data.nbytes + block.indices.nbytes + block.indptr.nbytes

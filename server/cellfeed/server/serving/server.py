@@ -13,6 +13,7 @@ from cellfeed.server.serving.flight import FlightService
 from cellfeed.server.serving.http import create_app
 from cellfeed.server.serving.sessions import SessionRegistry
 from cellfeed.server.settings import Settings
+from cellfeed.wire.malloc import reuse_freed_memory
 
 log = logging.getLogger("cellfeed")
 
@@ -33,6 +34,7 @@ def build_flight(ctx: ServerContext, sessions: SessionRegistry) -> tuple[FlightS
 
 def serve(settings: Settings) -> None:
     """Serve until SIGINT/SIGTERM; both planes share one context (handles, caches, sessions)."""
+    reuse_freed_memory()
     ctx = ServerContext.from_settings(settings)
     sessions = SessionRegistry(ctx)
     flight_service, flight_uri = build_flight(ctx, sessions)

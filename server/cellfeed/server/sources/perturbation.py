@@ -11,13 +11,13 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import scipy.sparse as sp
 
 from cellfeed.server.context import ServerContext
 from cellfeed.server.errors import CellfeedError, NotFound
 from cellfeed.server.perturbation.config import SPLITS, PerturbationConfig, resolve_files
 from cellfeed.server.perturbation.embeddings import load_embeddings
 from cellfeed.server.perturbation.layout import FileLayout, read_layout
+from cellfeed.server.reading.gather import CSRBlock, gather_rows
 from cellfeed.server.reading.h5ad import H5ad
 from cellfeed.server.samplers.base import check_batch_index
 from cellfeed.server.samplers.perturbation import PerturbationSampler
@@ -163,15 +163,13 @@ class PerturbationSource(Source):
         pert_pieces = []
         for b in np.unique(blocks):
             block = sampler.blocks[b]
-            csr = self._rows(block.file, block.start, block.stop)
-            pert_pieces.append(csr[(pert_rows[blocks == b] - block.start).ravel()])
+            pert_pieces.append((self._rows(block.file, block.start, block.stop), (pert_rows[blocks == b] - block.start).ravel()))
         ctrl_pieces = []
         for f in np.unique(files):
             lo, hi = self.layouts[f].control_span
-            csr = self._rows(int(f), lo, hi)
-            ctrl_pieces.append(csr[(ctrl_rows[files == f] - lo).ravel()])
-        pert = sp.vstack(pert_pieces, format="csr") if len(pert_pieces) > 1 else pert_pieces[0]
-        ctrl = sp.vstack(ctrl_pieces, format="csr") if len(ctrl_pieces) > 1 else ctrl_pieces[0]
+            ctrl_pieces.append((self._rows(int(f), lo, hi), (ctrl_rows[files == f] - lo).ravel()))
+        pert = gather_rows(pert_pieces)
+        ctrl = gather_rows(ctrl_pieces)
 
         target_codes = np.array([self._target_code[sampler.groups[g].target] for g in group], dtype=np.int32)
         ct_codes = np.array([self._cell_type_code[sampler.groups[g].cell_type] for g in group], dtype=np.int32)
@@ -182,8 +180,8 @@ class PerturbationSource(Source):
             sel = cell_files == f
             batch_codes[sel] = self._batch_map[f][self.layouts[f].row_batch[flat_rows[sel]]]
         columns: dict[str, pa.Array] = {}
-        columns.update(codec.csr_columns("pert", pert.indptr, pert.indices, pert.data))
-        columns.update(codec.csr_columns("ctrl", ctrl.indptr, ctrl.indices, ctrl.data))
+        columns.update(codec.csr_columns("pert", *pert))
+        columns.update(codec.csr_columns("ctrl", *ctrl))
         columns["target"] = pa.DictionaryArray.from_arrays(np.repeat(target_codes, S), self._target_dict)
         columns["cell_type"] = pa.DictionaryArray.from_arrays(np.repeat(ct_codes, S), self._cell_type_dict)
         columns["batch"] = pa.DictionaryArray.from_arrays(batch_codes, self._batch_dict)
@@ -199,12 +197,12 @@ class PerturbationSource(Source):
             columns["ctrl_barcode"] = pa.array(ctrl_bc, pa.string())
         return pa.RecordBatch.from_arrays(list(columns.values()), schema=self._schema)
 
-    def _rows(self, file: int, start: int, stop: int) -> sp.csr_matrix:
+    def _rows(self, file: int, start: int, stop: int) -> CSRBlock:
         layout = self.layouts[file]
 
-        def load() -> sp.csr_matrix:
+        def load() -> CSRBlock:
             indptr, indices, data = layout.h5.read_rows(start, stop)
-            return sp.csr_matrix((data, indices, indptr), shape=(stop - start, layout.h5.n_vars), copy=False)
+            return CSRBlock(indptr.astype(np.int64), indices, data)
 
         return self.ctx.blocks.get((str(layout.spec.path), start, stop), load)
 

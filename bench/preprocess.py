@@ -1,0 +1,170 @@
+"""Benchmark: `cellfeed preprocess run-all` against the seed's method on one generated h5ad.
+
+The file is CELLxGENE-like: CSR X of normalised values (~1,500 non-zeros per cell), Ensembl
+var_names with var.feature_name, obs donor_id / development_stage / ontology term / cell_type,
+cells grouped by donor. It is written in blocks straight through h5py (bounded memory) and kept
+in bench/data for later runs. Both methods run in their own child process, which gives each its
+own peak RSS (wait4). The baseline follows the seed: densify each 10,000-row block, argpartition
+the top N, sort them, map to symbols, join with spaces, write zstd parquet chunks with polars.
+
+    python bench/preprocess.py [--cells 200000] [--genes 20000] [--baseline-cells N]
+    CELLFEED_BENCH_CELLS=20000 python bench/preprocess.py     # a quick run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+from bench.common import cpu_info, write_result  # noqa: E402
+
+DATA = HERE / "data" / "preprocess"
+NNZ_RANGE = (1200, 1800)
+DONORS = 100
+TOP_GENES = 2000
+BLOCK = 10_000
+
+
+def generate(path: Path, n_cells: int, n_genes: int, seed: int = 0) -> None:
+    """Write the benchmark h5ad block by block (memory bounded by one block)."""
+    from anndata.io import write_elem
+
+    from cellfeed.server.preprocess.genes import GeneTable
+
+    rng = np.random.default_rng(seed)
+    genes = GeneTable.shipped().table.slice(0, n_genes)
+    var = pd.DataFrame({"feature_name": pd.Categorical(genes["symbol"].to_pylist())}, index=genes["id"].to_pylist())
+    per_cell = rng.integers(*NNZ_RANGE, size=n_cells)
+    indptr = np.zeros(n_cells + 1, dtype=np.int64)
+    np.cumsum(per_cell, out=indptr[1:])
+    donor_of = np.sort(rng.integers(0, DONORS, size=n_cells))
+    donor_age = rng.integers(20, 81, size=DONORS)
+    stages = {a: f"{a}-year-old stage" for a in range(20, 81)}
+    terms = {a: f"HsapDv:{a + 94:07d}" for a in range(20, 81)}  # HsapDv:0000114 is 20-year-old
+    obs = pd.DataFrame(
+        {
+            "donor_id": pd.Categorical([f"donor_{d:03d}" for d in donor_of]),
+            "development_stage": pd.Categorical([stages[donor_age[d]] for d in donor_of]),
+            "development_stage_ontology_term_id": pd.Categorical([terms[donor_age[d]] for d in donor_of]),
+            "cell_type": pd.Categorical(rng.choice(["T cell", "B cell", "monocyte", "NK cell"], size=n_cells)),
+        },
+        index=[f"cell_{i:07d}" for i in range(n_cells)],
+    )
+    tmp = path.with_suffix(".tmp")
+    with h5py.File(tmp, "w") as f:
+        f.attrs["encoding-type"] = "anndata"
+        f.attrs["encoding-version"] = "0.1.0"
+        write_elem(f, "obs", obs)
+        write_elem(f, "var", var)
+        x = f.create_group("X")
+        x.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0", "shape": np.array([n_cells, n_genes])})
+        x.create_dataset("indptr", data=indptr)
+        data = x.create_dataset("data", shape=(int(indptr[-1]),), dtype=np.float32)
+        indices = x.create_dataset("indices", shape=(int(indptr[-1]),), dtype=np.int32)
+        for start in range(0, n_cells, BLOCK):
+            stop = min(start + BLOCK, n_cells)
+            counts = per_cell[start:stop]
+            cols = np.concatenate([rng.choice(n_genes, k, replace=False) for k in counts]).astype(np.int64)
+            rows = np.repeat(np.arange(stop - start, dtype=np.int64), counts)
+            cols = (np.sort(rows * n_genes + cols) % n_genes).astype(np.int32)
+            raw = rng.geometric(0.3, size=len(cols)).astype(np.float32)
+            totals = np.add.reduceat(raw, np.r_[0, np.cumsum(counts)[:-1]])
+            values = np.log1p(raw / np.repeat(totals, counts) * 1e4).astype(np.float32)
+            lo, hi = int(indptr[start]), int(indptr[stop])
+            indices[lo:hi] = cols
+            data[lo:hi] = values
+        for name in ("layers", "obsm", "obsp", "varm", "varp", "uns"):
+            write_elem(f, name, {})
+    tmp.replace(path)
+
+
+def baseline(path: Path, out: Path, n_cells: int) -> None:
+    """The seed's step 2 on the first n_cells cells (run in a child process)."""
+    import anndata as ad
+    import polars as pl
+
+    adata = ad.read_h5ad(path, backed="r")
+    symbols = np.asarray(adata.var["feature_name"].astype(str))
+    out.mkdir(parents=True, exist_ok=True)
+    for i, start in enumerate(range(0, n_cells, BLOCK)):
+        stop = min(start + BLOCK, n_cells)
+        expr = adata.X[start:stop].toarray()
+        top = np.argpartition(expr, -TOP_GENES, axis=1)[:, -TOP_GENES:]
+        order = np.argsort(-np.take_along_axis(expr, top, axis=1), axis=1)
+        top = np.take_along_axis(top, order, axis=1)
+        frame = {col: adata.obs[col].iloc[start:stop].astype(str).tolist() for col in adata.obs.columns}
+        frame["cell_sentence"] = [" ".join(symbols[row]) for row in top]
+        pl.DataFrame(frame).write_parquet(out / f"chunk_{i:04d}.parquet", compression="zstd", compression_level=3, use_pyarrow=True)
+
+
+def measure(args: list[str]) -> tuple[float, float, int]:
+    """(seconds, peak RSS MiB, exit status) of one child process."""
+    started = time.perf_counter()
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    return time.perf_counter() - started, usage.ru_maxrss / 1024, os.waitstatus_to_exitcode(status)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cells", type=int, default=int(os.environ.get("CELLFEED_BENCH_CELLS", 200_000)))
+    parser.add_argument("--genes", type=int, default=20_000)
+    parser.add_argument("--baseline-cells", type=int, default=int(os.environ.get("CELLFEED_BENCH_BASELINE_CELLS", 0)), help="cells the baseline runs on (0: all)")
+    parser.add_argument("--baseline-only", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--baseline-out", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.baseline_only:
+        baseline(args.baseline_only, args.baseline_out, args.baseline_cells)
+        return
+
+    path = DATA / f"bench_{args.cells}x{args.genes}.h5ad"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        t = time.perf_counter()
+        generate(path, args.cells, args.genes)
+        print(f"generated {path.name} ({path.stat().st_size / 2**30:.2f} GiB) in {time.perf_counter() - t:.1f} s")
+    work = DATA / "work"
+    shutil.rmtree(work, ignore_errors=True)
+
+    run_all = [sys.executable, "-m", "cellfeed.server.preprocess.cli", "run-all", str(path), "--no-progress",
+               "--interim-dir", str(work / "interim"), "--output-dir", str(work / "output"), "--log-dir", str(work / "logs")]
+    seconds, rss, status = measure(run_all)
+    if status != 0:
+        raise SystemExit(f"run-all failed ({status}); see {work / 'logs'}")
+    manifest = json.loads(next((work / "output").glob("*/manifest.json")).read_text())
+
+    base_cells = args.baseline_cells or args.cells
+    base = [sys.executable, __file__, "--baseline-only", str(path), "--baseline-out", str(work / "baseline"), "--baseline-cells", str(base_cells)]
+    base_seconds, base_rss, base_status = measure(base)
+    if base_status != 0:
+        raise SystemExit(f"baseline failed ({base_status})")
+
+    ours, theirs = args.cells / seconds, base_cells / base_seconds
+    result = {
+        "machine": cpu_info(),
+        "file": {"cells": args.cells, "genes": args.genes, "bytes": path.stat().st_size, "nnz_per_cell": list(NNZ_RANGE)},
+        "run_all": {"seconds": round(seconds, 2), "cells_per_s": round(ours), "peak_rss_mib": round(rss), "rows": manifest["rows"]},
+        "baseline": {"cells": base_cells, "seconds": round(base_seconds, 2), "cells_per_s": round(theirs), "peak_rss_mib": round(base_rss)},
+        "speedup": round(ours / theirs, 1),
+        "target": "speedup >= 10 at peak RSS <= 1024 MiB",
+    }
+    print(f"run-all : {ours:10,.0f} cells/s  peak RSS {rss:6.0f} MiB  ({args.cells:,} cells in {seconds:.1f} s)")
+    print(f"baseline: {theirs:10,.0f} cells/s  peak RSS {base_rss:6.0f} MiB  ({base_cells:,} cells in {base_seconds:.1f} s)")
+    print(f"speedup : {ours / theirs:.1f}x  -> {write_result('preprocess', result)}")
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
