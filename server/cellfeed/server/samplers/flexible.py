@@ -101,7 +101,7 @@ class FlexibleBatchSampler(Sampler):
         if not self.options.weighted:
             return self._permutation_plan(rng, total)
         draws = _Draws(self._cells, rng)
-        batches = [self._compose(rng, draws) for _ in range(total)]
+        batches = [self._compose(rng, draws, e) for e in self._experiment_sequence(rng, total)]
         items = np.stack(batches) if batches else np.zeros((0, self.options.batch_size), np.int64)
         return items, np.zeros(items.shape, dtype=bool)
 
@@ -126,15 +126,26 @@ class FlexibleBatchSampler(Sampler):
             padding = np.concatenate([padding, np.ones((extra, B), dtype=bool)])
         return items, padding
 
-    def _compose(self, rng: np.random.Generator, draws: "_Draws") -> np.ndarray:
-        """One weighted batch: experiment pick, leak, condition strata, temporal focus within each."""
+    def _experiment_sequence(self, rng: np.random.Generator, total: int) -> list[int | None]:
+        """Each batch's experiment: counts follow the weights exactly (largest remainder), order shuffled.
+
+        VisCy drew each batch's experiment independently; fixed counts keep the same proportions
+        without the luck of the draw, so weights equal to sizes still cover every experiment evenly.
+        """
+        if not self.options.experiment_aware:
+            return [None] * total
+        if self.options.experiment_weights is not None:
+            weights = np.array([self.options.experiment_weights[e] for e in self.experiments], dtype=np.float64)
+        else:
+            weights = np.array([self._cells.experiment_size[e] for e in self.experiments], dtype=np.float64)
+        counts = _largest_remainder(weights / weights.sum(), total)
+        return rng.permutation(np.repeat(self.experiments, counts)).tolist()
+
+    def _compose(self, rng: np.random.Generator, draws: "_Draws", chosen: int | None) -> np.ndarray:
+        """One weighted batch: leak, condition strata, temporal focus within each stratum."""
         o, cells = self.options, self._cells
         B = o.batch_size
-        if o.experiment_aware:
-            sizes = np.array([cells.experiment_size[e] for e in self.experiments], dtype=np.float64)
-            if o.experiment_weights is not None:
-                sizes = np.array([o.experiment_weights[e] for e in self.experiments], dtype=np.float64)
-            chosen = self.experiments[rng.choice(len(self.experiments), p=sizes / sizes.sum())]
+        if chosen is not None:
             primary = np.flatnonzero(cells.experiment == chosen)
             others = np.flatnonzero(cells.experiment != chosen)
         else:
@@ -199,43 +210,47 @@ class _Cells:
 
 
 class _Draws:
-    """Per-cell permutations consumed in order and reshuffled only once used up, for one epoch.
+    """Draw state of one epoch: a permutation per cell, consumed in order.
 
-    An item is drawn a second time only after every item of its cell was drawn once, so weighted
-    epochs still cover each cell as evenly as its weight allows.
+    A draw from a union of cells is uniform without replacement over the items of the union not
+    yet drawn in their cell's current round; only once the whole union is used up do its cells
+    reshuffle. So an item is drawn twice only after every item of the union was drawn once.
     """
 
     def __init__(self, cells: _Cells, rng: np.random.Generator) -> None:
         self.cells = cells
         self.rng = rng
-        self.perm: dict[int, np.ndarray] = {}
-        self.pos: dict[int, int] = {}
+        cell_of_slot = np.repeat(np.arange(len(cells.size)), cells.size)
+        self.slots = cells.members[np.lexsort((rng.random(len(cells.members)), cell_of_slot))]
+        self.pos = np.zeros(len(cells.size), dtype=np.int64)
 
     def take(self, cells_idx: np.ndarray, n: int) -> np.ndarray:
-        """n items from the union of `cells_idx`, split among cells without replacement where possible."""
-        if n <= 0 or len(cells_idx) == 0:
-            return np.zeros(0, dtype=np.int64)
-        sizes = self.cells.size[cells_idx]
-        total = int(sizes.sum())
-        alloc = sizes * (n // total)
-        if n % total:
-            alloc = alloc + self.rng.multivariate_hypergeometric(sizes, n % total)
-        picked = [self._from_cell(int(c), int(k)) for c, k in zip(cells_idx, alloc) if k > 0]
-        return np.concatenate(picked)
+        """n items from the union of `cells_idx`."""
+        taken: dict[int, list[np.ndarray]] = {}
+        size, start = self.cells.size, self.cells.start
+        while n > 0 and len(cells_idx):
+            remaining = size[cells_idx] - self.pos[cells_idx]
+            total = int(remaining.sum())
+            if total == 0:
+                self._reshuffle(cells_idx, taken)
+                continue
+            k = min(n, total)
+            alloc = remaining if k == total else self.rng.multivariate_hypergeometric(remaining, k)
+            for c, a in zip(cells_idx[alloc > 0].tolist(), alloc[alloc > 0].tolist()):
+                s = start[c] + self.pos[c]
+                taken.setdefault(c, []).append(self.slots[s : s + a])
+                self.pos[c] += a
+            n -= k
+        parts = [p for ps in taken.values() for p in ps]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
-    def _from_cell(self, cell: int, k: int) -> np.ndarray:
-        out: list[np.ndarray] = []
-        while k > 0:
-            perm, pos = self.perm.get(cell), self.pos.get(cell, 0)
-            if perm is None or pos == len(perm):
-                start, size = self.cells.start[cell], self.cells.size[cell]
-                perm = self.cells.members[start : start + size][self.rng.permutation(size)]
-                if out:  # items taken just before the reshuffle go last, avoiding repeats in one batch
-                    recent = np.isin(perm, np.concatenate(out))
-                    perm = np.concatenate([perm[~recent], perm[recent]])
-                self.perm[cell], pos = perm, 0
-            m = min(k, len(perm) - pos)
-            out.append(perm[pos : pos + m])
-            self.pos[cell] = pos + m
-            k -= m
-        return np.concatenate(out)
+    def _reshuffle(self, cells_idx: np.ndarray, taken: dict[int, list[np.ndarray]]) -> None:
+        """New round for every cell of a used-up union; items already in this batch go last."""
+        for c in cells_idx.tolist():
+            lo, hi = self.cells.start[c], self.cells.start[c] + self.cells.size[c]
+            perm = self.rng.permutation(self.slots[lo:hi])
+            if c in taken:
+                recent = np.isin(perm, np.concatenate(taken[c]))
+                perm = np.concatenate([perm[~recent], perm[recent]])
+            self.slots[lo:hi] = perm
+            self.pos[c] = 0
