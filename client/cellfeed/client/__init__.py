@@ -16,3 +16,4 @@ __all__ = [
     "ServerUnavailable",
     "Session",
 ]
+from cellfeed.client.dynaclr import MultiExperimentDataModule  # noqa: E402

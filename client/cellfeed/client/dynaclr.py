@@ -14,7 +14,6 @@ from typing import Any
 import lightning.pytorch as pl
 import pyarrow as pa
 import torch
-from monai.transforms import Compose
 
 from cellfeed.client.connection import Connection, Session
 from cellfeed.client.distributed import resolve_rank
@@ -163,8 +162,8 @@ class MultiExperimentDataModule(pl.LightningDataModule):
             keys = self.decoder.channel_keys
             z = self.hparams.z_range[1] - self.hparams.z_range[0]
             crop = BatchedCenterSpatialCropd(keys, (z, *self.hparams.final_yx_patch_size))
-            self._train_transform = Compose([*self.normalizations, *self.augmentations, crop])
-            self._eval_transform = Compose([*self.normalizations, crop])
+            self._train_transforms = [*self.normalizations, *self.augmentations, crop]
+            self._eval_transforms = [*self.normalizations, crop]
         self.rank, self.world_size = resolve_rank(self.trainer, self.hparams.rank, self.hparams.world_size)
 
     @property
@@ -214,7 +213,7 @@ class MultiExperimentDataModule(pl.LightningDataModule):
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
         """Normalise, augment (training only), centre-crop; then channel dropout (training only)."""
         training = self.trainer is not None and self.trainer.training
-        transform = self._train_transform if training else self._eval_transform
+        transforms = self._train_transforms if training else self._eval_transforms
         keys = self.decoder.channel_keys
         for key in IMAGE_KEYS:
             if key not in batch:
@@ -222,7 +221,8 @@ class MultiExperimentDataModule(pl.LightningDataModule):
             images = batch[key]
             sample: dict[str, Any] = {k: images[:, i : i + 1] for i, k in enumerate(keys)}
             sample["norm_meta"] = self.decoder.norm_meta(batch.pop(f"{key}_norm_meta"))
-            sample = transform(sample)
+            for transform in transforms:
+                sample = transform(sample)
             images = torch.cat([sample[k] for k in keys], dim=1)
             self.channel_dropout.train(training)
             batch[key] = self.channel_dropout(images)

@@ -64,6 +64,11 @@ class RemoteLoader:
         return self
 
     @property
+    def batch_sampler(self) -> None:
+        """Lightning reads this on evaluation loaders; batches are planned on the server, so none."""
+        return None
+
+    @property
     def epoch(self) -> int:
         return self._epoch
 

@@ -97,7 +97,7 @@ def read_layout(
         row = _first_repeat(bstarts, bvalues)
         raise CellfeedError(
             f"{spec.label}: rows are not sorted by {target_label} then {batch_label}: batch "
-            f"{_label(batches, batch_codes[row])!r} of target {target_names[target_codes[row]]!r} "
+            f"{_label(batches, batch_codes[row])!r} of target {str(target_names[target_codes[row]])!r} "
             f"starts again at row {row} ({_obs_name(h5, row)}); {SORT_HINT}"
         )
 
@@ -117,7 +117,7 @@ def read_layout(
         run_ct = ct_codes[start:stop]
         for ct in np.unique(run_ct):
             rows = start + np.flatnonzero(run_ct == ct)
-            cell_type = ct_names[ct] if ct >= 0 else "nan"
+            cell_type = str(ct_names[ct]) if ct >= 0 else "nan"
             target = str(target_names[value])
             groups.append(
                 Group(
@@ -136,7 +136,7 @@ def read_layout(
     by_batch: dict[tuple[str, str], np.ndarray] = {}
     for ct in np.unique(ctrl_ct):
         rows = lo + np.flatnonzero(ctrl_ct == ct)
-        name = ct_names[ct] if ct >= 0 else "nan"
+        name = str(ct_names[ct]) if ct >= 0 else "nan"
         control_rows[name] = rows.astype(np.int64)
         for b in np.unique(row_batches[rows]):
             by_batch[(name, str(b))] = rows[row_batches[rows] == b]
@@ -196,13 +196,13 @@ def _check_runs_unique(spec, h5, starts, values, names, target_label, control_co
             f"at row {row} ({_obs_name(h5, row)}); {SORT_HINT}"
         )
     raise CellfeedError(
-        f"{spec.label}: rows are not sorted by {target_label}: target {names[value]!r} starts again at row "
+        f"{spec.label}: rows are not sorted by {target_label}: target {str(names[value])!r} starts again at row "
         f"{row} ({_obs_name(h5, row)}); {SORT_HINT}"
     )
 
 
 def _obs_name(h5: H5ad, row: int) -> str:
-    return f"obs_name {h5.obs_names()[row]!r}"
+    return f"obs_name {str(h5.obs_names()[row])!r}"
 
 
 def _label(cat: pd.Categorical, code: int) -> str:

@@ -1,13 +1,18 @@
-"""An input h5ad as a stream of Arrow tables: obs_names, every obs column, age, cell sentences.
+"""An input h5ad to parquet chunks: obs_names, every obs column, age, and the cell sentences.
 
-Blocks are bounded by rows and by non-zeros, so memory does not depend on the file; two threads
-rank and assemble blocks while the caller writes, and the tables come back in row order.
+Each output chunk file is one task: the rows it holds are known up front (from the split codes),
+so tasks run on parallel threads, each ranking, encoding and compressing its own file. A task
+works through its rows a few hundred at a time, reading X in contiguous runs, so memory stays
+bounded by the thread count, not the file.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Callable
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -15,12 +20,13 @@ import pyarrow as pa
 from cellfeed.server.errors import CellfeedError
 from cellfeed.server.preprocess import age as age_mod
 from cellfeed.server.preprocess import sentences
+from cellfeed.server.preprocess.chunks import ROW_GROUP_ROWS, open_parquet
 from cellfeed.server.preprocess.genes import GeneSymbols
 from cellfeed.server.preprocess.h5ad_reader import OBS_NAMES, H5adInput
-from cellfeed.server.preprocess.threads import ordered_map
 
 SENTENCE_COLUMNS = ("cell_sentence", "genes", "values")
 RESERVED = {OBS_NAMES, "age", *SENTENCE_COLUMNS}
+SCAN_ROWS = 1 << 20  # rows of split codes looked at per step when planning chunks
 
 
 class Cancelled(Exception):
@@ -30,9 +36,11 @@ class Cancelled(Exception):
 @dataclass(frozen=True)
 class BlockOptions:
     top_genes: int = 2000
-    max_rows: int = 4096
-    max_nnz: int = 6_000_000
+    rank_rows: int = 512  # rows ranked at once: small arrays stay in the allocator's cache
+    rank_nnz: int = 1_000_000
     threads: int = 2
+    compression: str = "zstd"
+    compression_level: int | None = 3
 
 
 @dataclass(frozen=True)
@@ -43,22 +51,39 @@ class AgeSource:
     term_column: str | None
 
 
-def plan_blocks(indptr: np.ndarray, max_rows: int, max_nnz: int) -> list[tuple[int, int]]:
-    """Row ranges [start, stop) of at most `max_rows` rows and about `max_nnz` non-zeros each."""
-    n = len(indptr) - 1
-    blocks = []
-    start = 0
-    while start < n:
-        stop = min(start + max_rows, n)
-        by_nnz = int(np.searchsorted(indptr, indptr[start] + max_nnz, side="right")) - 1
-        stop = max(start + 1, min(stop, by_nnz))
-        blocks.append((start, stop))
-        start = stop
-    return blocks
+@dataclass(frozen=True)
+class ChunkTask:
+    """One output file: the rows of [start, stop) whose split code is `code` (all rows if None)."""
+
+    folder: Path
+    index: int
+    start: int
+    stop: int
+    code: int | None = None
+
+    @property
+    def path(self) -> Path:
+        return self.folder / f"chunk_{self.index:04d}.parquet"
+
+
+def chunk_tasks(folder: Path, n_obs: int, chunk_size: int, codes: np.ndarray | None = None, code: int | None = None) -> list[ChunkTask]:
+    """Cut the rows (all, or those with `code`) into files of `chunk_size` rows, in row order."""
+    if chunk_size < 1:
+        raise CellfeedError(f"chunk_size must be at least 1, got {chunk_size}")
+    if codes is None:
+        starts = list(range(0, n_obs, chunk_size))
+    else:
+        starts, seen = [], 0
+        for offset in range(0, n_obs, SCAN_ROWS):
+            hits = np.flatnonzero(codes[offset : offset + SCAN_ROWS] == code)
+            starts += (offset + hits[(-seen) % chunk_size :: chunk_size]).tolist()
+            seen += len(hits)
+    stops = starts[1:] + [n_obs]
+    return [ChunkTask(folder, i, a, b, code) for i, (a, b) in enumerate(zip(starts, stops))]
 
 
 class Converter:
-    """Turns one H5adInput into tables; `table(start, stop)` is thread-safe and pure."""
+    """Makes the output rows of one H5adInput; every method is thread-safe."""
 
     def __init__(self, source: H5adInput, symbols: GeneSymbols, options: BlockOptions, age: AgeSource | None = None) -> None:
         if options.top_genes < 1:
@@ -69,28 +94,7 @@ class Converter:
         self._symbols = symbols.arrow()
         self._named = symbols.mapped
         self._renamed = {c: (f"obs_{c}" if c in RESERVED else c) for c in source.obs_columns}
-        limit = sentences.rows_per_block_limit(source.n_vars)
-        self.blocks = plan_blocks(source.indptr, min(options.max_rows, limit), options.max_nnz)
-
-    def table(self, block: tuple[int, int]) -> pa.Table:
-        start, stop = block
-        obs = self.source.obs(start, stop)
-        columns: dict[str, pa.Array] = {self._renamed.get(k, k): v for k, v in obs.items()}
-        if self.age is not None:
-            labels = obs.get(self.age.label_column) if self.age.label_column else None
-            terms = obs.get(self.age.term_column) if self.age.term_column else None
-            columns["age"] = age_mod.ages(labels, terms)
-        indptr, indices, data = self.source.x_rows(start, stop)
-        ranked = sentences.rank(indptr, indices, data, self.source.n_vars, self.options.top_genes, self._named)
-        columns.update(sentences.columns(*ranked, self._symbols))
-        return pa.table(columns)
-
-    def tables(self, cancelled: Callable[[], bool] = lambda: False) -> Iterator[pa.Table]:
-        """Every block's table in row order; raises Cancelled between blocks when asked to stop."""
-        for table in ordered_map(self.table, self.blocks, workers=self.options.threads, ahead=self.options.threads + 1):
-            if cancelled():
-                raise Cancelled()
-            yield table
+        self._rank_rows = min(options.rank_rows, sentences.rows_per_block_limit(source.n_vars))
 
     def output_name(self, column: str) -> str:
         """The name an obs column has in the output tables."""
@@ -100,3 +104,92 @@ class Converter:
     def renamed(self) -> dict[str, str]:
         """obs columns renamed because their name is one the pipeline writes (name -> obs_name)."""
         return {k: v for k, v in self._renamed.items() if k != v}
+
+    def table(self, rows: np.ndarray) -> pa.Table:
+        """The output rows for these (ascending) row numbers."""
+        start, stop = int(rows[0]), int(rows[-1]) + 1
+        obs = self.source.obs(start, stop)
+        if stop - start != len(rows):
+            picked = pa.array(rows - start)
+            obs = {k: v.take(picked) for k, v in obs.items()}
+        columns: dict[str, pa.Array] = {self.output_name(k): v for k, v in obs.items()}
+        if self.age is not None:
+            labels = obs.get(self.age.label_column) if self.age.label_column else None
+            terms = obs.get(self.age.term_column) if self.age.term_column else None
+            columns["age"] = age_mod.ages(labels, terms)
+        indptr, indices, data = self.source.x_select(rows)
+        ranked = sentences.rank(indptr, indices, data, self.source.n_vars, self.options.top_genes, self._named)
+        columns.update(sentences.columns(*ranked, self._symbols))
+        return pa.table(columns)
+
+    def _groups(self, task: ChunkTask, codes: np.ndarray | None):
+        """The task's rows, a few hundred (and at most ~rank_nnz non-zeros) at a time."""
+        indptr = self.source.indptr
+        for offset in range(task.start, task.stop, SCAN_ROWS):
+            end = min(offset + SCAN_ROWS, task.stop)
+            rows = np.arange(offset, end) if codes is None or task.code is None else offset + np.flatnonzero(codes[offset:end] == task.code)
+            nnz = np.cumsum(indptr[rows + 1] - indptr[rows])
+            i = 0
+            while i < len(rows):
+                j = min(i + self._rank_rows, int(np.searchsorted(nnz, (nnz[i - 1] if i else 0) + self.options.rank_nnz, side="right")))
+                j = max(j, i + 1)
+                yield rows[i:j]
+                i = j
+
+    def write_chunk(self, task: ChunkTask, codes: np.ndarray | None, done: Callable[[int], None], cancelled: Callable[[], bool]) -> int:
+        """Write one chunk file; returns its row count."""
+        pending: list[pa.Table] = []
+        pending_rows = written = 0
+        writer = None
+        try:
+            for rows in self._groups(task, codes):
+                if cancelled():
+                    raise Cancelled()
+                table = self.table(rows)
+                pending.append(table)
+                pending_rows += table.num_rows
+                if pending_rows >= ROW_GROUP_ROWS:
+                    writer = writer or open_parquet(task.path, table.schema, self.options.compression, self.options.compression_level)
+                    writer.write_table(pa.concat_tables(pending), row_group_size=pending_rows)
+                    written += pending_rows
+                    done(pending_rows)
+                    pending, pending_rows = [], 0
+            if pending:
+                writer = writer or open_parquet(task.path, pending[0].schema, self.options.compression, self.options.compression_level)
+                writer.write_table(pa.concat_tables(pending), row_group_size=pending_rows)
+                written += pending_rows
+                done(pending_rows)
+        finally:
+            if writer is not None:
+                writer.close()
+        return written
+
+    def run(self, tasks: list[ChunkTask], codes: np.ndarray | None, progress: Callable[[int], None], cancelled: Callable[[], bool]) -> dict[Path, int]:
+        """Write every task's file on `threads` threads; the first error (or a cancel) stops all.
+        Returns the rows written per folder."""
+        stop = threading.Event()
+        lock = threading.Lock()
+
+        def done(n: int) -> None:
+            with lock:
+                progress(n)
+
+        def halted() -> bool:
+            return stop.is_set() or cancelled()
+
+        with ThreadPoolExecutor(max_workers=max(1, self.options.threads), thread_name_prefix="preprocess") as pool:
+            futures = [pool.submit(self.write_chunk, task, codes, done, halted) for task in tasks]
+            finished, _ = wait(futures, return_when=FIRST_EXCEPTION)
+            if any(f.exception() for f in finished):
+                stop.set()
+            wait(futures)
+        errors = [f.exception() for f in futures if f.exception() is not None]
+        real = [e for e in errors if not isinstance(e, Cancelled)]
+        if real:
+            raise real[0]
+        if errors:
+            raise errors[0]
+        rows: dict[Path, int] = {}
+        for task, future in zip(tasks, futures):
+            rows[task.folder] = rows.get(task.folder, 0) + future.result()
+        return rows

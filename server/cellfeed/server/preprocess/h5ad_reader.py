@@ -136,6 +136,19 @@ class H5adInput:
         except (OSError, ValueError, KeyError) as exc:
             raise CellfeedError(f"{self.label}: cannot read X rows {start}-{stop} ({exc}); is the file truncated?") from None
 
+    def x_select(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The given ascending rows of X as CSR, read as few contiguous runs as they form."""
+        breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+        firsts = rows[np.r_[0, breaks]]
+        lasts = rows[np.r_[breaks - 1, len(rows) - 1]] + 1
+        parts = [self.x_rows(int(a), int(b)) for a, b in zip(firsts, lasts)]
+        if len(parts) == 1:
+            return parts[0]
+        sizes = np.array([p[0][-1] for p in parts], dtype=np.int64)
+        shifts = np.repeat(np.r_[0, np.cumsum(sizes)[:-1]], [len(p[0]) - 1 for p in parts])
+        indptr = np.r_[0, np.concatenate([p[0][1:] for p in parts]) + shifts]
+        return indptr, np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts])
+
     def close(self) -> None:
         self.h5.close()
 

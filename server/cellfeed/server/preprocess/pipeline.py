@@ -14,19 +14,23 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
+
 from cellfeed.server.errors import CellfeedError
 from cellfeed.server.preprocess import age as age_mod
 from cellfeed.server.preprocess.age import AgeCounts
 from cellfeed.server.preprocess.atomic import remove_stale, staged_dir
-from cellfeed.server.preprocess.convert import AgeSource, BlockOptions, Cancelled, Converter
+from cellfeed.server.preprocess.convert import AgeSource, BlockOptions, Cancelled, Converter, chunk_tasks
 from cellfeed.server.preprocess.genes import GeneSymbols, GeneTable, resolve_symbols
 from cellfeed.server.preprocess.h5ad_reader import H5adInput
 from cellfeed.server.preprocess.layout import Layout, dataset_name
 from cellfeed.server.preprocess.logs import FileLog, Sink
-from cellfeed.server.preprocess.outputs import DatasetWriter, is_done, source_stamp, write_manifest
-from cellfeed.server.preprocess.split import DONOR_COLUMNS, SplitCounter, SplitPlan
+from cellfeed.server.preprocess.outputs import is_done, source_stamp, write_manifest
+from cellfeed.server.preprocess.split import DONOR_COLUMNS, DROPPED, TEST, TRAIN, SplitCounter, SplitPlan
 
 Progress = Callable[[int, int], None]
+OBS_BLOCK = 65_536
 
 
 @dataclass
@@ -110,15 +114,34 @@ def donor_column(columns: list[str], options: Options, label: str) -> str | None
     return next((c for c in DONOR_COLUMNS if c in columns), None)
 
 
-def plan_split(source: H5adInput, ages: AgeSource, donor: str | None, options: Options, blocks: list[tuple[int, int]]) -> SplitPlan:
-    """Pass one over obs only: count cells per donor and age, then plan."""
-    counter = SplitCounter(by_donor=donor is not None, drop_null_age=not options.keep_null_age)
+def scan_obs(source: H5adInput, ages: AgeSource, donor: str | None, options: Options, split: bool) -> tuple[AgeCounts, SplitPlan | None, np.ndarray | None]:
+    """Passes over obs only (donor and stage columns): age counts, the split plan, and the split
+    code of every row (one byte per cell)."""
+    n = source.n_obs
+    blocks = [(a, min(a + OBS_BLOCK, n)) for a in range(0, n, OBS_BLOCK)]
     wanted = [c for c in (donor, ages.label_column, ages.term_column) if c]
-    for start, stop in blocks:
+
+    def read(start: int, stop: int) -> tuple[pa.Array | None, pa.Array, pa.Array]:
         obs = source.obs(start, stop, wanted)
-        values = age_mod.ages(obs.get(ages.label_column) if ages.label_column else None, obs.get(ages.term_column) if ages.term_column else None)
-        counter.add(obs.get(donor) if donor else None, values)
-    return counter.plan(options.test_size, options.seed)
+        labels, terms = (obs.get(c) if c else None for c in (ages.label_column, ages.term_column))
+        return (obs.get(donor) if donor else None), age_mod.ages(labels, terms), labels if labels is not None else terms
+
+    counts = AgeCounts()
+    counter = SplitCounter(by_donor=donor is not None, drop_null_age=not options.keep_null_age)
+    for start, stop in blocks:
+        donors, values, labels = read(start, stop)
+        counts.add(labels, values)
+        if split:
+            counter.add(donors, values)
+    if not split:
+        return counts, None, None
+    plan = counter.plan(options.test_size, options.seed)
+    codes = np.empty(n, dtype=np.int8)
+    assigner = plan.assigner()
+    for start, stop in blocks:
+        donors, values, _ = read(start, stop)
+        codes[start:stop] = assigner.codes(donors, values)
+    return counts, plan, codes
 
 
 def run_file(
@@ -195,38 +218,39 @@ def _convert(
     source, symbols = open_input(path, options, log)
     with source:
         ages = age_source(source.obs_columns, options, source.label)
-        donor = None if options.skip_train_test_split else donor_column(source.obs_columns, options, source.label)
-        converter = Converter(source, symbols, BlockOptions(top_genes=options.top_genes, threads=options.threads), ages)
+        split = not options.skip_train_test_split
+        donor = donor_column(source.obs_columns, options, source.label) if split else None
+        block = BlockOptions(top_genes=options.top_genes, threads=options.threads, compression=options.compression, compression_level=options.compression_level)
+        converter = Converter(source, symbols, block, ages)
         if converter.renamed:
             log.event("obs.renamed", level="warning", columns=converter.renamed)
-        plan = None
-        if not options.skip_train_test_split:
-            if donor is None:
-                log.event("split.no_donor", level="warning", looked_for=list(DONOR_COLUMNS))
-            plan = plan_split(source, ages, donor, options, converter.blocks)
+        if split and donor is None:
+            log.event("split.no_donor", level="warning", looked_for=list(DONOR_COLUMNS))
+        counts, plan, codes = scan_obs(source, ages, donor, options, split)
+        log.event("age.extracted", **counts.as_dict())
+        if plan is not None:
             log.event("split.planned", donor_column=donor, **plan.describe())
-        counts = AgeCounts()
         with staged_dir(final) as staging, _interim(layout, name, options) as interim:
-            writer = DatasetWriter(staging, plan is not None, options.chunk_size, options.compression, options.compression_level)
-            keep = DatasetWriter(interim, False, options.chunk_size, options.compression, options.compression_level) if interim else None
-            assigner = plan.assigner() if plan else None
-            done = 0
-            label_column = converter.output_name(ages.label_column or ages.term_column or "")
-            donor_out = converter.output_name(donor) if donor else None
-            for table in converter.tables(cancelled):
-                age = table.column("age").combine_chunks()
-                counts.add(table.column(label_column).combine_chunks(), age)
-                codes = assigner.codes(table.column(donor_out).combine_chunks() if donor_out else None, age) if assigner else None
-                writer.write(table, codes)
-                if keep is not None:
-                    keep.write(table)
-                done += table.num_rows
+            folders = {s: staging / s / "chunks" for s in ("train", "test")} if plan else {"all": staging / "chunks"}
+            tasks = []
+            for split_name, folder in folders.items():
+                folder.mkdir(parents=True)
+                code = {"train": TRAIN, "test": TEST}.get(split_name)
+                tasks += chunk_tasks(folder, source.n_obs, options.chunk_size, codes, code)
+            if interim is not None:
+                (interim / "chunks").mkdir()
+                tasks += chunk_tasks(interim / "chunks", source.n_obs, options.chunk_size)
+            to_write = (int((codes != DROPPED).sum()) if codes is not None else source.n_obs) + (source.n_obs if interim is not None else 0)
+            written = 0
+
+            def advance(n: int) -> None:
+                nonlocal written
+                written += n
                 if progress:
-                    progress(done, source.n_obs)
-            rows = writer.close()
-            if keep is not None:
-                keep.close()
-            log.event("age.extracted", **counts.as_dict())
+                    progress(written, to_write)
+
+            per_folder = converter.run(tasks, codes, advance, cancelled)
+            rows = {s: per_folder.get(f, 0) for s, f in folders.items()}
             manifest = {
                 "dataset": name,
                 "source": source_stamp(path),

@@ -19,7 +19,7 @@ from cellfeed.server.preprocess import age as age_mod
 from cellfeed.server.preprocess.age import AgeCounts
 from cellfeed.server.preprocess.atomic import remove_stale, staged_dir
 from cellfeed.server.preprocess.chunks import ROW_GROUP_ROWS, chunk_files, open_parquet, read_chunks
-from cellfeed.server.preprocess.convert import BlockOptions, Converter
+from cellfeed.server.preprocess.convert import BlockOptions, Converter, chunk_tasks
 from cellfeed.server.preprocess.genes import GeneTable
 from cellfeed.server.preprocess.layout import Layout, dataset_name
 from cellfeed.server.preprocess.logs import Sink
@@ -45,15 +45,19 @@ def convert(path: Path, layout: Layout, options: Options, *, progress: Progress 
         remove_stale(final)
         source, symbols = open_input(Path(path), options, log)
         with source, staged_dir(final) as staging:
-            converter = Converter(source, symbols, BlockOptions(top_genes=options.top_genes, threads=options.threads))
-            writer = DatasetWriter(staging, False, options.chunk_size, options.compression, options.compression_level)
-            done = 0
-            for table in converter.tables():
-                writer.write(table)
-                done += table.num_rows
+            block = BlockOptions(top_genes=options.top_genes, threads=options.threads, compression=options.compression, compression_level=options.compression_level)
+            converter = Converter(source, symbols, block)
+            (staging / "chunks").mkdir()
+            written = 0
+
+            def advance(n: int) -> None:
+                nonlocal written
+                written += n
                 if progress:
-                    progress(done, source.n_obs)
-            rows = writer.close()
+                    progress(written, source.n_obs)
+
+            per_folder = converter.run(chunk_tasks(staging / "chunks", source.n_obs, options.chunk_size), None, advance, lambda: False)
+            rows = {"all": sum(per_folder.values())}
         log.event("convert.done", output=str(final), rows=rows)
         return {"cells": source.n_obs, "rows": rows}
 

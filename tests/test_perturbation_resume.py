@@ -1,0 +1,91 @@
+"""Mid-epoch resume from state_dict, and surviving a server crash mid-epoch."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+from cellfeed.client import PerturbationDataModule, ServerUnavailable
+from cellfeed.client.connection import Connection
+from tests.fixtures.h5ad import write_perturbation_h5ad
+from tests.helpers import barcodes, datamodule, epoch
+
+
+def test_resume_mid_epoch_from_state_dict(pert_server):
+    full = epoch(datamodule(pert_server).train_dataloader(), 2)
+    dm = datamodule(pert_server)
+    loader = dm.train_dataloader()
+    loader.set_epoch(2)
+    seen = []
+    for i, batch in enumerate(loader):
+        seen.append(batch)
+        if i == 4:
+            state = dm.state_dict()
+            break
+    assert state["train"]["epoch"] == 2 and state["train"]["next_batch"] == 5
+
+    fresh = datamodule(pert_server)
+    fresh.load_state_dict(state)
+    rest = list(fresh.train_dataloader())
+    assert len(seen) + len(rest) == len(full)
+    np.testing.assert_array_equal(barcodes(seen + rest), barcodes(full))
+    np.testing.assert_array_equal(barcodes(seen + rest, "ctrl_cell_barcode"), barcodes(full, "ctrl_cell_barcode"))
+    # the next pass is the next epoch, from its start
+    assert fresh.train_dataloader().epoch == 3
+
+
+def test_resume_refuses_another_world_size(pert_server):
+    dm = datamodule(pert_server)
+    dm.train_dataloader()
+    state = dm.state_dict()
+    other = datamodule(pert_server, rank=0, world_size=2)
+    with pytest.raises(ValueError, match="world_size"):
+        other.load_state_dict(state)
+        other.train_dataloader()
+
+
+def test_reconnects_after_the_server_is_killed_mid_epoch(serve, tmp_path):
+    root = tmp_path / "data"
+    write_perturbation_h5ad(root / "k562.h5ad", cell_type="k562", n_targets=12, n_genes=4000, density=0.3, seed=3)
+    server = serve(root)
+    reference = epoch(datamodule(server, files=["k562.h5ad"], batch_size=4).train_dataloader(), 0)
+
+    dm = datamodule(server, files=["k562.h5ad"], batch_size=4, prefetch_factor=1)
+    got = []
+    for i, batch in enumerate(dm.train_dataloader()):
+        got.append(batch)
+        if i == 3:
+            server.kill()
+            threading.Timer(1.5, server.start).start()  # back on the same ports, with no memory
+    assert len(got) == len(reference)
+    np.testing.assert_array_equal(barcodes(got), barcodes(reference))
+    np.testing.assert_array_equal(barcodes(got, "ctrl_cell_barcode"), barcodes(reference, "ctrl_cell_barcode"))
+    # the restarted server saw the session reopened and streams resumed past the start
+    sessions = httpx.get(f"{server.http_url}/v1/sessions").json()
+    assert sessions and max(s["first_batch"] for s in sessions[0]["streams"]) > 0
+
+
+def test_gives_up_with_a_clear_error_after_the_retry_budget(serve, tmp_path):
+    root = tmp_path / "data"
+    write_perturbation_h5ad(root / "k562.h5ad", cell_type="k562", n_targets=12, seed=3)
+    server = serve(root)
+    dm = PerturbationDataModule(files=["k562.h5ad"], group_size_S=4, batch_size=4, server=server.flight_uri, prefetch_factor=1)
+    dm.setup("fit")
+    dm._connection.retry_seconds = 2.0
+    loader = dm.train_dataloader()
+    started = time.monotonic()
+    with pytest.raises(ServerUnavailable, match="failed for 2 s while streaming batch"):
+        for i, _ in enumerate(loader):
+            if i == 1:
+                server.kill()
+    assert time.monotonic() - started < 30
+
+
+def test_unreachable_server_fails_setup_clearly(tmp_path):
+    conn = Connection("grpc://127.0.0.1:9", retry_seconds=1.0)
+    with pytest.raises(ServerUnavailable, match="unreachable"):
+        conn.open_session("perturbation", {"files": ["x.h5ad"]})
