@@ -1,0 +1,75 @@
+"""TOML configs in protoplast's and cell-load's schemas, resolved inside the data root."""
+
+from __future__ import annotations
+
+import pytest
+
+from cellfeed.server.errors import CellfeedError
+from cellfeed.server.paths import DataRoot
+from cellfeed.server.perturbation.config import PerturbationConfig, resolve_files
+
+
+@pytest.fixture
+def root(tmp_path):
+    for rel in ("a/k562.h5ad", "a/rpe1.h5ad", "a/hepg2.h5", "b/jurkat.h5ad", "b/readme.txt"):
+        path = tmp_path / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("x")
+    return DataRoot(tmp_path)
+
+
+def files(root, toml: str):
+    return resolve_files(PerturbationConfig.parse({"toml": toml}), root)
+
+
+def test_brace_glob_directory_and_plain_paths(root):
+    layout = files(root, '[datasets]\nbrace = "a/{k562,rpe1}.h5ad"\nglob = "a/*.h5"\ndir = "b"\n')
+    got = {(f.dataset, f.stem) for f in layout.files}
+    assert got == {("brace", "k562"), ("brace", "rpe1"), ("glob", "hepg2"), ("dir", "jurkat")}
+    absolute = files(root, f'[datasets]\nabs = "{root.path}/a/k562.h5ad"\n')
+    assert [f.label for f in absolute.files] == ["a/k562.h5ad"]
+
+
+def test_cell_load_loads_only_named_datasets(root):
+    layout = files(root, '[datasets]\nx = "a/k562.h5ad"\ny = "b"\n[training]\nx = "train"\n')
+    assert {f.dataset for f in layout.files} == {"x"}
+
+
+def test_protoplast_loads_every_dataset_and_reads_opts(root):
+    layout = files(root, '[datasets]\nx = "a/k562.h5ad"\ny = "b"\n[dataset_opts]\nn_basal_samples = 8\n[loader]\nnum_workers = 2\n')
+    assert {f.dataset for f in layout.files} == {"x", "y"}
+    assert layout.dataset_opts == {"n_basal_samples": 8}
+
+
+def test_zeroshot_and_fewshot_rules_attach_to_their_dataset(root):
+    layout = files(
+        root,
+        '[datasets]\nx = "a/{k562,rpe1}.h5ad"\n[zeroshot]\n"x.k562" = "val"\n'
+        '[fewshot."x.rpe1"]\nval = ["G1"]\ntest = ["G2", "G1"]\n',
+    )
+    spec = layout.files[0]
+    assert spec.zeroshot == {"k562": "val"}
+    assert spec.fewshot == {"rpe1": {"G1": "test", "G2": "test"}}  # listed twice: the later wins
+
+
+@pytest.mark.parametrize(
+    "toml,message",
+    [
+        ('[datasets]\nx = "../etc/k562.h5ad"\n', "outside the server's data root"),
+        ('[datasets]\nx = "a/none.h5ad"\n', "file not found: 'a/none.h5ad'"),
+        ('[datasets]\nx = "b/*.h5ad5"\n', "matches no .h5ad file"),
+        ('[datasets]\n', r"\[datasets\] is missing or empty"),
+        ('[datasets]\nx = "a/k562.h5ad"\n[training]\ny = "train"\n', "names dataset 'y'"),
+        ('[datasets]\nx = "a/k562.h5ad"\n[training]\nx = "everything"\n', "is not a split name"),
+        ('[datasets]\nx = "a/k562.h5ad"\n[zeroshot]\nk562 = "val"\n', 'must be "dataset.celltype"'),
+        ('[datasets]\nx = "a/k562.h5ad"\n[fewshot."x.k562"]\nval = "G1"\n', "must be a list of target names"),
+    ],
+)
+def test_config_errors_name_the_key(root, toml, message):
+    with pytest.raises(CellfeedError, match=message):
+        files(root, toml)
+
+
+def test_exactly_one_of_files_or_toml():
+    with pytest.raises(CellfeedError, match="exactly one of `files` or a TOML config"):
+        PerturbationConfig.parse({})
