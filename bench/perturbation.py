@@ -19,7 +19,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import Server, self_peak_rss_mb, write_result  # noqa: E402
-from tests.fixtures.h5ad import PerturbationSpec, write_embeddings, write_perturbation_h5ad  # noqa: E402
+from cellfeed.server.perturbation.synthetic import PerturbationSpec, write_embeddings, write_perturbation_h5ad  # noqa: E402
 
 
 def generate(root: Path, cells_per_target: int, n_genes: int) -> None:

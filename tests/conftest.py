@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.fixtures.h5ad import write_embeddings, write_perturbation_h5ad
+from cellfeed.server.perturbation.synthetic import write_embeddings, write_perturbation_h5ad
 
 
 def free_port() -> int:

@@ -11,7 +11,7 @@ import pytest
 
 from cellfeed.client import PerturbationDataModule, ServerUnavailable
 from cellfeed.client.connection import Connection
-from tests.fixtures.h5ad import write_perturbation_h5ad
+from cellfeed.server.perturbation.synthetic import write_perturbation_h5ad
 from tests.helpers import barcodes, datamodule, epoch
 
 

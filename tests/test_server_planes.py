@@ -8,7 +8,7 @@ import pytest
 
 from cellfeed.client import PerturbationDataModule, RequestError
 from cellfeed.client.connection import Connection
-from tests.fixtures.h5ad import write_perturbation_h5ad
+from cellfeed.server.perturbation.synthetic import write_perturbation_h5ad
 
 
 @pytest.fixture
