@@ -36,8 +36,8 @@ class Cancelled(Exception):
 @dataclass(frozen=True)
 class BlockOptions:
     top_genes: int = 2000
+    group_nnz: int = 4_000_000  # non-zeros per row group at most (rows: ROW_GROUP_ROWS at most)
     rank_rows: int = 512  # rows ranked at once: small arrays stay in the allocator's cache
-    rank_nnz: int = 1_000_000
     threads: int = 2
     compression: str = "zstd"
     compression_level: int | None = 3
@@ -117,13 +117,23 @@ class Converter:
             labels = obs.get(self.age.label_column) if self.age.label_column else None
             terms = obs.get(self.age.term_column) if self.age.term_column else None
             columns["age"] = age_mod.ages(labels, terms)
-        indptr, indices, data = self.source.x_select(rows)
-        ranked = sentences.rank(indptr, indices, data, self.source.n_vars, self.options.top_genes, self._named)
-        columns.update(sentences.columns(*ranked, self._symbols))
+        columns.update(sentences.columns(*self._rank(*self.source.x_select(rows)), self._symbols))
         return pa.table(columns)
 
+    def _rank(self, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Rank a CSR block a few hundred rows at a time and stitch the results together."""
+        offsets, genes, values = [np.zeros(1, np.int32)], [], []
+        for a in range(0, len(indptr) - 1, self._rank_rows):
+            b = min(a + self._rank_rows, len(indptr) - 1)
+            lo, hi = indptr[a], indptr[b]
+            o, g, v = sentences.rank(indptr[a : b + 1] - lo, indices[lo:hi], data[lo:hi], self.source.n_vars, self.options.top_genes, self._named)
+            offsets.append(o[1:] + offsets[-1][-1])
+            genes.append(g)
+            values.append(v)
+        return np.concatenate(offsets), np.concatenate(genes), np.concatenate(values)
+
     def _groups(self, task: ChunkTask, codes: np.ndarray | None):
-        """The task's rows, a few hundred (and at most ~rank_nnz non-zeros) at a time."""
+        """The task's rows, one row group (at most ROW_GROUP_ROWS rows, ~group_nnz non-zeros) at a time."""
         indptr = self.source.indptr
         for offset in range(task.start, task.stop, SCAN_ROWS):
             end = min(offset + SCAN_ROWS, task.stop)
@@ -131,34 +141,24 @@ class Converter:
             nnz = np.cumsum(indptr[rows + 1] - indptr[rows])
             i = 0
             while i < len(rows):
-                j = min(i + self._rank_rows, int(np.searchsorted(nnz, (nnz[i - 1] if i else 0) + self.options.rank_nnz, side="right")))
+                j = min(i + ROW_GROUP_ROWS, int(np.searchsorted(nnz, (nnz[i - 1] if i else 0) + self.options.group_nnz, side="right")))
                 j = max(j, i + 1)
                 yield rows[i:j]
                 i = j
 
     def write_chunk(self, task: ChunkTask, codes: np.ndarray | None, done: Callable[[int], None], cancelled: Callable[[], bool]) -> int:
-        """Write one chunk file; returns its row count."""
-        pending: list[pa.Table] = []
-        pending_rows = written = 0
+        """Write one chunk file, one row group per group of rows; returns its row count."""
+        written = 0
         writer = None
         try:
             for rows in self._groups(task, codes):
                 if cancelled():
                     raise Cancelled()
                 table = self.table(rows)
-                pending.append(table)
-                pending_rows += table.num_rows
-                if pending_rows >= ROW_GROUP_ROWS:
-                    writer = writer or open_parquet(task.path, table.schema, self.options.compression, self.options.compression_level)
-                    writer.write_table(pa.concat_tables(pending), row_group_size=pending_rows)
-                    written += pending_rows
-                    done(pending_rows)
-                    pending, pending_rows = [], 0
-            if pending:
-                writer = writer or open_parquet(task.path, pending[0].schema, self.options.compression, self.options.compression_level)
-                writer.write_table(pa.concat_tables(pending), row_group_size=pending_rows)
-                written += pending_rows
-                done(pending_rows)
+                writer = writer or open_parquet(task.path, table.schema, self.options.compression, self.options.compression_level)
+                writer.write_table(table, row_group_size=table.num_rows)
+                written += table.num_rows
+                done(table.num_rows)
         finally:
             if writer is not None:
                 writer.close()

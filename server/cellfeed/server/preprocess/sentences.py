@@ -30,25 +30,31 @@ def rank(
     n_rows = len(indptr) - 1
     if n_rows > rows_per_block_limit(n_vars):
         raise ValueError(f"{n_rows} rows exceed the ranking limit of {rows_per_block_limit(n_vars)} for {n_vars} vars")
-    gene_bits = max(1, (n_vars - 1).bit_length())
+    gene_bits = np.uint64(max(1, (n_vars - 1).bit_length()))
     values = np.asarray(data, dtype=np.float32)
     keep = values > 0
-    if named is not None:
+    if named is not None and not named.all():
         keep &= named[indices]
-    row = np.repeat(np.arange(n_rows, dtype=np.uint64), np.diff(indptr).astype(np.int64))[keep]
-    inverted = np.invert(values[keep].view(np.uint32)).astype(np.uint64)
-    key = (row << np.uint64(VALUE_BITS + gene_bits)) | (inverted << np.uint64(gene_bits)) | indices[keep].astype(np.uint64)
+    counts = np.diff(indptr).astype(np.int64)
+    if not keep.all():
+        kept = np.r_[0, np.cumsum(keep)]
+        counts = kept[indptr[1:]] - kept[indptr[:-1]]
+        indices, values = indices[keep], values[keep]
+    key = np.repeat(np.arange(n_rows, dtype=np.uint64) << (np.uint64(VALUE_BITS) + gene_bits), counts)
+    inverted = np.invert(values.view(np.uint32)).astype(np.uint64)
+    inverted <<= gene_bits
+    key |= inverted
+    key |= indices.astype(np.uint64)
     key.sort()
-    counts = np.bincount((key >> np.uint64(VALUE_BITS + gene_bits)).astype(np.int64), minlength=n_rows)
     if counts.max(initial=0) > top_n:
         starts = np.repeat(np.cumsum(counts) - counts, counts)
         key = key[np.arange(len(key)) - starts < top_n]
         counts = np.minimum(counts, top_n)
     offsets = np.zeros(n_rows + 1, dtype=np.int32)
     np.cumsum(counts, out=offsets[1:])
-    genes = (key & np.uint64((1 << gene_bits) - 1)).astype(np.int32)
-    ranked = np.invert(((key >> np.uint64(gene_bits)) & np.uint64(0xFFFFFFFF)).astype(np.uint32)).view(np.float32)
-    return offsets, genes, ranked
+    genes = (key & ((np.uint64(1) << gene_bits) - np.uint64(1))).astype(np.int32)
+    key >>= gene_bits
+    return offsets, genes, np.invert(key.astype(np.uint32)).view(np.float32)
 
 
 def columns(offsets: np.ndarray, genes: np.ndarray, values: np.ndarray, symbols: pa.StringArray) -> dict[str, pa.Array]:
