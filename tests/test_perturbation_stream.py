@@ -49,6 +49,15 @@ def test_expression_values_match_the_file(pert_server, pert_root, obs):
                     np.testing.assert_array_equal(dense[b, s], X[row["file"] + ".h5ad"][row["row"]])
 
 
+def test_controls_sent_once_or_inline_give_identical_batches(pert_server):
+    by_row = datamodule(pert_server, seed=3)
+    inline = datamodule(pert_server, seed=3, control_table_max_bytes=0)
+    assert by_row.info["controls"] == "table" and inline.info["controls"] == "inline"
+    for a, b in zip(epoch(by_row.train_dataloader(), 1), epoch(inline.train_dataloader(), 1)):
+        np.testing.assert_array_equal(a["ctrl_cell_barcode"], b["ctrl_cell_barcode"])
+        assert torch.equal(a["ctrl_cell_emb"].to_dense(), b["ctrl_cell_emb"].to_dense())
+
+
 def test_every_train_cell_is_drawn_each_epoch_and_only_last_groups_padded(pert_server, obs):
     dm = datamodule(pert_server)
     loader = dm.train_dataloader()

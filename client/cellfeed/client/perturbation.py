@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from cellfeed.client.connection import Connection, Session
 from cellfeed.client.distributed import resolve_rank
 from cellfeed.client.loader import RemoteLoader
-from cellfeed.wire import codec
+from cellfeed.wire import codec, csr
 
 # Arrow buffers are read-only; the tensors built on them are never written in place.
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable", module="cellfeed")
@@ -32,7 +32,7 @@ STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)
 class PerturbationBatchDecoder:
     """Turns one record batch into protoplast's batch dict, with no copy of the CSR buffers."""
 
-    def __init__(self, info: dict[str, Any], embeddings: torch.Tensor | None) -> None:
+    def __init__(self, info: dict[str, Any], embeddings: torch.Tensor | None, controls: pa.Table | None = None) -> None:
         self.S = int(info["group_size_S"])
         self.G = int(info["n_vars"])
         self.targets = np.asarray(info["targets"], dtype=object)
@@ -41,6 +41,8 @@ class PerturbationBatchDecoder:
         self.n_batches = len(info["batches"])
         self.embeddings = embeddings
         self.n_targets = len(self.targets)
+        # controls sent once with the session: batches name their rows (`ctrl_row`)
+        self.controls = codec.csr_from_columns(controls.combine_chunks().to_batches()[0], "ctrl") if controls is not None else None
 
     def __call__(self, rb: pa.RecordBatch) -> dict[str, Any]:
         S = self.S
@@ -49,8 +51,8 @@ class PerturbationBatchDecoder:
         cell_type = rb.column("cell_type").indices.to_numpy()
         batch = rb.column("batch").indices.to_numpy()
         out: dict[str, Any] = {
-            "pert_cell_emb": self._coo(rb, "pert", B),
-            "ctrl_cell_emb": self._coo(rb, "ctrl", B),
+            "pert_cell_emb": self._coo(*codec.csr_from_columns(rb, "pert"), B),
+            "ctrl_cell_emb": self._coo(*self._controls(rb), B),
             "pert_emb": self.embeddings[target] if self.embeddings is not None else F.one_hot(target, self.n_targets).float(),
             "pert_name": self.targets[target.numpy()].astype(str),
             "cell_type": self.cell_types[cell_type[::S]].astype(str),
@@ -63,10 +65,15 @@ class PerturbationBatchDecoder:
             out["ctrl_cell_barcode"] = np.asarray(rb.column("ctrl_barcode").to_numpy(zero_copy_only=False), dtype=str).reshape(B, S)
         return out
 
-    def _coo(self, rb: pa.RecordBatch, prefix: str, B: int) -> torch.Tensor:
+    def _controls(self, rb: pa.RecordBatch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if self.controls is None:
+            return codec.csr_from_columns(rb, "ctrl")
+        rows = rb.column("ctrl_row").to_numpy().astype(np.int64)
+        return csr.gather([(self.controls, rows)])
+
+    def _coo(self, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, B: int) -> torch.Tensor:
         # numpy, not torch, for the index arithmetic: torch's intra-op threads spin after each
         # parallel op and starve the server and the training step on small machines.
-        indptr, indices, data = codec.csr_from_columns(rb, prefix)
         counts = np.diff(indptr)
         cells = np.arange(len(counts))
         coords = np.empty((3, len(indices)), dtype=np.int64)
@@ -107,6 +114,7 @@ class PerturbationDataModule(pl.LightningDataModule):
         world_size: int | None = None,
         window_blocks: int = 8,
         prefix_batches_with_file: bool = False,
+        control_table_max_bytes: int = 256 << 20,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["token"])
@@ -134,6 +142,7 @@ class PerturbationDataModule(pl.LightningDataModule):
             "seed": hp.seed,
             "match_controls_by_batch": hp.match_controls_by_batch,
             "prefix_batches_with_file": hp.prefix_batches_with_file,
+            "control_table_max_bytes": hp.control_table_max_bytes,
         }
         loader_opts: dict[str, Any] = {}
         if hp.config_path is not None:
@@ -154,7 +163,7 @@ class PerturbationDataModule(pl.LightningDataModule):
             self._loader_opts = loader_opts
             table = self.session.tables.get("pert_emb")
             embeddings = torch.from_numpy(codec.tensor_from_column(table.column("embedding")).copy()) if table is not None else None
-            self.decoder = PerturbationBatchDecoder(self.session.info, embeddings)
+            self.decoder = PerturbationBatchDecoder(self.session.info, embeddings, self.session.tables.get("controls"))
         self.rank, self.world_size = resolve_rank(self.trainer, self.hparams.rank, self.hparams.world_size)
 
     # -- facts about the data ------------------------------------------------------------------

@@ -42,6 +42,7 @@ class PerturbationConfig(BaseModel):
     seed: int = 0
     match_controls_by_batch: bool = False
     prefix_batches_with_file: bool = False
+    control_table_max_bytes: int = Field(256 << 20, ge=0)
 
     @classmethod
     def parse(cls, raw: dict[str, Any]) -> "PerturbationConfig":

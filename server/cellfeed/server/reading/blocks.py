@@ -9,9 +9,28 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
+from dataclasses import dataclass
 
-from cellfeed.server.reading.gather import CSRBlock
+import numpy as np
 
+
+
+
+@dataclass(frozen=True)
+class CSRBlock:
+    """Contiguous rows of X held in memory: indptr (int32, from 0), indices (int32), data (float32)."""
+
+    indptr: np.ndarray
+    indices: np.ndarray
+    data: np.ndarray
+
+    @property
+    def csr(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return self.indptr, self.indices, self.data
+
+    @property
+    def nbytes(self) -> int:
+        return self.indptr.nbytes + self.indices.nbytes + self.data.nbytes
 
 
 class BlockCache:

@@ -17,12 +17,12 @@ from cellfeed.server.errors import CellfeedError, NotFound
 from cellfeed.server.perturbation.config import SPLITS, PerturbationConfig, resolve_files
 from cellfeed.server.perturbation.embeddings import load_embeddings
 from cellfeed.server.perturbation.layout import FileLayout, read_layout
-from cellfeed.server.reading.gather import CSRBlock, gather_rows
+from cellfeed.server.reading.blocks import CSRBlock
 from cellfeed.server.reading.h5ad import H5ad
 from cellfeed.server.samplers.base import check_batch_index
 from cellfeed.server.samplers.perturbation import PerturbationSampler
 from cellfeed.server.sources.base import Source
-from cellfeed.wire import codec
+from cellfeed.wire import codec, csr
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,11 @@ class PerturbationSource(Source):
             for k, split in enumerate(SPLITS)
         }
         self._barcodes = [l.h5.obs_names() for l in layouts] if config.barcodes else None
+        # Controls are reused by many items per epoch: when all control rows fit in
+        # control_table_max_bytes they are sent once with the session and batches carry row ids.
+        control_bytes = sum(self._rows(f, *l.control_span).nbytes for f, l in enumerate(layouts))
+        self.controls_by_row = control_bytes <= config.control_table_max_bytes
+        self._control_offset = np.cumsum([0] + [l.control_span[1] - l.control_span[0] for l in layouts])
         self._schema = self._build_schema()
 
     @classmethod
@@ -124,21 +129,22 @@ class PerturbationSource(Source):
             "group_size_S": self.config.group_size_S,
             "batch_size": self.config.batch_size,
             "barcodes": self.config.barcodes,
+            "controls": "table" if self.controls_by_row else "inline",
             "files": [l.spec.label for l in self.layouts],
             "splits": {s: {"items": self.samplers[s].num_items, "groups": len(self.samplers[s].groups)} for s in SPLITS},
         }
 
     def tables(self) -> dict[str, pa.Table]:
-        if self._embeddings is None:
-            return {}
-        return {
-            "pert_emb": pa.table(
-                {
-                    "target": pa.array(self.targets),
-                    "embedding": codec.tensor_column(self._embeddings),
-                }
-            )
-        }
+        tables: dict[str, pa.Table] = {}
+        if self._embeddings is not None:
+            tables["pert_emb"] = pa.table({"target": pa.array(self.targets), "embedding": codec.tensor_column(self._embeddings)})
+        if self.controls_by_row:
+            pieces = []
+            for f, layout in enumerate(self.layouts):
+                lo, hi = layout.control_span
+                pieces.append((self._rows(f, lo, hi).csr, np.arange(hi - lo)))
+            tables["controls"] = pa.table(codec.csr_columns("ctrl", *csr.gather(pieces)))
+        return tables
 
     def schema(self, split: str) -> pa.Schema:
         self._sampler(split)
@@ -163,13 +169,18 @@ class PerturbationSource(Source):
         pert_pieces = []
         for b in np.unique(blocks):
             block = sampler.blocks[b]
-            pert_pieces.append((self._rows(block.file, block.start, block.stop), (pert_rows[blocks == b] - block.start).ravel()))
-        ctrl_pieces = []
-        for f in np.unique(files):
-            lo, hi = self.layouts[f].control_span
-            ctrl_pieces.append((self._rows(int(f), lo, hi), (ctrl_rows[files == f] - lo).ravel()))
-        pert = gather_rows(pert_pieces)
-        ctrl = gather_rows(ctrl_pieces)
+            pert_pieces.append((self._rows(block.file, block.start, block.stop).csr, (pert_rows[blocks == b] - block.start).ravel()))
+        columns: dict[str, pa.Array] = dict(codec.csr_columns("pert", *csr.gather(pert_pieces)))
+        if self.controls_by_row:
+            spans = np.array([l.control_span[0] for l in self.layouts])
+            ctrl_index = self._control_offset[files][:, None] + ctrl_rows - spans[files][:, None]
+            columns["ctrl_row"] = pa.array(ctrl_index.ravel().astype(np.int32))
+        else:
+            ctrl_pieces = []
+            for f in np.unique(files):
+                lo, hi = self.layouts[f].control_span
+                ctrl_pieces.append((self._rows(int(f), lo, hi).csr, (ctrl_rows[files == f] - lo).ravel()))
+            columns.update(codec.csr_columns("ctrl", *csr.gather(ctrl_pieces)))
 
         target_codes = np.array([self._target_code[sampler.groups[g].target] for g in group], dtype=np.int32)
         ct_codes = np.array([self._cell_type_code[sampler.groups[g].cell_type] for g in group], dtype=np.int32)
@@ -179,9 +190,6 @@ class PerturbationSource(Source):
         for f in np.unique(files):
             sel = cell_files == f
             batch_codes[sel] = self._batch_map[f][self.layouts[f].row_batch[flat_rows[sel]]]
-        columns: dict[str, pa.Array] = {}
-        columns.update(codec.csr_columns("pert", *pert))
-        columns.update(codec.csr_columns("ctrl", *ctrl))
         columns["target"] = pa.DictionaryArray.from_arrays(np.repeat(target_codes, S), self._target_dict)
         columns["cell_type"] = pa.DictionaryArray.from_arrays(np.repeat(ct_codes, S), self._cell_type_dict)
         columns["batch"] = pa.DictionaryArray.from_arrays(batch_codes, self._batch_dict)
@@ -202,7 +210,7 @@ class PerturbationSource(Source):
 
         def load() -> CSRBlock:
             indptr, indices, data = layout.h5.read_rows(start, stop)
-            return CSRBlock(indptr.astype(np.int64), indices, data)
+            return CSRBlock(indptr, indices, data)
 
         return self.ctx.blocks.get((str(layout.spec.path), start, stop), load)
 
@@ -216,7 +224,11 @@ class PerturbationSource(Source):
         self._target_dict = pa.array(self.targets, pa.string())
         self._cell_type_dict = pa.array(self.cell_types, pa.string())
         self._batch_dict = pa.array(self.batches, pa.string())
-        fields = [*codec.csr_fields("pert"), *codec.csr_fields("ctrl")]
+        fields = codec.csr_fields("pert")
+        if self.controls_by_row:
+            fields.append(pa.field("ctrl_row", pa.int32(), nullable=False))
+        else:
+            fields += codec.csr_fields("ctrl")
         fields += [
             pa.field("target", pa.dictionary(pa.int32(), pa.string()), nullable=False),
             pa.field("cell_type", pa.dictionary(pa.int32(), pa.string()), nullable=False),

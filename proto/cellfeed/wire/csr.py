@@ -1,0 +1,43 @@
+"""Row gathers on CSR arrays, used by the server (batches from blocks) and the client (controls)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+try:  # scipy's C++ row gather is 5-10x faster than numpy's take; the client may not have scipy
+    from scipy.sparse._sparsetools import csr_row_index as _csr_row_index
+except ImportError:  # pragma: no cover - exercised through gather(..., native=False)
+    _csr_row_index = None
+
+CSR = tuple[np.ndarray, np.ndarray, np.ndarray]  # indptr, indices, data
+
+
+def gather(pieces: Sequence[tuple[CSR, np.ndarray]], *, native: bool = True) -> CSR:
+    """Concatenate rows `rows` of each (csr, rows) piece, in order, as one CSR (indptr int64).
+
+    Each output byte is written once: no intermediate matrices, no vstack.
+    """
+    starts = [csr[0][rows] for csr, rows in pieces]
+    lengths = [csr[0][rows + 1] - s for (csr, rows), s in zip(pieces, starts)]
+    all_lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
+    indptr = np.zeros(len(all_lengths) + 1, dtype=np.int64)
+    np.cumsum(all_lengths, out=indptr[1:])
+    total = int(indptr[-1])
+    indices = np.empty(total, dtype=np.int32)
+    data = np.empty(total, dtype=np.float32)
+    row0 = 0
+    for ((src_indptr, src_indices, src_data), rows), s, n in zip(pieces, starts, lengths):
+        out0, out1 = int(indptr[row0]), int(indptr[row0 + len(n)])
+        if native and _csr_row_index is not None and src_indptr.dtype == src_indices.dtype == np.int32:
+            _csr_row_index(len(rows), rows.astype(np.int32), src_indptr, src_indices, src_data, indices[out0:out1], data[out0:out1])
+            row0 += len(n)
+            continue
+        # source position of output element e of row i: s[i] + (e - indptr[i])
+        src = np.repeat(s - indptr[row0 : row0 + len(n)], n)
+        src += np.arange(out0, out1)
+        np.take(src_indices, src, out=indices[out0:out1])
+        np.take(src_data, src, out=data[out0:out1])
+        row0 += len(n)
+    return indptr, indices, data
