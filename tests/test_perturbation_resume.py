@@ -50,17 +50,20 @@ def test_resume_refuses_another_world_size(pert_server):
 
 def test_reconnects_after_the_server_is_killed_mid_epoch(serve, tmp_path):
     root = tmp_path / "data"
-    write_perturbation_h5ad(root / "k562.h5ad", cell_type="k562", n_targets=12, n_genes=4000, density=0.3, seed=3)
+    # ~15 MB per epoch: more than gRPC buffers, so the kill lands mid-stream
+    write_perturbation_h5ad(root / "k562.h5ad", cell_type="k562", n_targets=40, n_genes=4000, density=0.3, seed=3)
     server = serve(root)
     reference = epoch(datamodule(server, files=["k562.h5ad"], batch_size=4).train_dataloader(), 0)
 
     dm = datamodule(server, files=["k562.h5ad"], batch_size=4, prefetch_factor=1)
+    restart = threading.Timer(1.5, server.start)  # back on the same ports, with no memory
     got = []
     for i, batch in enumerate(dm.train_dataloader()):
         got.append(batch)
-        if i == 3:
+        if i == 1:
             server.kill()
-            threading.Timer(1.5, server.start).start()  # back on the same ports, with no memory
+            restart.start()
+    restart.join()
     assert len(got) == len(reference)
     np.testing.assert_array_equal(barcodes(got), barcodes(reference))
     np.testing.assert_array_equal(barcodes(got, "ctrl_cell_barcode"), barcodes(reference, "ctrl_cell_barcode"))
