@@ -1,0 +1,1 @@
+"""Preprocessing jobs: records in SQLite, an executor (in-process or Dask), and the REST router."""

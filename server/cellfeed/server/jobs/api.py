@@ -1,0 +1,80 @@
+"""The jobs REST API (/v1/jobs), mounted on the server's HTTP plane.
+
+Start-up wiring: the HTTP app calls `make_router(ctx)`, which starts the job service itself
+(`start_jobs(ctx)`: SQLite records under <state_dir>/jobs, jobs left running by a previous
+server marked interrupted, the executor chosen by --dask-scheduler) and returns the router. The
+service is reachable as `router.service`. Every route needs the token when one is configured.
+Bad requests answer 4xx with a message: 400 (bad path or option), 404 (no such job), 409
+(wrong state), 422 (malformed body).
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, HTTPException, Query, status
+
+from cellfeed.server.context import ServerContext
+from cellfeed.server.errors import CellfeedError, NotFound
+from cellfeed.server.jobs.models import Accepted, Job, JobLogs, JobRequest, LogEntry
+from cellfeed.server.jobs.service import Conflict, JobService
+from cellfeed.server.serving.auth import require_token
+
+
+def start_jobs(ctx: ServerContext) -> JobService:
+    """The job service of this server process (one per process)."""
+    return JobService(ctx)
+
+
+def _http(exc: CellfeedError) -> HTTPException:
+    code = status.HTTP_404_NOT_FOUND if isinstance(exc, NotFound) else status.HTTP_409_CONFLICT if isinstance(exc, Conflict) else status.HTTP_400_BAD_REQUEST
+    return HTTPException(status_code=code, detail=str(exc))
+
+
+def make_router(ctx: ServerContext, service: JobService | None = None) -> APIRouter:
+    """The /v1/jobs routes, backed by `service` (started here when not given)."""
+    service = service or start_jobs(ctx)
+    router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(require_token)])
+    router.service = service  # type: ignore[attr-defined]
+
+    @router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=Accepted, summary="Submit a preprocess or sort job")
+    def submit(request: JobRequest) -> Accepted:
+        try:
+            job = service.submit(request)
+        except CellfeedError as exc:
+            raise _http(exc) from None
+        return Accepted(id=job.id, state=job.state)
+
+    @router.get("", response_model=list[Job], summary="Every job, oldest first")
+    def list_jobs() -> list[Job]:
+        return service.list()
+
+    @router.get("/{job_id}", response_model=Job, summary="One job: state, per-file progress and timings, errors")
+    def get_job(job_id: str) -> Job:
+        try:
+            return service.get(job_id)
+        except CellfeedError as exc:
+            raise _http(exc) from None
+
+    @router.get("/{job_id}/logs", response_model=JobLogs, summary="The job's log entries (JSON lines), from an offset")
+    def job_logs(job_id: str, offset: int = Query(0, ge=0)) -> JobLogs:
+        try:
+            entries, next_offset = service.logs(job_id, offset)
+        except CellfeedError as exc:
+            raise _http(exc) from None
+        return JobLogs(id=job_id, entries=[LogEntry(**e) for e in entries if "time" in e and "event" in e], next_offset=next_offset)
+
+    @router.delete("/{job_id}", status_code=status.HTTP_202_ACCEPTED, response_model=Job, summary="Cancel a queued or running job")
+    def cancel_job(job_id: str) -> Job:
+        try:
+            return service.cancel(job_id)
+        except CellfeedError as exc:
+            raise _http(exc) from None
+
+    @router.post("/{job_id}/resume", status_code=status.HTTP_202_ACCEPTED, response_model=Accepted, summary="Resume an interrupted, failed or cancelled job; finished files are skipped")
+    def resume_job(job_id: str) -> Accepted:
+        try:
+            job = service.resume(job_id)
+        except CellfeedError as exc:
+            raise _http(exc) from None
+        return Accepted(id=job.id, state=job.state)
+
+    return router

@@ -1,0 +1,88 @@
+"""One file of a job, run the same way in the server process or on a Dask worker.
+
+`process` never raises for a bad file (its outcome says failed, with the message); it raises
+Cancelled when told to stop. Its events also go to the job's log (JSON lines, append-only).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cellfeed.server.errors import CellfeedError
+from cellfeed.server.preprocess.layout import Layout
+from cellfeed.server.preprocess.logs import FileLog
+from cellfeed.server.preprocess.pipeline import Options, run_file
+from cellfeed.server.preprocess.sort import SortOptions, sort_file
+
+STATES = {"SUCCESS": "succeeded", "FAILED": "failed", "SKIPPED": "skipped"}
+
+
+@dataclass(frozen=True)
+class FileTask:
+    """Everything a worker needs for one file (plain values: it is pickled to Dask workers)."""
+
+    job_id: str
+    index: int
+    kind: str
+    path: str
+    dataset: str
+    options: dict[str, Any]
+    job_log: str
+
+
+class JobLog:
+    """Appends event records to the job's log file as JSON lines (one write per line)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def __call__(self, record: dict[str, Any]) -> None:
+        line = json.dumps(record, default=str) + "\n"
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(line)
+
+    def event(self, event: str, level: str = "info", **fields: Any) -> None:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + "Z"
+        self({"time": stamp, "level": level, "dataset": fields.pop("dataset", None), "event": event, **fields})
+
+
+def process(task: FileTask, progress: Callable[[int, int], None], cancelled: Callable[[], bool]) -> dict[str, Any]:
+    """Run one file; returns the outcome as FileRecord fields (state, seconds, output, message, counts)."""
+    if task.kind == "preprocess":
+        return _preprocess(task, progress, cancelled)
+    return _sort(task, progress, cancelled)
+
+
+def _preprocess(task: FileTask, progress, cancelled) -> dict[str, Any]:
+    opts = dict(task.options)
+    layout = Layout(Path(opts.pop("interim_dir")), Path(opts.pop("output_dir")), Path(opts.pop("log_dir")))
+    options = Options(**opts, token=os.environ.get("HF_TOKEN"))
+    result = run_file(Path(task.path), layout, options, progress=progress, cancelled=cancelled, sinks=(JobLog(task.job_log),))
+    return {"state": STATES[result.status], "seconds": result.seconds, "output": result.output, "message": result.message, "counts": result.counts}
+
+
+def _sort(task: FileTask, progress, cancelled) -> dict[str, Any]:
+    opts = dict(task.options)
+    folder = opts.pop("output_dir")
+    path = Path(task.path)
+    output = Path(folder) / f"{path.stem}.sorted{path.suffix}" if folder else None
+    log = FileLog(None, task.dataset, (JobLog(task.job_log),))
+    started = time.time()
+    log.event("sort.started", path=str(path), options=task.options)
+    try:
+        done = sort_file(path, output, SortOptions(**opts), progress=progress, cancelled=cancelled)
+    except CellfeedError as exc:
+        log.event("sort.failed", level="error", error=str(exc))
+        return {"state": "failed", "seconds": round(time.time() - started, 3), "message": str(exc)}
+    except Exception as exc:  # a bug or an I/O error: this file fails, the trace goes to the log
+        log.event("sort.failed", level="error", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
+        return {"state": "failed", "seconds": round(time.time() - started, 3), "message": f"{type(exc).__name__}: {exc}"}
+    log.event("sort.finished", output=str(done.output), rows=done.rows, moved=done.moved, seconds=done.seconds)
+    return {"state": "succeeded", "seconds": done.seconds, "output": str(done.output), "message": done.message, "counts": {"rows": done.rows, "moved": done.moved}}
