@@ -17,3 +17,4 @@ __all__ = [
     "Session",
 ]
 from cellfeed.client.dynaclr import MultiExperimentDataModule  # noqa: E402
+from cellfeed.client.table import TableDataModule  # noqa: E402

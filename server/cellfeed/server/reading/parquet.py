@@ -1,0 +1,61 @@
+"""A folder of parquet chunk files read as one table, by row group.
+
+Row groups are the unit of reading: the reader knows where each starts (from the footers, read
+once at open) and reads one with the columns asked for. Files must share one schema.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from cellfeed.server.errors import CellfeedError
+
+
+class ParquetFolder:
+    """The chunk_*.parquet (or *.parquet) files of one folder, in name order; thread-safe."""
+
+    def __init__(self, folder: Path, label: str) -> None:
+        self.folder = folder
+        self.label = label
+        files = sorted(folder.glob("chunk_*.parquet")) or sorted(folder.glob("*.parquet"))
+        if not files:
+            raise CellfeedError(f"{label}: no parquet files")
+        self.files: list[pq.ParquetFile] = []
+        self._locks: list[threading.Lock] = []
+        groups: list[tuple[int, int, int]] = []  # (file, row group, rows)
+        for i, path in enumerate(files):
+            try:
+                pf = pq.ParquetFile(path)
+            except (pa.ArrowInvalid, OSError) as exc:
+                raise CellfeedError(f"{label}: {path.name} is not a readable parquet file ({exc})") from None
+            if self.files and not pf.schema_arrow.equals(self.files[0].schema_arrow):
+                raise CellfeedError(f"{label}: {path.name} has a different schema from {files[0].name}")
+            self.files.append(pf)
+            self._locks.append(threading.Lock())
+            groups += [(i, g, pf.metadata.row_group(g).num_rows) for g in range(pf.num_row_groups)]
+        self.groups = [(f, g) for f, g, n in groups if n]
+        sizes = np.array([n for _, _, n in groups if n], dtype=np.int64)
+        self.starts = np.r_[0, np.cumsum(sizes)]  # global row where each row group starts
+        self.schema = self.files[0].schema_arrow
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.starts[-1])
+
+    def group_of(self, rows: np.ndarray) -> np.ndarray:
+        """The row group holding each global row."""
+        return np.searchsorted(self.starts, rows, side="right") - 1
+
+    def read_group(self, group: int, columns: list[str]) -> pa.Table:
+        file, index = self.groups[group]
+        with self._locks[file]:
+            return self.files[file].read_row_group(index, columns=columns)
+
+    def close(self) -> None:
+        for pf in self.files:
+            pf.close()

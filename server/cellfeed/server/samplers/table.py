@@ -1,0 +1,64 @@
+"""Rows of a table cut into batches, shuffled by row-group windows, dealt fairly to ranks.
+
+Shuffling is a pure function of (seed, epoch): the row groups are permuted, consecutive windows
+of `window` row groups are formed, and the rows inside each window are permuted, so a batch
+reads from at most two windows of row groups (coalesced reads, cache-friendly) while the order
+changes every epoch. Without shuffle, rows come in file order. Global batch j goes to rank
+j % world_size; with several ranks and drop_last off, the last batches are filled by wrapping to
+the start of the epoch's order (declared padding); alone, the last batch is simply shorter.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+
+from cellfeed.server.samplers.base import Sampler, batches_per_rank, check_batch_index, global_batch
+
+
+class TableSampler(Sampler):
+    """Plans batches of global row numbers for one split."""
+
+    def __init__(self, group_starts: np.ndarray, batch_size: int, *, shuffle: bool, seed: int, drop_last: bool, window: int, stream_key: int = 0) -> None:
+        self.starts = np.asarray(group_starts, dtype=np.int64)
+        self.num_rows = int(self.starts[-1])
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.drop_last = drop_last
+        self.window = max(1, window)
+        self.stream_key = stream_key
+        self._order = lru_cache(maxsize=4)(self._epoch_order)
+
+    def num_batches(self, world_size: int) -> int:
+        if self.num_rows == 0:
+            return 0
+        return batches_per_rank(self.num_rows, self.batch_size, world_size, drop_last=self.drop_last)
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(self.num_rows, dtype=np.int64)
+        rng = np.random.default_rng([self.seed, epoch, self.stream_key])
+        groups = rng.permutation(len(self.starts) - 1)
+        pieces = []
+        for w in range(0, len(groups), self.window):
+            rows = np.concatenate([np.arange(self.starts[g], self.starts[g + 1]) for g in groups[w : w + self.window]])
+            pieces.append(rows[rng.permutation(len(rows))])
+        return np.concatenate(pieces)
+
+    def batch(self, epoch: int, rank: int, world_size: int, index: int) -> np.ndarray:
+        """Global row numbers of rank-local batch `index`, in batch order."""
+        check_batch_index(index, rank, world_size, self.num_batches(world_size))
+        j = global_batch(index, rank, world_size)
+        first = j * self.batch_size
+        stop = first + self.batch_size
+        if world_size == 1 and not self.drop_last:
+            stop = min(stop, self.num_rows)
+        return self._order(epoch)[np.arange(first, stop) % self.num_rows]
+
+    def padding(self, world_size: int) -> int:
+        """Rows repeated per epoch to give every rank full, equal batches."""
+        if self.drop_last or world_size == 1:
+            return 0
+        return max(0, self.num_batches(world_size) * world_size * self.batch_size - self.num_rows)
