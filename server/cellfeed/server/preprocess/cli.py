@@ -49,9 +49,12 @@ def _bar(desc: str, disable: bool) -> tuple[Callable[[int, int], None], Callable
 
 
 def _report(results: list[FileResult], layout: Layout, write: bool = True) -> int:
-    if write:
-        summary.write(results, layout)
     print(summary.render(results, layout))
+    if write:
+        try:
+            print(f"Summary: {summary.write(results, layout)}")
+        except OSError as exc:
+            print(f"warning: cannot write the summary to {layout.output_dir}: {exc.strerror or exc}", file=sys.stderr)
     return 1 if any(r.status == "FAILED" for r in results) else 0
 
 
@@ -154,13 +157,13 @@ def _dirs(p: argparse.ArgumentParser, *, output: bool = True, logs: bool = True)
         p.add_argument("-o", "--output-dir", default="./data/output")
     if logs:
         p.add_argument("--log-dir", default="./logs")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def _inputs(p: argparse.ArgumentParser) -> None:
     p.add_argument("h5ad_path", nargs="?", help="an .h5ad file or a folder of them (default: --input-dir)")
     p.add_argument("--input-dir", default="./data/input", help="folder searched for *.h5ad when no path is given")
     p.add_argument("--batch-mode", action="store_true", help="process every .h5ad found (implied by a folder)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def _convert_opts(p: argparse.ArgumentParser) -> None:

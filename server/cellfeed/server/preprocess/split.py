@@ -1,8 +1,9 @@
 """Train/test split: by donor when there is a donor column, else by cell; age-stratified, seeded.
 
 A first pass counts cells per donor and age (memory grows with donors and distinct ages, not
-cells); the plan then assigns whole donors, walking them in age order and keeping the running
-test share at `test_size`, so no donor is on both sides and every age range gets its share. The
+cells); the plan then assigns whole donors, walking them in age order (shuffled, seeded, within
+strata of about 1/test_size donors of similar age) and keeping the running test share at
+`test_size`, so no donor is on both sides and every age range gets its share. The
 cell-level plan draws exactly round(test_size x n) cells per age (largest remainder) and marks
 them as the rows stream past, so any block size gives the same split.
 """
@@ -70,8 +71,11 @@ def _donor_plan(cells: dict[Any, Counter], test_size: float, seed: int, dropped:
     names = sorted((d for d in cells if sum(cells[d].values())), key=lambda d: (d is None, str(d)))
     sizes = {d: sum(cells[d].values()) for d in names}
     age_of = {d: min(cells[d].items(), key=lambda kv: (-kv[1], _sort_key(kv[0])))[0] for d in names}
-    tiebreak = dict(zip(names, np.random.default_rng(seed).permutation(len(names)).tolist()))
-    order = sorted(names, key=lambda d: (_sort_key(age_of[d]), tiebreak[d]))
+    rng = np.random.default_rng(seed)
+    tiebreak = dict(zip(names, rng.permutation(len(names)).tolist()))
+    by_age = sorted(names, key=lambda d: (_sort_key(age_of[d]), tiebreak[d]))
+    stratum = max(2, round(1 / test_size))  # donors of similar age, shuffled among themselves
+    order = [d for s in range(0, len(by_age), stratum) for d in rng.permutation(np.array(by_age[s : s + stratum], dtype=object))]
     test: set = set()
     in_test = total = 0
     for donor in order:
