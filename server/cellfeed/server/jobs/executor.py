@@ -61,10 +61,10 @@ class InProcess(Executor):
 
 def _on_worker(task: FileTask, topic: str, cancel_event: str) -> dict[str, Any]:
     """Runs on a Dask worker: one file, with progress sent back on `topic`."""
-    from distributed import Event, get_worker
+    from distributed import Event, get_client, get_worker
 
     worker = get_worker()
-    stop = Event(cancel_event)
+    stop = Event(cancel_event, client=get_client())  # bound here: it is polled from other threads
 
     def send(fields: dict[str, Any]) -> None:
         worker.log_event(topic, [task.index, fields])

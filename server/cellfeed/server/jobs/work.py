@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import time
 import traceback
 from collections.abc import Callable
@@ -55,6 +56,7 @@ class JobLog:
 
 def process(task: FileTask, progress: Callable[[int, int], None], cancelled: Callable[[], bool]) -> dict[str, Any]:
     """Run one file; returns the outcome as FileRecord fields (state, seconds, output, message, counts)."""
+    JobLog(task.job_log).event("file.assigned", dataset=task.dataset, host=socket.gethostname(), pid=os.getpid())
     if task.kind == "preprocess":
         return _preprocess(task, progress, cancelled)
     return _sort(task, progress, cancelled)
