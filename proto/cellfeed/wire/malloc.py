@@ -14,6 +14,8 @@ import os
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
+M_MMAP_MAX = -4
+M_ARENA_MAX = -8
 _done = False
 
 
@@ -31,4 +33,8 @@ def reuse_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 1 <
     except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to tune
         return False
     _done = bool(mallopt(M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(M_TRIM_THRESHOLD, trim_threshold))
+    # Buffers above glibc's 32 MiB threshold cap (a received DynaCLR batch is ~42 MB, copied whole
+    # by gRPC) would still be fresh mmaps; serve them from the heap too, and from one arena: a
+    # thread arena's 64 MiB heaps are unmapped and mapped again batch after batch.
+    _done = _done and bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_ARENA_MAX, 1))
     return _done
