@@ -204,17 +204,21 @@ class ImageReader:
             return self._arrays.setdefault(key, store)
 
     def read(self, patches: Sequence[PatchRequest], size_zyx: tuple[int, int, int]) -> np.ndarray:
-        """Read patches of `size_zyx` into one [N, C, Z, Y, X] array with a single stacked read.
+        """Read patches of `size_zyx` into one [N, C, Z, Y, X] float32 array (see `read_async`)."""
+        out = self.read_async(patches, size_zyx).result()
+        return out if out.dtype == np.float32 else out.astype(np.float32)
+
+    def read_async(self, patches: Sequence[PatchRequest], size_zyx: tuple[int, int, int]) -> ts.Future:
+        """Start one stacked read of all patches; the future gives a contiguous [N, C, Z, Y, X] array.
 
         One read over a stack of lazy views lets tensorstore run every chunk fetch at once and
         write straight into the contiguous result, which then travels without another copy.
         """
         dz, dy, dx = size_zyx
         if not patches:
-            return np.empty((0, 0, dz, dy, dx), dtype=np.float32)
+            raise ValueError("no patches to read")
         views = [
             self.array(p.fov).oindex[p.t, list(p.channels), p.z0 : p.z0 + dz, p.y0 : p.y0 + dy, p.x0 : p.x0 + dx].translate_to[0]
             for p in patches
         ]
-        out = ts.stack(views).read().result()
-        return out if out.dtype == np.float32 else out.astype(np.float32)
+        return ts.stack(views).read()

@@ -219,13 +219,16 @@ class DynaCLRSource(Source):
         return pa.RecordBatch.from_arrays(list(columns.values()), schema=self._schemas[split])
 
     def _read(self, rows: np.ndarray) -> np.ndarray:
+        return self.reader.read(self.patches(rows), self.patch_shape[1:])
+
+    def patches(self, rows: np.ndarray) -> list[PatchRequest]:
+        """The patch of each index row: its FOV, frame, source channels, z_range and clamped origin."""
         r, fovs = self.index.rows, self.index.fovs
         z0 = self.config.z_range[0]
-        requests = [
+        return [
             PatchRequest(fovs[f].fov, int(t), self._channels[f], z0, int(y0), int(x0))
             for f, t, y0, x0 in zip(r["fov"][rows], r["t"][rows], r["y0"][rows], r["x0"][rows])
         ]
-        return self.reader.read(requests, self.patch_shape[1:])
 
     def _norm(self, rows: np.ndarray) -> np.ndarray:
         """[n, C, levels, stats]: dataset and FOV statistics, then those of the row's timepoint."""
