@@ -27,7 +27,7 @@ class PreprocessOptions(_Strict):
     chunk_size: int = Field(10_000, ge=1, description="rows per parquet chunk")
     top_genes: int = Field(2000, ge=1, description="genes per cell sentence")
     compression: Literal["zstd", "snappy", "gzip", "brotli", "lz4", "none"] = "zstd"
-    compression_level: int | None = Field(3, description="codec level (zstd, gzip, brotli)")
+    compression_level: int | None = Field(1, description="codec level (zstd, gzip, brotli); the seed used 3")
     test_size: float = Field(0.05, gt=0, lt=1, description="share of cells in test")
     seed: int = Field(42, description="split seed")
     skip_train_test_split: bool = Field(False, description="write output/<name>/chunks unsplit")

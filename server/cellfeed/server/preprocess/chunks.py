@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 UNIQUE_PER_CELL = {"obs_names", "cell_sentence", "values"}
-ROW_GROUP_ROWS = 2048
+ROW_GROUP_ROWS = 1024
 
 
 def chunk_files(folder: Path) -> list[Path]:
@@ -40,7 +40,7 @@ def open_parquet(path: Path, schema: pa.Schema, compression: str, compression_le
 class ChunkWriter:
     """Appends tables to a folder of chunk files, rolling over every `chunk_size` rows."""
 
-    def __init__(self, folder: Path, chunk_size: int, compression: str = "zstd", compression_level: int | None = 3) -> None:
+    def __init__(self, folder: Path, chunk_size: int, compression: str = "zstd", compression_level: int | None = 1) -> None:
         self.folder = folder
         self.chunk_size = chunk_size
         self.compression = compression

@@ -40,7 +40,7 @@ class BlockOptions:
     rank_rows: int = 512  # rows ranked at once: small arrays stay in the allocator's cache
     threads: int = 2
     compression: str = "zstd"
-    compression_level: int | None = 3
+    compression_level: int | None = 1
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ class Options:
     chunk_size: int = 10_000
     top_genes: int = 2000
     compression: str = "zstd"
-    compression_level: int | None = 3
+    compression_level: int | None = 1  # zstd 1: half the CPU of the seed's 3 for ~10% larger files
     test_size: float = 0.05
     seed: int = 42
     skip_train_test_split: bool = False
