@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -19,7 +20,6 @@ from cellfeed.server.preprocess.upload import upload_dataset
 from tests.fixtures.preprocess_h5ad import (
     AGE_OF_LABEL,
     GENES,
-    copy,
     write_cellxgene_like,
     write_dense,
     write_empty,
@@ -255,3 +255,20 @@ def test_every_stored_value_is_a_float32_of_the_input(tmp_path):
     for name, values in zip(table.column("obs_names").to_pylist(), table.column("values").to_pylist()):
         row = dense[index[name]]
         assert np.isin(np.float32(values), row[row > 0]).all()
+
+
+def test_a_failure_mid_file_leaves_the_previous_output_untouched(tmp_path):
+    path = tmp_path / "in/late.h5ad"
+    write_cellxgene_like(path, n_cells=900, seed=9)
+    assert main(["run-all", str(path), "-c", "100", *dirs(tmp_path)]) == 0
+    before = {p.relative_to(tmp_path): p.read_bytes() for p in (tmp_path / "output/late").rglob("*") if p.is_file()}
+
+    with h5py.File(path, "r+") as f:  # corrupt the last rows: a gene index past the end of var
+        indices = f["X/indices"]
+        indices[-5:] = 10_000
+    assert main(["run-all", str(path), "-c", "100", *dirs(tmp_path)]) == 1
+    log = (tmp_path / "logs/late/pipeline.log").read_text()
+    assert "name a gene outside 0..299; the file is corrupt" in log
+    after = {p.relative_to(tmp_path): p.read_bytes() for p in (tmp_path / "output/late").rglob("*") if p.is_file()}
+    assert after == before  # the old dataset is intact, nothing of the failed run is visible
+    assert sorted(p.name for p in (tmp_path / "output").iterdir()) == ["batch_processing_summary.json", "batch_processing_summary.tsv", "late"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -86,7 +87,7 @@ def test_two_ranks_get_equal_disjoint_shares(table_root, table_server):
     train = split_table(table_root, "train").column("obs_names").to_pylist()
     shares = [module(table_server, columns=["obs_names"], batch_size=50, seed=1, rank=r, world_size=2).train_dataloader() for r in (0, 1)]
     got = [sum(names(loader), []) for loader in shares]
-    assert len(shares[0]) == len(shares[1]) == -(-(-(-len(train) // 50)) // 2)
+    assert len(shares[0]) == len(shares[1]) == math.ceil(math.ceil(len(train) / 50) / 2)
     assert len(got[0]) == len(got[1]) == len(shares[0]) * 50  # full batches; the wrap-around pads
     padding = len(got[0]) + len(got[1]) - len(train)
     assert set(got[0]) | set(got[1]) == set(train)

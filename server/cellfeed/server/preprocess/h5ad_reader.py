@@ -132,9 +132,12 @@ class H5adInput:
     def x_rows(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Rows [start, stop) of X as CSR (indptr from 0); a read failure names the rows and the file."""
         try:
-            return self.h5.read_rows(start, stop)
+            indptr, indices, data = self.h5.read_rows(start, stop)
         except (OSError, ValueError, KeyError) as exc:
             raise CellfeedError(f"{self.label}: cannot read X rows {start}-{stop} ({exc}); is the file truncated?") from None
+        if len(indices) and (int(indices.min()) < 0 or int(indices.max()) >= self.n_vars):
+            raise CellfeedError(f"{self.label}: X rows {start}-{stop} name a gene outside 0..{self.n_vars - 1}; the file is corrupt")
+        return indptr, indices, data
 
     def x_select(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The given ascending rows of X as CSR, read as few contiguous runs as they form."""

@@ -8,7 +8,6 @@ shuffled by row-group windows, the others come in file order.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
