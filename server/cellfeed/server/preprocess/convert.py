@@ -118,7 +118,8 @@ class Converter:
             terms = obs.get(self.age.term_column) if self.age.term_column else None
             columns["age"] = age_mod.ages(labels, terms)
         columns.update(sentences.columns(*self._rank(*self.source.x_select(rows)), self._symbols))
-        return pa.table(columns)
+        fields = [sentences.FIELDS.get(name) or pa.field(name, array.type) for name, array in columns.items()]
+        return pa.Table.from_arrays(list(columns.values()), schema=pa.schema(fields))
 
     def _rank(self, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Rank a CSR block a few hundred rows at a time and stitch the results together."""

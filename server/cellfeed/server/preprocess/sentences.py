@@ -12,6 +12,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 VALUE_BITS = 32
+# Non-nullable lists of non-nullable items: parquet then needs one definition level, not three.
+GENES_TYPE = pa.list_(pa.field("element", pa.string(), nullable=False))
+VALUES_TYPE = pa.list_(pa.field("element", pa.float32(), nullable=False))
+FIELDS = {
+    "cell_sentence": pa.field("cell_sentence", pa.string(), nullable=False),
+    "genes": pa.field("genes", GENES_TYPE, nullable=False),
+    "values": pa.field("values", VALUES_TYPE, nullable=False),
+}
 
 
 def rows_per_block_limit(n_vars: int) -> int:
@@ -60,9 +68,9 @@ def rank(
 def columns(offsets: np.ndarray, genes: np.ndarray, values: np.ndarray, symbols: pa.StringArray) -> dict[str, pa.Array]:
     """`cell_sentence` (space-separated symbols, the seed's column), `genes` and `values` lists."""
     offs = pa.array(offsets, type=pa.int32())
-    gene_lists = pa.ListArray.from_arrays(offs, symbols.take(pa.array(genes, type=pa.int32())))
+    tokens = symbols.take(pa.array(genes, type=pa.int32()))
     return {
-        "cell_sentence": pc.binary_join(gene_lists, " "),
-        "genes": gene_lists,
-        "values": pa.ListArray.from_arrays(offs, pa.array(values, type=pa.float32())),
+        "cell_sentence": pc.binary_join(pa.ListArray.from_arrays(offs, tokens), " "),
+        "genes": pa.ListArray.from_arrays(offs, tokens, type=GENES_TYPE),
+        "values": pa.ListArray.from_arrays(offs, pa.array(values, type=pa.float32()), type=VALUES_TYPE),
     }
