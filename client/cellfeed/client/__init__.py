@@ -3,7 +3,11 @@
 Needs pyarrow and torch only; nothing here imports HDF5, zarr or tensorstore.
 """
 
-from cellfeed.client.connection import Connection, Session
+from cellfeed.wire.malloc import reuse_freed_memory
+
+reuse_freed_memory()  # before pyarrow.flight starts threads: their malloc arenas must be the one heap
+
+from cellfeed.client.connection import Connection, Session  # noqa: E402
 from cellfeed.client.errors import RequestError, ServerUnavailable
 from cellfeed.client.loader import RemoteLoader
 from cellfeed.client.perturbation import PerturbationDataModule

@@ -7,6 +7,7 @@ import logging
 import sys
 
 from cellfeed.server.settings import Settings
+from cellfeed.wire.malloc import reuse_freed_memory
 
 
 def _serve_parser(sub: argparse._SubParsersAction) -> None:
@@ -36,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("preprocess", help="h5ad -> training-ready parquet; `cellfeed preprocess --help`")
     args = parser.parse_args(argv)
     logging.basicConfig(level=getattr(args, "log_level", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    reuse_freed_memory()  # before pyarrow.flight starts threads: their malloc arenas must be the one heap
     from cellfeed.server.serving.server import serve
 
     overrides = {k: v for k, v in vars(args).items() if k not in ("command", "log_level")}
