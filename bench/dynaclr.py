@@ -66,12 +66,13 @@ def ceiling(root: Path, batches: int, cache_pool_bytes: int) -> dict:
     Reads are kept 1, 2 or 4 batches deep in flight (as a local loader with prefetch would);
     the best depth is the ceiling. Freed buffers are reused as the server reuses them.
     """
+    from cellfeed.wire.malloc import reuse_freed_memory
+
+    reuse_freed_memory()  # first, as the server does, before any thread takes a malloc arena
     from cellfeed.server.context import ServerContext
     from cellfeed.server.settings import Settings
     from cellfeed.server.sources.dynaclr import DynaCLRSource
-    from cellfeed.wire.malloc import reuse_freed_memory
 
-    reuse_freed_memory()
     source = DynaCLRSource.open(config(cache_pool_bytes), ServerContext.from_settings(Settings(data_root=str(root))))
     sampler = source.samplers["train"]
     requests = []
