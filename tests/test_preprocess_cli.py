@@ -272,3 +272,13 @@ def test_a_failure_mid_file_leaves_the_previous_output_untouched(tmp_path):
     after = {p.relative_to(tmp_path): p.read_bytes() for p in (tmp_path / "output/late").rglob("*") if p.is_file()}
     assert after == before  # the old dataset is intact, nothing of the failed run is visible
     assert sorted(p.name for p in (tmp_path / "output").iterdir()) == ["batch_processing_summary.json", "batch_processing_summary.tsv", "late"]
+
+
+def test_a_file_where_no_cell_has_an_age_says_so(tmp_path):
+    adata = write_cellxgene_like(tmp_path / "in/ageless.h5ad", n_cells=80, seed=10, term_ids=False)
+    adata.obs["development_stage"] = "adult stage"
+    adata.write_h5ad(tmp_path / "in/ageless.h5ad")
+    assert main(["run-all", str(tmp_path / "in/ageless.h5ad"), *dirs(tmp_path)]) == 1
+    assert "no cell has an age (development stages: 'adult stage')" in (tmp_path / "logs/ageless/pipeline.log").read_text()
+    assert main(["run-all", str(tmp_path / "in/ageless.h5ad"), "--no-age-filter", *dirs(tmp_path)]) == 0
+    assert sum(t.num_rows for t in read_dataset(tmp_path / "output/ageless").values()) == 80

@@ -1,8 +1,9 @@
 """run-all for one file: gene symbols, sentences, age and split in a single pass over X.
 
 Every cell is read, ranked and compressed once: the split is planned first from obs (donor and
-age only), then each block goes straight to output/<name>/{train,test}/chunks. The dataset folder
-is built hidden and renamed into place, so a failure or a cancel leaves nothing behind.
+age only), then each output chunk file of output/<name>/{train,test}/chunks is written by its own
+task. The dataset folder is built hidden and renamed into place, so a failure or a cancel leaves
+nothing behind.
 """
 
 from __future__ import annotations
@@ -135,6 +136,12 @@ def scan_obs(source: H5adInput, ages: AgeSource, donor: str | None, options: Opt
             counter.add(donors, values)
     if not split:
         return counts, None, None
+    if counts.with_age == 0 and not options.keep_null_age:
+        labels = ", ".join(repr(k) for k in list(counts.null_labels)[:5])
+        raise CellfeedError(
+            f"{source.label}: no cell has an age (development stages: {labels}); the split keeps only cells with one, "
+            "so pass --no-age-filter or --skip-train-test-split"
+        )
     plan = counter.plan(options.test_size, options.seed)
     codes = np.empty(n, dtype=np.int8)
     assigner = plan.assigner()
