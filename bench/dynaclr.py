@@ -1,7 +1,9 @@
 """DynaCLR stream benchmark: anchor+positive pairs/s through MultiExperimentDataModule vs local reads.
 
-Data: one experiment, 2 wells x 2 FOVs of 512 x 512, Z = 5, T = 8, 2 channels, NGFF 0.5 on zarr v3
-(chunks 1x1x5x256x256 in one shard per image), 48 tracks per FOV. Batch 64 pairs of 2 x 5 x 128 x 128.
+Data: one experiment, 4 wells x 6 FOVs of 256 x 256, Z = 5, T = 24, 2 channels, NGFF 0.5 on zarr v3
+(chunks 1x1x5x128x128 in one shard per image), 8 tracks per FOV: enough images (576) that a batch
+touches a small share of the chunks, as in real collections, so concurrent reads rarely share
+decoded chunks. Batch 64 pairs of 2 x 5 x 128 x 128.
 The ceiling is the raw batched tensorstore read of the very same patches (anchors and positives
 of the same epoch plan) in one local process, in a child process of its own so its peak RSS is
 its own. Also: how long the vectorised lineage / anchor index takes on millions of rows.
@@ -36,14 +38,14 @@ def generate(root: Path) -> None:
         name="bench",
         channel_names=["Phase3D", "GFP"],
         source_channel=["Phase3D", "GFP"],
-        condition_wells={"uninfected": ["A/1"], "infected": ["B/1"]},
-        fovs_per_well=2,
-        shape_tzyx=(8, 5, 512, 512),
-        chunks_zyx=(5, 256, 256),
+        condition_wells={"uninfected": ["A/1", "A/2"], "infected": ["B/1", "B/2"]},
+        fovs_per_well=6,
+        shape_tzyx=(24, 5, 256, 256),
+        chunks_zyx=(5, 128, 128),
         ngff="0.5",
         shard=True,
         tracks="grid",
-        tracks_per_fov=48,
+        tracks_per_fov=8,
     )
     entry = write_experiment(root, spec, seed=0)
     (root / "experiments.yml").write_text(experiments_yaml([entry], relative_to=root))
