@@ -202,3 +202,22 @@ def test_bad_input_fails_that_request_and_the_server_keeps_serving(server):
         conn.open_session("dynaclr", {"experiments_yaml": "experiments.yml", "z_range": [0, 3], "tau_rnge": [0, 1]})
     dm = _dm(server)
     assert len(next(iter(dm.train_dataloader()))["index"]) == 8
+
+
+def test_sampler_fractions_through_the_server(server):
+    """Experiment purity, leak size and condition balance, then temporal focus, as served."""
+    dm = _dm(server, val_experiments=[], experiment_aware=True, condition_balanced=True, leaky=0.25)
+    for batch in dm.train_dataloader():
+        rows = batch["index"]
+        main, leak = rows[:6], rows[6:]  # int(8 * 0.25) = 2 leaked rows come last
+        assert len({r["experiment"] for r in main}) == 1
+        assert len(leak) == 2 and {r["experiment"] for r in leak}.isdisjoint({main[0]["experiment"]})
+        conditions = [r["condition"] for r in main]
+        assert conditions.count("infected") == conditions.count("uninfected") == 3
+
+    focused = _dm(server, val_experiments=[], temporal_enrichment=True, temporal_window_hours=0.5, temporal_global_fraction=0.0)
+    for batch in focused.train_dataloader():
+        hpi = [r["hours_post_infection"] for r in batch["index"]]
+        assert max(hpi) - min(hpi) <= 1.0 + 1e-6
+        conditions = [r["condition"] for r in batch["index"]]
+        assert conditions.count("infected") == conditions.count("uninfected") == 4
