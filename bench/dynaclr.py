@@ -29,7 +29,11 @@ BATCH, PATCH, Z_RANGE = 64, (128, 128), (0, 5)
 
 
 def generate(root: Path) -> None:
-    from cellfeed.server.dynaclr.synthetic import PlateSpec, experiments_yaml, write_experiment
+    from cellfeed.server.dynaclr.synthetic import (
+        PlateSpec,
+        experiments_yaml,
+        write_experiment,
+    )
 
     if (root / "experiments.yml").exists():
         return
@@ -145,7 +149,11 @@ def service(server: Server, batches: int, num_workers: int, cache_pool_bytes: in
 
 def index_build(n_tracks: int = 300_000, frames: int = 10) -> dict:
     """Seconds for lineages, the lineage grid and valid anchors over n_tracks * frames rows."""
-    from cellfeed.server.dynaclr.lineage import LineageGrid, lineage_roots, valid_anchors
+    from cellfeed.server.dynaclr.lineage import (
+        LineageGrid,
+        lineage_roots,
+        valid_anchors,
+    )
 
     rng = np.random.default_rng(0)
     group = np.repeat(np.arange(n_tracks // 100), 100)
@@ -175,8 +183,17 @@ def main() -> None:
         return
 
     generate(args.data)
-    child = [sys.executable, __file__, "--ceiling-only", "--data", str(args.data), "--batches", str(args.batches),
-             "--cache-pool-bytes", str(args.cache_pool_bytes)]
+    child = [
+        sys.executable,
+        __file__,
+        "--ceiling-only",
+        "--data",
+        str(args.data),
+        "--batches",
+        str(args.batches),
+        "--cache-pool-bytes",
+        str(args.cache_pool_bytes),
+    ]
     # Ceiling and service alternate, so that a busy neighbour on the machine weighs on both alike.
     ceilings: list[dict] = []
     runs: dict[int, list[dict]] = {w: [] for w in args.workers}
@@ -213,15 +230,21 @@ def main() -> None:
     }
     path = write_result("dynaclr", result)
     print(f"DynaCLR stream, batch {BATCH} pairs of 2x5x128x128 float32, {cpu_info()}, median of {args.rounds} rounds")
-    lines = [("ceiling: local batched tensorstore read, best of 1/2/4 in flight", ceiling_rate),
-             ("ceiling: one read at a time (VisCy's per-batch read)", result["ceiling_depth1_pairs_per_s"])]
+    lines = [
+        ("ceiling: local batched tensorstore read, best of 1/2/4 in flight", ceiling_rate),
+        ("ceiling: one read at a time (VisCy's per-batch read)", result["ceiling_depth1_pairs_per_s"]),
+    ]
     lines += [(f"service: MultiExperimentDataModule, {w} stream(s)", rate) for w, rate in service_rate.items()]
     for label, rate in lines:
         print(f"  {label:66s} {rate:7.1f} pairs/s")
-    print(f"  ratio to ceiling {result['ratio_to_ceiling']:.0%}; peak RSS: ceiling {result['ceiling_peak_rss_mb']:.0f} MiB, "
-          f"server {server_rss:.0f} MiB, client {result['client_peak_rss_mb']:.0f} MiB")
-    print(f"  CPU s per batch: ceiling {result['ceiling_cpu_s_per_batch']:.3f}, server {result['server_cpu_s_per_batch']:.3f}, "
-          f"client {result['client_cpu_s_per_batch']:.3f} (server and client share this machine's cores)")
+    print(
+        f"  ratio to ceiling {result['ratio_to_ceiling']:.0%}; peak RSS: ceiling {result['ceiling_peak_rss_mb']:.0f} MiB, "
+        f"server {server_rss:.0f} MiB, client {result['client_peak_rss_mb']:.0f} MiB"
+    )
+    print(
+        f"  CPU s per batch: ceiling {result['ceiling_cpu_s_per_batch']:.3f}, server {result['server_cpu_s_per_batch']:.3f}, "
+        f"client {result['client_cpu_s_per_batch']:.3f} (server and client share this machine's cores)"
+    )
     ib = result["index_build"]
     print(f"  index build (lineages, grid, valid anchors): {ib['rows']:,} rows in {ib['seconds']:.2f} s")
     print(f"  wrote {path}")

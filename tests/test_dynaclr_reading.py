@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 
 from cellfeed.server.errors import CellfeedError
-from cellfeed.server.reading.omezarr import NORM_STATS, ImageReader, PatchRequest, normalization_table, open_plate
+from cellfeed.server.reading.omezarr import (
+    NORM_STATS,
+    ImageReader,
+    PatchRequest,
+    normalization_table,
+    open_plate,
+)
 from cellfeed.server.reading.tracks import find_tracks_csv, read_tracks
 from tests.fixtures.plates import T, make_dynaclr_data, read_patch
 

@@ -63,7 +63,10 @@ def test_tau_range_empty_at_an_interval_is_an_error(data):
         (lambda d: d["experiments"][1].update(name="sec61"), r"'sec61' appears more than once"),
         (lambda d: d["experiments"][0].update(interval_minutes=0), r"sec61.*interval_minutes must be > 0"),
         (lambda d: d["experiments"][0].update(condition_wells={}), r"sec61.*condition_wells is empty"),
-        (lambda d: d["experiments"][0].update(source_channel=["Phase3D", "RFP"]), r"source_channel 'RFP' is not in channel_names"),
+        (
+            lambda d: d["experiments"][0].update(source_channel=["Phase3D", "RFP"]),
+            r"source_channel 'RFP' is not in channel_names",
+        ),
         (lambda d: d["experiments"][1].update(source_channel=["Phase3D"]), r"same number of source channels"),
         (lambda d: d["experiments"][0]["condition_wells"].update(mock=["A/1"]), r"'A/1' is in both conditions"),
         (lambda d: d["experiments"][0].pop("tracks_path"), r"sec61.*tracks_path.*[Ff]ield required"),

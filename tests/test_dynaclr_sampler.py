@@ -52,7 +52,9 @@ def test_experiment_aware_epoch_is_a_permutation_of_pure_batches(items):
 
 def test_padding_is_declared_when_a_pool_does_not_fill_its_last_batch():
     experiment = np.array([0] * 25 + [1] * 10)
-    sampler = FlexibleBatchSampler(experiment, np.zeros(35), np.zeros(35), FlexibleOptions(batch_size=B, condition_balanced=False))
+    sampler = FlexibleBatchSampler(
+        experiment, np.zeros(35), np.zeros(35), FlexibleOptions(batch_size=B, condition_balanced=False)
+    )
     plan, padding = sampler.epoch_items(0, 1)
     assert plan.shape == (4, B)
     assert padding.sum() == 5  # 25 items in 3 batches: 5 repeats, all from experiment 0
@@ -137,10 +139,14 @@ def test_weighted_epochs_still_cover_evenly(items):
 
 def test_temporal_focus(items):
     _, condition, hpi = items
-    focused = _sampler(items, condition_balanced=False, temporal_enrichment=True, temporal_window_hours=2.0, temporal_global_fraction=0.0)
+    focused = _sampler(
+        items, condition_balanced=False, temporal_enrichment=True, temporal_window_hours=2.0, temporal_global_fraction=0.0
+    )
     for batch in _epoch(focused):
         assert np.ptp(hpi[batch]) <= 4.0 + 1e-9
-    mixed = _sampler(items, condition_balanced=False, temporal_enrichment=True, temporal_window_hours=2.0, temporal_global_fraction=0.5)
+    mixed = _sampler(
+        items, condition_balanced=False, temporal_enrichment=True, temporal_window_hours=2.0, temporal_global_fraction=0.5
+    )
     spans = [np.ptp(hpi[b]) for b in _epoch(mixed)]
     assert np.mean(spans) > 10
 

@@ -187,8 +187,14 @@ def _with_yaml(data, tmp_path, mutate) -> tuple[ServerContext, dict]:
     [
         (lambda d, r: d["experiments"][0].update(data_path="gone.zarr"), r"sec61': data_path: file not found: 'gone.zarr'"),
         (lambda d, r: shutil.rmtree(r / "sec61.zarr/B/1/0/0"), r"sec61.zarr/B/1/0: no image array '0'"),
-        (lambda d, r: d["experiments"][1].update(channel_names=["Phase3D", "RFP", "StressGranules"]), r"tomm20'.*differ from the channels \['RFP', 'Phase3D'"),
-        (lambda d, r: d["experiments"][0].update(source_channel=["Phase3D", "BFP"]), r"source_channel 'BFP' is not in channel_names"),
+        (
+            lambda d, r: d["experiments"][1].update(channel_names=["Phase3D", "RFP", "StressGranules"]),
+            r"tomm20'.*differ from the channels \['RFP', 'Phase3D'",
+        ),
+        (
+            lambda d, r: d["experiments"][0].update(source_channel=["Phase3D", "BFP"]),
+            r"source_channel 'BFP' is not in channel_names",
+        ),
         (lambda d, r: d["experiments"][0].update(pixel_size=0.1), r"unknown key 'pixel_size'"),
     ],
 )

@@ -66,7 +66,9 @@ class TinyContrastive(pl.LightningModule):
 
     def __init__(self) -> None:
         super().__init__()
-        self.encoder = torch.nn.Sequential(torch.nn.Conv3d(2, 4, 3, padding=1), torch.nn.AdaptiveAvgPool3d(1), torch.nn.Flatten(), torch.nn.Linear(4, 8))
+        self.encoder = torch.nn.Sequential(
+            torch.nn.Conv3d(2, 4, 3, padding=1), torch.nn.AdaptiveAvgPool3d(1), torch.nn.Flatten(), torch.nn.Linear(4, 8)
+        )
         self.seen: dict[str, list[torch.Tensor]] = {"train": [], "val": []}
 
     def _loss(self, batch: dict) -> torch.Tensor:
@@ -99,8 +101,14 @@ def test_fit_with_validation_dropout_only_in_training(server):
     )
     model = TinyContrastive()
     trainer = pl.Trainer(
-        max_steps=6, limit_val_batches=3, val_check_interval=3, accelerator="cpu", logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        max_steps=6,
+        limit_val_batches=3,
+        val_check_interval=3,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
     )
     trainer.fit(model, datamodule=dm)
     assert trainer.global_step == 6

@@ -5,7 +5,12 @@ from __future__ import annotations
 import torch
 from monai.transforms import RandFlipd
 
-from cellfeed.client.transforms import BatchedCenterSpatialCropd, ChannelDropout, NormalizeSampled, PerSample
+from cellfeed.client.transforms import (
+    BatchedCenterSpatialCropd,
+    ChannelDropout,
+    NormalizeSampled,
+    PerSample,
+)
 
 
 def test_channel_dropout_zeroes_listed_channels_only_in_training():
@@ -27,7 +32,9 @@ def test_normalize_uses_each_samples_statistics():
     x = torch.stack([torch.full((1, 2, 4, 4), 10.0), torch.full((1, 2, 4, 4), 4.0)])
     meta = {"ch_0": {"fov_statistics": {"mean": torch.tensor([8.0, 2.0]), "std": torch.tensor([2.0, 1.0])}}}
     out = NormalizeSampled(["ch_0"], level="fov_statistics")({"ch_0": x, "norm_meta": meta})
-    assert torch.allclose(out["ch_0"][0], torch.ones(1, 2, 4, 4)) and torch.allclose(out["ch_0"][1], torch.full((1, 2, 4, 4), 2.0))
+    assert torch.allclose(out["ch_0"][0], torch.ones(1, 2, 4, 4)) and torch.allclose(
+        out["ch_0"][1], torch.full((1, 2, 4, 4), 2.0)
+    )
 
 
 def test_center_crop_keeps_the_middle():

@@ -26,8 +26,19 @@ warnings.filterwarnings("ignore", message="The given NumPy array is not writable
 
 IMAGE_KEYS = ("anchor", "positive")
 INDEX_COLUMNS = (
-    "experiment", "condition", "fov_name", "track_id", "t", "id", "parent_track_id", "parent_id",
-    "lineage_id", "hours_post_infection", "z", "y", "x",
+    "experiment",
+    "condition",
+    "fov_name",
+    "track_id",
+    "t",
+    "id",
+    "parent_track_id",
+    "parent_id",
+    "lineage_id",
+    "hours_post_infection",
+    "z",
+    "y",
+    "x",
 )
 STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "predict": ("predict",)}
 
@@ -237,4 +248,3 @@ class MultiExperimentDataModule(pl.LightningDataModule):
         for split, loader in self._loaders.items():
             if split in self._pending_state:
                 loader.load_state_dict(self._pending_state.pop(split))
-

@@ -9,13 +9,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import torch
-
 
 class NormalizeSampled:
     """Normalise each key by `norm_meta[key][level][subtrahend]` and `...[divisor]`, per sample."""
 
-    def __init__(self, keys: Sequence[str], level: str = "fov_statistics", subtrahend: str = "mean", divisor: str = "std", eps: float = 1e-8) -> None:
+    def __init__(
+        self,
+        keys: Sequence[str],
+        level: str = "fov_statistics",
+        subtrahend: str = "mean",
+        divisor: str = "std",
+        eps: float = 1e-8,
+    ) -> None:
         self.keys = list(keys)
         self.level = level
         self.subtrahend = subtrahend

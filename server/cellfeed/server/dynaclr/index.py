@@ -157,7 +157,9 @@ def build_index(
     )
 
 
-def _check_geometry(registry: ExperimentRegistry, fovs: list[FovRef], patch_yx: tuple[int, int], z_range: tuple[int, int]) -> None:
+def _check_geometry(
+    registry: ExperimentRegistry, fovs: list[FovRef], patch_yx: tuple[int, int], z_range: tuple[int, int]
+) -> None:
     for ref in fovs:
         _, _, Z, H, W = ref.fov.shape
         where = f"experiment {registry.experiments[ref.experiment].name!r}, FOV {ref.fov.name}"

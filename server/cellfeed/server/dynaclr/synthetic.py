@@ -232,13 +232,23 @@ def _write_plate(path: Path, spec: PlateSpec, wells: list[str], images: dict[str
                         {"name": "y", "type": "space", "unit": "micrometer"},
                         {"name": "x", "type": "space", "unit": "micrometer"},
                     ],
-                    "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1.0, 1.0, 0.174, 0.1494, 0.1494]}]}],
+                    "datasets": [
+                        {
+                            "path": "0",
+                            "coordinateTransformations": [{"type": "scale", "scale": [1.0, 1.0, 0.174, 0.1494, 0.1494]}],
+                        }
+                    ],
                 }
             ]
             omero = {
                 "version": spec.ngff,
                 "channels": [
-                    {"label": ch, "active": True, "color": "FFFFFF", "window": {"start": -1.0, "end": 5.0, "min": -10.0, "max": 10.0}}
+                    {
+                        "label": ch,
+                        "active": True,
+                        "color": "FFFFFF",
+                        "window": {"start": -1.0, "end": 5.0, "min": -10.0, "max": 10.0},
+                    }
                     for ch in spec.channel_names
                 ],
             }

@@ -59,7 +59,9 @@ class PlannedBatch:
 class FlexibleBatchSampler(Sampler):
     """Plans training batches over N items with an experiment, a condition and an HPI each."""
 
-    def __init__(self, experiment: np.ndarray, condition: np.ndarray, hpi: np.ndarray, options: FlexibleOptions, stream_key: int = 0) -> None:
+    def __init__(
+        self, experiment: np.ndarray, condition: np.ndarray, hpi: np.ndarray, options: FlexibleOptions, stream_key: int = 0
+    ) -> None:
         self.options = options
         self.stream_key = stream_key
         self.n = len(experiment)
@@ -108,7 +110,11 @@ class FlexibleBatchSampler(Sampler):
     def _permutation_plan(self, rng: np.random.Generator, total: int) -> tuple[np.ndarray, np.ndarray]:
         """Every item once per epoch; the last batch of each pool wraps around (declared padding)."""
         B = self.options.batch_size
-        pools = [np.flatnonzero(self.experiment == e) for e in self.experiments] if self.options.experiment_aware else [np.arange(self.n)]
+        pools = (
+            [np.flatnonzero(self.experiment == e) for e in self.experiments]
+            if self.options.experiment_aware
+            else [np.arange(self.n)]
+        )
         batches, pads = [], []
         for pool in pools:
             perm = rng.permutation(pool)
@@ -199,7 +205,9 @@ class _Cells:
     def __init__(self, experiment: np.ndarray, condition: np.ndarray, hpi: np.ndarray) -> None:
         hpi_values, hpi_code = np.unique(hpi, return_inverse=True)
         keys = np.stack([experiment, condition, hpi_code], axis=1)
-        unique, cell_of_item = np.unique(keys, axis=0, return_inverse=True) if len(keys) else (np.zeros((0, 3), np.int64), np.zeros(0, np.int64))
+        unique, cell_of_item = (
+            np.unique(keys, axis=0, return_inverse=True) if len(keys) else (np.zeros((0, 3), np.int64), np.zeros(0, np.int64))
+        )
         self.experiment = unique[:, 0]
         self.condition = unique[:, 1]
         self.hpi = hpi_values[unique[:, 2]] if len(unique) else np.zeros(0)

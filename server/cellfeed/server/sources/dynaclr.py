@@ -22,9 +22,20 @@ from cellfeed.server.dynaclr.positives import PositiveSampler
 from cellfeed.server.dynaclr.registry import ExperimentRegistry, check_plate
 from cellfeed.server.errors import CellfeedError, NotFound
 from cellfeed.server.paths import DataRoot
-from cellfeed.server.reading.omezarr import NORM_LEVELS, NORM_STATS, ImageReader, PatchRequest, normalization_table, open_plate
+from cellfeed.server.reading.omezarr import (
+    NORM_LEVELS,
+    NORM_STATS,
+    ImageReader,
+    PatchRequest,
+    normalization_table,
+    open_plate,
+)
 from cellfeed.server.samplers.base import Sampler, check_batch_index
-from cellfeed.server.samplers.flexible import FlexibleBatchSampler, FlexibleOptions, PlannedBatch
+from cellfeed.server.samplers.flexible import (
+    FlexibleBatchSampler,
+    FlexibleOptions,
+    PlannedBatch,
+)
 from cellfeed.server.samplers.sequential import SequentialSampler
 from cellfeed.server.sources.base import Source
 from cellfeed.wire import codec
@@ -85,7 +96,9 @@ class DynaCLRSource(Source):
             temporal_window_hours=config.temporal_window_hours,
             temporal_global_fraction=config.temporal_global_fraction,
             experiment_weights=_by_code(config.experiment_weights, names, "experiment_weights", missing=0.0),
-            condition_ratio=_by_code(config.condition_ratio, index.conditions, "condition_ratio", missing=1.0 / len(index.conditions)),
+            condition_ratio=_by_code(
+                config.condition_ratio, index.conditions, "condition_ratio", missing=1.0 / len(index.conditions)
+            ),
             seed=config.seed,
         )
         self.options = options
@@ -203,7 +216,9 @@ class DynaCLRSource(Source):
             columns["anchor_norm"] = codec.tensor_column(self._norm(anchors))
         else:
             # Positives are a function of (seed, split, epoch, global batch); val ignores the epoch.
-            rng = np.random.default_rng([self.config.seed, _SPLIT_KEY[split], epoch if split == "train" else 0, planned.global_index])
+            rng = np.random.default_rng(
+                [self.config.seed, _SPLIT_KEY[split], epoch if split == "train" else 0, planned.global_index]
+            )
             positives, _ = self.positives.sample(anchors, rng)
             images = self._read(np.concatenate([anchors, positives]))
             columns["anchor"] = codec.tensor_column(images[:n])
@@ -271,7 +286,10 @@ class DynaCLRSource(Source):
             fields += [pa.field(n, _DICT, nullable=False) for n in ("experiment", "condition", "fov_name")]
             fields += [pa.field(n, t, nullable=False) for n, t, _ in _INDEX_NUMERIC]
             if split != "predict":
-                fields += [pa.field("positive_track_id", pa.int64(), nullable=False), pa.field("positive_t", pa.int32(), nullable=False)]
+                fields += [
+                    pa.field("positive_track_id", pa.int64(), nullable=False),
+                    pa.field("positive_t", pa.int32(), nullable=False),
+                ]
         meta = {
             "kind": self.kind,
             "split": split,
