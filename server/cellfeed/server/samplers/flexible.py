@@ -82,7 +82,7 @@ class FlexibleBatchSampler(Sampler):
             return 0
         B = self.options.batch_size
         if self.options.experiment_aware and not self.options.weighted:
-            total = sum(math.ceil(np.count_nonzero(self.experiment == e) / B) for e in self.experiments)
+            total = sum(math.ceil(size / B) for size in self._cells.experiment_size.values())
             return math.ceil(total / world_size)
         return batches_per_rank(self.n, B, world_size)
 
