@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 
+import httpx
 import lightning.pytorch as pl
 import numpy as np
 import pytest
@@ -200,6 +201,8 @@ def test_predict_returns_every_cell_with_its_index(server):
     row = batches[0]["index"][0]
     assert set(row) >= {"experiment", "fov_name", "track_id", "t", "lineage_id", "hours_post_infection", "y", "x", "id"}
     assert np.isfinite(row["y"]) and row["experiment"] in ("sec61", "tomm20")
+    plates = {d["path"]: d for d in httpx.get(f"{server.http_url}/v1/datasets").json() if d["format"] == "ome-zarr"}
+    assert plates["sec61.zarr"]["open"] and plates["tomm20.zarr"]["open"]  # opened once, shared by sessions
 
 
 def test_bad_input_fails_that_request_and_the_server_keeps_serving(server):

@@ -133,7 +133,8 @@ class DynaCLRSource(Source):
         paths = registry.resolve_paths(ctx.data_root)
         plates = {}
         for exp in registry.experiments:
-            plate = open_plate(paths[exp.name][0], ctx.data_root.relative(paths[exp.name][0]))
+            path = paths[exp.name][0]
+            plate = ctx.handles.get(path, lambda p: open_plate(p, ctx.data_root.relative(p)), name="omezarr-plate")
             check_plate(exp, plate)
             plates[exp.name] = plate
         index = build_index(
