@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from cellfeed.client import MultiExperimentDataModule, RequestError
 from cellfeed.client.connection import Connection
@@ -232,3 +233,38 @@ def test_sampler_fractions_through_the_server(server):
         assert max(hpi) - min(hpi) <= 1.0 + 1e-6
         conditions = [r["condition"] for r in batch["index"]]
         assert conditions.count("infected") == conditions.count("uninfected") == 4
+
+
+class RecordingModel(TinyContrastive):
+    """Remembers which anchors it trained on, in order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.keys: list[tuple] = []
+
+    def training_step(self, batch, batch_idx):
+        self.keys += _keys([batch])
+        return super().training_step(batch, batch_idx)
+
+
+def test_lightning_checkpoint_mid_epoch_resumes_exactly(server, tmp_path):
+    def fit(model, root, ckpt=None, **kw):
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+            default_root_dir=root,
+            **kw,
+        )
+        trainer.fit(model, _dm(server), ckpt_path=ckpt)
+
+    reference = RecordingModel()
+    fit(reference, tmp_path / "ref", max_epochs=1, enable_checkpointing=False)
+    first = RecordingModel()
+    every5 = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=5, save_top_k=-1, filename="{step}")
+    fit(first, tmp_path / "a", max_steps=7, callbacks=[every5])  # "crashes" after step 7
+    second = RecordingModel()
+    fit(second, tmp_path / "b", ckpt=tmp_path / "ckpt" / "step=5.ckpt", max_epochs=1, enable_checkpointing=False)
+    assert first.keys[: 5 * 8] + second.keys == reference.keys
