@@ -18,6 +18,7 @@ from cellfeed.server.errors import CellfeedError
 from cellfeed.server.preprocess import steps, summary
 from cellfeed.server.preprocess.layout import Layout, dataset_name, find_inputs
 from cellfeed.server.preprocess.pipeline import FileResult, Options, run_file
+from cellfeed.wire.malloc import reuse_freed_memory
 
 
 def _layout(args: argparse.Namespace) -> Layout:
@@ -248,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    reuse_freed_memory()  # row groups are tens of MB: reuse their pages instead of faulting new ones
     try:
         return args.func(args)
     except CellfeedError as exc:
