@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import h5py
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 

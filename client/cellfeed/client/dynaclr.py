@@ -7,22 +7,18 @@ and the experiments YAML are server-side paths, inside the server's data root.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import lightning.pytorch as pl
 import pyarrow as pa
 import torch
 
-from cellfeed.client.connection import Connection, Session
-from cellfeed.client.distributed import resolve_rank
+from cellfeed.client.connection import Session
+from cellfeed.client.datamodule import RemoteDataModule
 from cellfeed.client.loader import RemoteLoader
 from cellfeed.client.transforms import BatchedCenterSpatialCropd, ChannelDropout
 from cellfeed.wire import codec
 
-# Arrow buffers are read-only; the tensors built on them are never written in place.
-warnings.filterwarnings("ignore", message="The given NumPy array is not writable", module="cellfeed")
 
 IMAGE_KEYS = ("anchor", "positive")
 INDEX_COLUMNS = (
@@ -83,12 +79,14 @@ def _values(column: pa.Array) -> list[Any]:
     return column.to_numpy(zero_copy_only=False).tolist()
 
 
-class MultiExperimentDataModule(pl.LightningDataModule):
+class MultiExperimentDataModule(RemoteDataModule):
     """Remote drop-in for VisCy's DynaCLR MultiExperimentDataModule (plus `server` and `token`).
 
     `num_workers` is the number of parallel Flight streams per loader. Validation is in order
     and identical every epoch; augmentations and channel dropout run only while training.
     """
+
+    kind = "dynaclr"
 
     def __init__(
         self,
@@ -125,18 +123,13 @@ class MultiExperimentDataModule(pl.LightningDataModule):
         rank: int | None = None,
         world_size: int | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(token)
         self.save_hyperparameters(ignore=["token", "normalizations", "augmentations"])
-        self.token = token
         self.normalizations = list(normalizations or [])
         self.augmentations = list(augmentations or [])
         self.channel_dropout = ChannelDropout(
             channels=channel_dropout_channels if channel_dropout_channels is not None else [1], p=channel_dropout_prob
         )
-        self.session: Session | None = None
-        self._connection: Connection | None = None
-        self._loaders: dict[str, RemoteLoader] = {}
-        self._pending_state: dict[str, Any] | None = None
 
     # -- setup -------------------------------------------------------------------------------
     def session_config(self) -> dict[str, Any]:
@@ -165,57 +158,25 @@ class MultiExperimentDataModule(pl.LightningDataModule):
             "return_index": hp.return_index,
         }
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.session is None:
-            self._connection = Connection(self.hparams.server, self.token)
-            self.session = self._connection.open_session("dynaclr", self.session_config())
-            self.decoder = TripletBatchDecoder(self.session.info)
-            keys = self.decoder.channel_keys
-            z = self.hparams.z_range[1] - self.hparams.z_range[0]
-            crop = BatchedCenterSpatialCropd(keys, (z, *self.hparams.final_yx_patch_size))
-            self._train_transforms = [*self.normalizations, *self.augmentations, crop]
-            self._eval_transforms = [*self.normalizations, crop]
-        self.rank, self.world_size = resolve_rank(self.trainer, self.hparams.rank, self.hparams.world_size)
+    def on_session(self, session: Session) -> None:
+        self.decoder = TripletBatchDecoder(session.info)
+        z = self.hparams.z_range[1] - self.hparams.z_range[0]
+        crop = BatchedCenterSpatialCropd(self.decoder.channel_keys, (z, *self.hparams.final_yx_patch_size))
+        self._train_transforms = [*self.normalizations, *self.augmentations, crop]
+        self._eval_transforms = [*self.normalizations, crop]
 
     @property
-    def info(self) -> dict[str, Any]:
-        if self.session is None:
-            raise RuntimeError("call setup() first: the experiments are described by the server")
-        return self.session.info
+    def prefetch(self) -> int:
+        return int(self.hparams.prefetch)
 
     @property
     def channel_keys(self) -> list[str]:
         """The transform keys of the source channels, by position: ch_0, ch_1, ..."""
         return list(self.info["channel_keys"])
 
-    # -- loaders -------------------------------------------------------------------------------
-    def loader(self, split: str) -> RemoteLoader:
-        """The loader of one split (train, val or predict), created once and kept."""
-        if split not in self._loaders:
-            if self.session is None or self._connection is None:
-                raise RuntimeError("call setup() before asking for a dataloader")
-            loader = RemoteLoader(
-                self._connection,
-                self.session,
-                split,
-                self.decoder,
-                rank=self.rank,
-                world_size=self.world_size,
-                num_streams=max(1, self.hparams.num_workers),
-                prefetch=self.hparams.prefetch,
-                fixed_epoch=split != "train",
-            )
-            if self._pending_state and split in self._pending_state:
-                loader.load_state_dict(self._pending_state.pop(split))
-            self._loaders[split] = loader
-        return self._loaders[split]
-
-    def train_dataloader(self) -> RemoteLoader:
-        return self.loader("train")
-
+    # -- loaders (train_dataloader and checkpoints: RemoteDataModule) --------------------------
     def val_dataloader(self) -> RemoteLoader | list:
-        loader = self.loader("val")
-        return loader if len(loader) else []
+        return self.loader_if_any("val")
 
     def predict_dataloader(self) -> RemoteLoader:
         return self.loader("predict")
@@ -238,13 +199,3 @@ class MultiExperimentDataModule(pl.LightningDataModule):
             self.channel_dropout.train(training)
             batch[key] = self.channel_dropout(images)
         return batch
-
-    # -- checkpoints ---------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        return {split: loader.state_dict() for split, loader in self._loaders.items() if split == "train"}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._pending_state = dict(state_dict)
-        for split, loader in self._loaders.items():
-            if split in self._pending_state:
-                loader.load_state_dict(self._pending_state.pop(split))

@@ -8,23 +8,19 @@ Batches follow protoplast's collated schema: `pert_cell_emb`/`ctrl_cell_emb` spa
 from __future__ import annotations
 
 import tomllib
-import warnings
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 import numpy as np
 import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
-from cellfeed.client.connection import Connection, Session
-from cellfeed.client.distributed import resolve_rank
+from cellfeed.client.connection import Session
+from cellfeed.client.datamodule import RemoteDataModule
 from cellfeed.client.loader import RemoteLoader
 from cellfeed.wire import codec, csr
 
-# Arrow buffers are read-only; the tensors built on them are never written in place.
-warnings.filterwarnings("ignore", message="The given NumPy array is not writable", module="cellfeed")
 
 STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
 
@@ -85,11 +81,13 @@ class PerturbationBatchDecoder:
         )
 
 
-class PerturbationDataModule(pl.LightningDataModule):
+class PerturbationDataModule(RemoteDataModule):
     """Remote drop-in for protoplast's PerturbationDataModule (plus `server`, `seed`, DDP args).
 
     `num_workers` is the number of parallel Flight streams per loader, read in threads.
     """
+
+    kind = "perturbation"
 
     def __init__(
         self,
@@ -116,16 +114,13 @@ class PerturbationDataModule(pl.LightningDataModule):
         prefix_batches_with_file: bool = False,
         control_table_max_bytes: int = 256 << 20,
     ) -> None:
-        super().__init__()
+        super().__init__(token)
         self.save_hyperparameters(ignore=["token"])
-        self.token = token
-        self.session: Session | None = None
-        self._connection: Connection | None = None
-        self._loaders: dict[str, RemoteLoader] = {}
-        self._pending_state: dict[str, Any] | None = None
+        self._loader_opts: dict[str, Any] = {}
 
     # -- setup -------------------------------------------------------------------------------
-    def _session_config(self) -> tuple[dict[str, Any], dict[str, Any]]:
+    def session_config(self) -> dict[str, Any]:
+        """The session JSON (docs/protocol/perturbation.md); also reads the TOML's [loader] table."""
         hp = self.hparams
         config: dict[str, Any] = {
             "files": hp.files,
@@ -144,35 +139,33 @@ class PerturbationDataModule(pl.LightningDataModule):
             "prefix_batches_with_file": hp.prefix_batches_with_file,
             "control_table_max_bytes": hp.control_table_max_bytes,
         }
-        loader_opts: dict[str, Any] = {}
         if hp.config_path is not None:
             text = Path(hp.config_path).read_text()
             try:
-                loader_opts = tomllib.loads(text).get("loader", {}) or {}
+                self._loader_opts = tomllib.loads(text).get("loader", {}) or {}
             except tomllib.TOMLDecodeError as exc:
                 raise ValueError(f"{hp.config_path}: invalid TOML: {exc}") from None
             config["toml"] = text
             config["files"] = None
-        return config, loader_opts
+        return config
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.session is None:
-            config, loader_opts = self._session_config()
-            self._connection = Connection(self.hparams.server, self.token)
-            self.session = self._connection.open_session("perturbation", config)
-            self._loader_opts = loader_opts
-            table = self.session.tables.get("pert_emb")
-            embeddings = torch.from_numpy(codec.tensor_from_column(table.column("embedding")).copy()) if table is not None else None
-            self.decoder = PerturbationBatchDecoder(self.session.info, embeddings, self.session.tables.get("controls"))
-        self.rank, self.world_size = resolve_rank(self.trainer, self.hparams.rank, self.hparams.world_size)
+    def on_session(self, session: Session) -> None:
+        table = session.tables.get("pert_emb")
+        embeddings = torch.from_numpy(codec.tensor_from_column(table.column("embedding")).copy()) if table is not None else None
+        self.decoder = PerturbationBatchDecoder(session.info, embeddings, session.tables.get("controls"))
+
+    @property
+    def num_streams(self) -> int:
+        """`num_workers`, else TOML [loader] num_workers, else 2."""
+        workers = self.hparams.num_workers
+        return max(1, int(workers if workers is not None else self._loader_opts.get("num_workers", 2)))
+
+    @property
+    def prefetch(self) -> int:
+        factor = self.hparams.prefetch_factor
+        return int(factor if factor is not None else self._loader_opts.get("prefetch_factor", 2))
 
     # -- facts about the data ------------------------------------------------------------------
-    @property
-    def info(self) -> dict[str, Any]:
-        if self.session is None:
-            raise RuntimeError("call setup() first: the vocabularies come from the server")
-        return self.session.info
-
     @property
     def var_names(self) -> list[str]:
         return self.info["var_names"]
@@ -206,53 +199,12 @@ class PerturbationDataModule(pl.LightningDataModule):
             "gene_names": self.var_names,
         }
 
-    # -- loaders -------------------------------------------------------------------------------
-    def loader(self, split: str) -> RemoteLoader:
-        """The loader of one split (train, val or test), created once and kept."""
-        if split not in self._loaders:
-            if self.session is None or self._connection is None:
-                raise RuntimeError("call setup() before asking for a dataloader")
-            hp = self.hparams
-            num_workers = hp.num_workers if hp.num_workers is not None else int(self._loader_opts.get("num_workers", 2))
-            prefetch = hp.prefetch_factor if hp.prefetch_factor is not None else int(self._loader_opts.get("prefetch_factor", 2))
-            loader = RemoteLoader(
-                self._connection,
-                self.session,
-                split,
-                self.decoder,
-                rank=self.rank,
-                world_size=self.world_size,
-                num_streams=max(1, num_workers),
-                prefetch=prefetch,
-                fixed_epoch=split != "train",
-            )
-            if self._pending_state and split in self._pending_state:
-                loader.load_state_dict(self._pending_state.pop(split))
-            self._loaders[split] = loader
-        return self._loaders[split]
-
-    def train_dataloader(self) -> RemoteLoader:
-        return self.loader("train")
-
+    # -- loaders (train_dataloader and checkpoints: RemoteDataModule) --------------------------
     def val_dataloader(self) -> RemoteLoader | list:
-        return self._if_any("val")
+        return self.loader_if_any("val")
 
     def test_dataloader(self) -> RemoteLoader | list:
-        return self._if_any("test")
+        return self.loader_if_any("test")
 
     def predict_dataloader(self) -> RemoteLoader | list:
-        return self._if_any("test")
-
-    def _if_any(self, split: str) -> RemoteLoader | list:
-        loader = self.loader(split)
-        return loader if len(loader) else []
-
-    # -- checkpoints ---------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        return {split: loader.state_dict() for split, loader in self._loaders.items() if split == "train"}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._pending_state = dict(state_dict)
-        for split, loader in self._loaders.items():
-            if split in self._pending_state:
-                loader.load_state_dict(self._pending_state.pop(split))
+        return self.loader_if_any("test")

@@ -9,20 +9,15 @@ dealt to DDP ranks in equal shares, as in the perturbation stream.
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
-import lightning.pytorch as pl
 import numpy as np
 import pyarrow as pa
 import torch
 
-from cellfeed.client.connection import Connection, Session
-from cellfeed.client.distributed import resolve_rank
+from cellfeed.client.datamodule import RemoteDataModule
 from cellfeed.client.loader import RemoteLoader
 
-# Arrow buffers are read-only; the tensors built on them are never written in place.
-warnings.filterwarnings("ignore", message="The given NumPy array is not writable", module="cellfeed")
 
 
 def _numbers(column: pa.Array) -> torch.Tensor:
@@ -56,8 +51,10 @@ def decode_table_batch(rb: pa.RecordBatch) -> dict[str, Any]:
     return out
 
 
-class TableDataModule(pl.LightningDataModule):
+class TableDataModule(RemoteDataModule):
     """Rows of `dataset` (server-side) for training: train split shuffled, test split in order."""
+
+    kind = "table"
 
     def __init__(
         self,
@@ -76,52 +73,20 @@ class TableDataModule(pl.LightningDataModule):
         window: int = 4,
         token: str | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(token)
         self.save_hyperparameters(ignore=["token"])
-        self.token = token
-        self.session: Session | None = None
-        self._connection: Connection | None = None
-        self._loaders: dict[str, RemoteLoader] = {}
-        self._pending_state: dict[str, Any] | None = None
+        self.decoder = decode_table_batch
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.session is None:
-            hp = self.hparams
-            config = {
-                "dataset": hp.dataset, "split": hp.split, "columns": hp.columns, "batch_size": hp.batch_size,
-                "shuffle": hp.shuffle, "seed": hp.seed, "drop_last": hp.drop_last, "window": hp.window,
-            }
-            self._connection = Connection(hp.server, self.token)
-            self.session = self._connection.open_session("table", config)
-        self.rank, self.world_size = resolve_rank(self.trainer, self.hparams.rank, self.hparams.world_size)
-
-    @property
-    def info(self) -> dict[str, Any]:
-        if self.session is None:
-            raise RuntimeError("call setup() first: the dataset's facts come from the server")
-        return self.session.info
+    def session_config(self) -> dict[str, Any]:
+        hp = self.hparams
+        return {
+            "dataset": hp.dataset, "split": hp.split, "columns": hp.columns, "batch_size": hp.batch_size,
+            "shuffle": hp.shuffle, "seed": hp.seed, "drop_last": hp.drop_last, "window": hp.window,
+        }
 
     @property
     def train_split(self) -> str:
         return self.info["train_split"]
-
-    def loader(self, split: str) -> RemoteLoader:
-        """The loader of one split, created once and kept."""
-        if split not in self._loaders:
-            if self.session is None or self._connection is None:
-                raise RuntimeError("call setup() before asking for a dataloader")
-            loader = RemoteLoader(
-                self._connection, self.session, split, decode_table_batch,
-                rank=self.rank, world_size=self.world_size, num_streams=max(1, self.hparams.num_workers),
-                prefetch=self.hparams.prefetch_factor, fixed_epoch=split != self.train_split,
-            )
-            if self._pending_state and split in self._pending_state:
-                loader.load_state_dict(self._pending_state.pop(split))
-            self._loaders[split] = loader
-        return self._loaders[split]
-
-    def train_dataloader(self) -> RemoteLoader:
-        return self.loader(self.train_split)
 
     def val_dataloader(self) -> RemoteLoader | list:
         return self._held_out()
@@ -135,12 +100,3 @@ class TableDataModule(pl.LightningDataModule):
     def _held_out(self) -> RemoteLoader | list:
         others = [s for s in self.info["splits"] if s != self.train_split]
         return self.loader(others[0]) if others else []
-
-    def state_dict(self) -> dict[str, Any]:
-        return {split: loader.state_dict() for split, loader in self._loaders.items() if split == self.train_split}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._pending_state = dict(state_dict)
-        for split, loader in self._loaders.items():
-            if split in self._pending_state:
-                loader.load_state_dict(self._pending_state.pop(split))

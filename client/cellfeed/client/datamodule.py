@@ -1,0 +1,108 @@
+"""What every cellfeed DataModule shares: one session, one kept loader per split, resume state.
+
+Subclasses name their stream `kind`, give `session_config()` and `on_session()` (which builds
+the decoder), and may change how many streams and how much prefetch a loader gets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import lightning.pytorch as pl
+import pyarrow as pa
+
+from cellfeed.client.connection import Connection, Session
+from cellfeed.client.distributed import resolve_rank
+from cellfeed.client.loader import RemoteLoader
+
+
+class RemoteDataModule(pl.LightningDataModule):
+    """Base of the DataModules that pull batches from a cellfeed server (no I/O in __init__)."""
+
+    kind: ClassVar[str]
+    decoder: Callable[[pa.RecordBatch], Any]
+
+    def __init__(self, token: str | None = None) -> None:
+        super().__init__()
+        self.token = token
+        self.session: Session | None = None
+        self._connection: Connection | None = None
+        self._loaders: dict[str, RemoteLoader] = {}
+        self._pending_state: dict[str, Any] = {}
+
+    # -- what subclasses decide ----------------------------------------------------------------
+    def session_config(self) -> dict[str, Any]:
+        """The JSON the server receives to open this module's session."""
+        raise NotImplementedError
+
+    def on_session(self, session: Session) -> None:
+        """Called once the session is open; override to build `self.decoder` from its facts."""
+
+    @property
+    def train_split(self) -> str:
+        return "train"
+
+    @property
+    def num_streams(self) -> int:
+        return max(1, int(self.hparams.num_workers))
+
+    @property
+    def prefetch(self) -> int:
+        return int(self.hparams.prefetch_factor)
+
+    # -- session -------------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        """Open the session once (every stage shares it) and find this process's rank."""
+        if self.session is None:
+            self._connection = Connection(self.hparams.server, self.token)
+            self.session = self._connection.open_session(self.kind, self.session_config())
+            self.on_session(self.session)
+        self.rank, self.world_size = resolve_rank(self.trainer, self.hparams.rank, self.hparams.world_size)
+
+    @property
+    def info(self) -> dict[str, Any]:
+        if self.session is None:
+            raise RuntimeError("call setup() first: the data's facts come from the server")
+        return self.session.info
+
+    # -- loaders -------------------------------------------------------------------------------
+    def loader(self, split: str) -> RemoteLoader:
+        """The loader of one split, created once and kept (so resume state and epochs persist)."""
+        if split not in self._loaders:
+            if self.session is None or self._connection is None:
+                raise RuntimeError("call setup() before asking for a dataloader")
+            loader = RemoteLoader(
+                self._connection,
+                self.session,
+                split,
+                self.decoder,
+                rank=self.rank,
+                world_size=self.world_size,
+                num_streams=self.num_streams,
+                prefetch=self.prefetch,
+                fixed_epoch=split != self.train_split,
+            )
+            if split in self._pending_state:
+                loader.load_state_dict(self._pending_state.pop(split))
+            self._loaders[split] = loader
+        return self._loaders[split]
+
+    def loader_if_any(self, split: str) -> RemoteLoader | list:
+        """The split's loader, or [] (Lightning's "no loader") when the split has no batches."""
+        loader = self.loader(split)
+        return loader if len(loader) else []
+
+    def train_dataloader(self) -> RemoteLoader:
+        return self.loader(self.train_split)
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        loader = self._loaders.get(self.train_split)
+        return {self.train_split: loader.state_dict()} if loader is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._pending_state = dict(state_dict)
+        for split, loader in self._loaders.items():
+            if split in self._pending_state:
+                loader.load_state_dict(self._pending_state.pop(split))
