@@ -1,4 +1,4 @@
-"""The control plane: a FastAPI app for health, datasets, sessions and (when present) jobs."""
+"""The control plane: a FastAPI app for health, datasets, sessions and jobs."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from fastapi import Depends, FastAPI
 from pydantic import BaseModel
 
 from cellfeed.server.context import ServerContext
+from cellfeed.server.jobs.api import make_router
 from cellfeed.server.serving.auth import require_token
 from cellfeed.server.serving.sessions import SessionRegistry
 
@@ -55,13 +56,7 @@ def create_app(ctx: ServerContext, sessions: SessionRegistry, flight_uri: str) -
     def list_sessions() -> list[dict]:
         return sessions.describe()
 
-    try:
-        from cellfeed.server.jobs.api import make_router
-    except ModuleNotFoundError as exc:  # the jobs package is being built beside this one
-        if not (exc.name or "").startswith("cellfeed.server.jobs"):
-            raise
-    else:
-        app.include_router(make_router(ctx))
+    app.include_router(make_router(ctx))
     return app
 
 

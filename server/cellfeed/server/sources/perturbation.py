@@ -7,6 +7,7 @@ order (item b owns rows b*S .. b*S+S-1), each row also carrying its matched cont
 from __future__ import annotations
 
 import logging
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -135,6 +136,11 @@ class PerturbationSource(Source):
         }
 
     def tables(self) -> dict[str, pa.Table]:
+        return self._tables
+
+    @cached_property
+    def _tables(self) -> dict[str, pa.Table]:
+        """Built once per session, not once per client that opens it."""
         tables: dict[str, pa.Table] = {}
         if self._embeddings is not None:
             tables["pert_emb"] = pa.table({"target": pa.array(self.targets), "embedding": codec.tensor_column(self._embeddings)})
