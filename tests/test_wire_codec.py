@@ -24,6 +24,22 @@ def test_gather_matches_scipy_row_indexing(native):
     np.testing.assert_array_equal(data, expected.data)
 
 
+
+@pytest.mark.parametrize("native", [True, False])
+def test_gather_fills_given_int64_outputs(native):
+    """The client gathers control rows straight into a row of its int64 COO coordinates."""
+    m = sp.random(50, 30, density=0.3, format="csr", dtype=np.float32, random_state=2)
+    rows = np.array([3, 3, 49, 0, 17])
+    source = (m.indptr.astype(np.int64), m.indices.astype(np.int64), m.data)
+    total = int(np.diff(m.indptr)[rows].sum())
+    coords, values = np.full((2, total), -1, dtype=np.int64), np.zeros(total, np.float32)
+    indptr, indices, data = csr.gather([(source, rows)], native=native, out=(coords[1], values))
+    assert np.shares_memory(indices, coords) and data is values
+    np.testing.assert_array_equal(coords[1], m[rows].indices)
+    np.testing.assert_array_equal(values, m[rows].data)
+    with pytest.raises(ValueError, match="out arrays hold"):
+        csr.gather([(source, rows)], native=native, out=(coords[1][:-1], values[:-1]))
+
 def test_csr_columns_share_offsets_and_decode_without_copy():
     m = sp.random(20, 30, density=0.3, format="csr", dtype=np.float32, random_state=1)
     batch = pa.RecordBatch.from_pydict(codec.csr_columns("x", m.indptr, m.indices, m.data))

@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import torch
-import torch.nn.functional as F
 
 from cellfeed.client.connection import Session
 from cellfeed.client.datamodule import RemoteDataModule
@@ -26,58 +25,89 @@ STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)
 
 
 class PerturbationBatchDecoder:
-    """Turns one record batch into protoplast's batch dict, with no copy of the CSR buffers."""
+    """Turns one record batch into protoplast's batch dict, with no copy of the CSR buffers.
+
+    Index work is numpy, not torch: torch's intra-op threads spin after each parallel op and
+    starve the server and the training step on small machines; numpy also holds the GIL less.
+    """
 
     def __init__(self, info: dict[str, Any], embeddings: torch.Tensor | None, controls: pa.Table | None = None) -> None:
         self.S = int(info["group_size_S"])
         self.G = int(info["n_vars"])
         self.targets = np.asarray(info["targets"], dtype=object)
         self.cell_types = np.asarray(info["cell_types"], dtype=object)
-        self.n_cell_types = len(self.cell_types)
-        self.n_batches = len(info["batches"])
-        self.embeddings = embeddings
-        self.n_targets = len(self.targets)
-        # controls sent once with the session: batches name their rows (`ctrl_row`)
-        self.controls = codec.csr_from_columns(controls.combine_chunks().to_batches()[0], "ctrl") if controls is not None else None
+        n_targets = len(self.targets)
+        self.embeddings = (
+            embeddings.numpy().astype(np.float32, copy=False) if embeddings is not None else np.eye(n_targets, dtype=np.float32)
+        )
+        self.cell_type_eye = np.eye(len(self.cell_types), dtype=np.float32)
+        self.batch_eye = np.eye(len(info["batches"]), dtype=np.float32)
+        self._cell_coords: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        # controls sent once with the session: batches name their rows (`ctrl_row`). Kept with
+        # int64 indices so rows are gathered straight into the COO coordinates.
+        self.controls = None
+        if controls is not None:
+            indptr, indices, data = codec.csr_from_columns(controls.combine_chunks().to_batches()[0], "ctrl")
+            self.controls = (indptr.astype(np.int64), indices.astype(np.int64), data)
 
     def __call__(self, rb: pa.RecordBatch) -> dict[str, Any]:
         S = self.S
         B = rb.num_rows // S
-        target = torch.from_numpy(rb.column("target").indices.to_numpy()[::S].astype(np.int64))
+        target = rb.column("target").indices.to_numpy()[::S].astype(np.int64)
         cell_type = rb.column("cell_type").indices.to_numpy()
         batch = rb.column("batch").indices.to_numpy()
         out: dict[str, Any] = {
-            "pert_cell_emb": self._coo(*codec.csr_from_columns(rb, "pert"), B),
-            "ctrl_cell_emb": self._coo(*self._controls(rb), B),
-            "pert_emb": self.embeddings[target] if self.embeddings is not None else F.one_hot(target, self.n_targets).float(),
-            "pert_name": self.targets[target.numpy()].astype(str),
+            "pert_cell_emb": self._pert(rb, B),
+            "ctrl_cell_emb": self._ctrl(rb, B),
+            "pert_emb": torch.from_numpy(self.embeddings[target]),
+            "pert_name": self.targets[target].astype(str),
             "cell_type": self.cell_types[cell_type[::S]].astype(str),
-            "cell_type_onehot": F.one_hot(torch.from_numpy(cell_type.astype(np.int64)), self.n_cell_types).float().view(B, S, -1),
-            "batch_onehot": F.one_hot(torch.from_numpy(batch.astype(np.int64)), self.n_batches).float().view(B, S, -1),
-            "pert_idx": target.view(B, 1),
+            "cell_type_onehot": torch.from_numpy(self.cell_type_eye[cell_type].reshape(B, S, -1)),
+            "batch_onehot": torch.from_numpy(self.batch_eye[batch].reshape(B, S, -1)),
+            "pert_idx": torch.from_numpy(target.reshape(B, 1)),
         }
         if "pert_barcode" in rb.schema.names:
             out["pert_cell_barcode"] = np.asarray(rb.column("pert_barcode").to_numpy(zero_copy_only=False), dtype=str).reshape(B, S)
             out["ctrl_cell_barcode"] = np.asarray(rb.column("ctrl_barcode").to_numpy(zero_copy_only=False), dtype=str).reshape(B, S)
         return out
 
-    def _controls(self, rb: pa.RecordBatch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        if self.controls is None:
-            return codec.csr_from_columns(rb, "ctrl")
-        rows = rb.column("ctrl_row").to_numpy().astype(np.int64)
-        return csr.gather([(self.controls, rows)])
-
-    def _coo(self, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, B: int) -> torch.Tensor:
-        # numpy, not torch, for the index arithmetic: torch's intra-op threads spin after each
-        # parallel op and starve the server and the training step on small machines.
-        counts = np.diff(indptr)
-        cells = np.arange(len(counts))
-        coords = np.empty((3, len(indices)), dtype=np.int64)
-        coords[0] = np.repeat(cells // self.S, counts)
-        coords[1] = np.repeat(cells % self.S, counts)
+    def _pert(self, rb: pa.RecordBatch, B: int) -> torch.Tensor:
+        indptr, indices, data = codec.csr_from_columns(rb, "pert")
+        coords = self._cell_coordinates(indptr, B)
         coords[2] = indices
+        return self._coo(coords, data, B)
+
+    def _ctrl(self, rb: pa.RecordBatch, B: int) -> torch.Tensor:
+        if self.controls is None:
+            indptr, indices, data = codec.csr_from_columns(rb, "ctrl")
+            coords = self._cell_coordinates(indptr, B)
+            coords[2] = indices
+            return self._coo(coords, data, B)
+        rows = rb.column("ctrl_row").to_numpy().astype(np.int64)
+        ctrl_indptr = self.controls[0]
+        counts = ctrl_indptr[rows + 1] - ctrl_indptr[rows]
+        indptr = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum(counts, out=indptr[1:])
+        coords = self._cell_coordinates(indptr, B)
+        values = np.empty(coords.shape[1], dtype=np.float32)
+        csr.gather([(self.controls, rows)], out=(coords[2], values))
+        return self._coo(coords, values, B)
+
+    def _cell_coordinates(self, indptr: np.ndarray, B: int) -> np.ndarray:
+        """A [3, nnz] int64 array whose first two rows hold each value's (item, cell)."""
+        if B not in self._cell_coords:
+            cells = np.arange(B * self.S)
+            self._cell_coords[B] = (cells // self.S, cells % self.S)
+        item, cell = self._cell_coords[B]
+        counts = np.diff(indptr)
+        coords = np.empty((3, int(indptr[-1])), dtype=np.int64)
+        coords[0] = np.repeat(item, counts)
+        coords[1] = np.repeat(cell, counts)
+        return coords
+
+    def _coo(self, coords: np.ndarray, values: np.ndarray, B: int) -> torch.Tensor:
         return torch.sparse_coo_tensor(
-            torch.from_numpy(coords), torch.from_numpy(data), (B, self.S, self.G), check_invariants=False
+            torch.from_numpy(coords), torch.from_numpy(values), (B, self.S, self.G), check_invariants=False
         )
 
 

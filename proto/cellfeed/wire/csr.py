@@ -12,12 +12,19 @@ except ImportError:  # pragma: no cover - exercised through gather(..., native=F
     _csr_row_index = None
 
 CSR = tuple[np.ndarray, np.ndarray, np.ndarray]  # indptr, indices, data
+NATIVE_INDEX = (np.dtype(np.int32), np.dtype(np.int64))
 
 
-def gather(pieces: Sequence[tuple[CSR, np.ndarray]], *, native: bool = True) -> CSR:
+def gather(
+    pieces: Sequence[tuple[CSR, np.ndarray]],
+    *,
+    native: bool = True,
+    out: tuple[np.ndarray, np.ndarray] | None = None,
+) -> CSR:
     """Concatenate rows `rows` of each (csr, rows) piece, in order, as one CSR (indptr int64).
 
-    Each output byte is written once: no intermediate matrices, no vstack.
+    Each output byte is written once: no intermediate matrices, no vstack. `out` gives the
+    (indices, data) arrays to fill (of the right length), e.g. a row of a COO coordinate array.
     """
     starts = [csr[0][rows] for csr, rows in pieces]
     lengths = [csr[0][rows + 1] - s for (csr, rows), s in zip(pieces, starts)]
@@ -25,19 +32,24 @@ def gather(pieces: Sequence[tuple[CSR, np.ndarray]], *, native: bool = True) -> 
     indptr = np.zeros(len(all_lengths) + 1, dtype=np.int64)
     np.cumsum(all_lengths, out=indptr[1:])
     total = int(indptr[-1])
-    indices = np.empty(total, dtype=np.int32)
-    data = np.empty(total, dtype=np.float32)
+    if out is None:
+        indices, data = np.empty(total, dtype=np.int32), np.empty(total, dtype=np.float32)
+    else:
+        indices, data = out
+        if len(indices) != total or len(data) != total:
+            raise ValueError(f"gather: out arrays hold {len(indices)}/{len(data)} values, the rows hold {total}")
     row0 = 0
     for ((src_indptr, src_indices, src_data), rows), s, n in zip(pieces, starts, lengths):
         out0, out1 = int(indptr[row0]), int(indptr[row0 + len(n)])
-        if native and _csr_row_index is not None and src_indptr.dtype == src_indices.dtype == np.int32:
-            _csr_row_index(len(rows), rows.astype(np.int32), src_indptr, src_indices, src_data, indices[out0:out1], data[out0:out1])
+        itype = src_indptr.dtype
+        if native and _csr_row_index is not None and itype == src_indices.dtype == indices.dtype and itype in NATIVE_INDEX:
+            _csr_row_index(len(rows), rows.astype(itype), src_indptr, src_indices, src_data, indices[out0:out1], data[out0:out1])
             row0 += len(n)
             continue
         # source position of output element e of row i: s[i] + (e - indptr[i])
         src = np.repeat(s - indptr[row0 : row0 + len(n)], n)
         src += np.arange(out0, out1)
-        np.take(src_indices, src, out=indices[out0:out1])
+        indices[out0:out1] = np.take(src_indices, src)
         np.take(src_data, src, out=data[out0:out1])
         row0 += len(n)
     return indptr, indices, data

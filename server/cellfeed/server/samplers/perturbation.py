@@ -73,6 +73,7 @@ class PerturbationSampler(Sampler):
         for g, b in enumerate(self.block_of_group):
             self.groups_of_block[b].append(g)
         self.num_items = sum(math.ceil(len(g.rows) / group_size) for g in groups)
+        self.pools = _ControlPools(groups, layouts)
         self._plan_lock = threading.Lock()
         self._plan = lru_cache(maxsize=4)(self._build_plan)
 
@@ -90,7 +91,10 @@ class PerturbationSampler(Sampler):
         group = plan.group[items]
         pert_rows = plan.rows[items]
         rng = np.random.default_rng([self.seed, self.stream_key, epoch, j, 1])
-        ctrl_rows = np.stack([self._controls(rng, self.groups[g], rows) for g, rows in zip(group, pert_rows)])
+        if self.match_controls_by_batch:
+            ctrl_rows = np.stack([self._controls_by_batch(rng, self.groups[g], rows) for g, rows in zip(group, pert_rows)])
+        else:
+            ctrl_rows = self.pools.draw(rng, group, self.S)
         return PerturbationBatch(group=group, pert_rows=pert_rows, ctrl_rows=ctrl_rows, global_index=j)
 
     def _build_plan(self, epoch: int) -> EpochPlan:
@@ -120,12 +124,11 @@ class PerturbationSampler(Sampler):
             return EpochPlan(group=np.zeros(0, np.int32), rows=np.zeros((0, S), np.int64))
         return EpochPlan(group=np.concatenate(item_groups), rows=np.concatenate(item_rows))
 
-    def _controls(self, rng: np.random.Generator, group: Group, pert_rows: np.ndarray) -> np.ndarray:
-        """S control rows from the same file and cell type (and batch, when asked and possible)."""
+    def _controls_by_batch(self, rng: np.random.Generator, group: Group, pert_rows: np.ndarray) -> np.ndarray:
+        """S control rows from the same file, cell type and batch (the cell type alone when the
+        batch has too few)."""
         layout = self.layouts[group.file]
         pool = layout.control_rows[group.cell_type]
-        if not self.match_controls_by_batch:
-            return _draw(rng, pool, self.S)
         out = np.empty(self.S, dtype=np.int64)
         local = np.searchsorted(group.rows, pert_rows)
         cell_batches = group.batches[local]
@@ -134,6 +137,50 @@ class PerturbationSampler(Sampler):
             same = layout.control_rows_by_batch.get((group.cell_type, str(b)))
             source = same if same is not None and len(same) >= len(where) else pool
             out[where] = _draw(rng, source, len(where))
+        return out
+
+
+class _ControlPools:
+    """The control rows of every (file, cell type), concatenated, for vectorised draws."""
+
+    def __init__(self, groups: list[Group], layouts: list[FileLayout]) -> None:
+        keys: dict[tuple[int, str], int] = {}
+        arrays: list[np.ndarray] = []
+        self.pool_of_group = np.zeros(len(groups), dtype=np.int64)
+        for g, group in enumerate(groups):
+            key = (group.file, group.cell_type)
+            if key not in keys:
+                keys[key] = len(arrays)
+                arrays.append(layouts[group.file].control_rows[group.cell_type])
+            self.pool_of_group[g] = keys[key]
+        self.pools = arrays
+        self.size = np.array([len(a) for a in arrays], dtype=np.int64)
+        self.start = np.concatenate([[0], np.cumsum(self.size)[:-1]]).astype(np.int64) if arrays else np.zeros(0, np.int64)
+        self.rows = np.concatenate(arrays) if arrays else np.zeros(0, np.int64)
+
+    def draw(self, rng: np.random.Generator, group: np.ndarray, n: int) -> np.ndarray:
+        """[len(group), n] control rows, each item's n from its group's pool, without
+        replacement unless the pool is smaller than n.
+
+        Pools of at least n*n rows are drawn all at once (items that drew a row twice draw
+        again: uniform without replacement, and rare at that size); smaller pools one by one.
+        """
+        pool = self.pool_of_group[group]
+        size = self.size[pool]
+        out = np.empty((len(group), n), dtype=np.int64)
+        large = size >= n * n
+        if large.any():
+            high = size[large][:, None]
+            draws = rng.integers(0, high, size=(int(large.sum()), n))
+            while n > 1:
+                ordered = np.sort(draws, axis=1)
+                again = (ordered[:, 1:] == ordered[:, :-1]).any(axis=1)
+                if not again.any():
+                    break
+                draws[again] = rng.integers(0, high[again], size=(int(again.sum()), n))
+            out[large] = self.rows[self.start[pool[large]][:, None] + draws]
+        for i in np.flatnonzero(~large):
+            out[i] = _draw(rng, self.pools[pool[i]], n)
         return out
 
 
