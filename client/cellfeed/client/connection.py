@@ -154,10 +154,15 @@ class Connection:
             raise RequestError(message(exc)) from None
 
     def reopen(self, session: Session) -> None:
-        """Open the session again on a (restarted) server; the id is a digest, so it is unchanged."""
+        """Open the session again on a (restarted) server; the id is a digest of the config and the
+        versions of its files, so it is unchanged unless the files changed."""
         fresh = self.open_session(session.kind, session.config)
         if fresh.session_id != session.session_id:
-            raise RequestError("the server gives this config a different session id: it runs another cellfeed version")
+            raise RequestError(
+                f"cannot continue session {session.session_id}: on reopening, the server gives its config the id "
+                f"{fresh.session_id}, so the files it reads changed (or the server runs another cellfeed version); "
+                "continuing would mix two versions of the data"
+            )
 
 
 def message(exc: Exception) -> str:

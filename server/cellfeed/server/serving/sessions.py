@@ -7,17 +7,20 @@ import json
 import threading
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from cellfeed.server.context import ServerContext
 from cellfeed.server.errors import NotFound
+from cellfeed.server.reading.handles import Version, version_of
 from cellfeed.server.sources import source_class
 from cellfeed.server.sources.base import Source
 
 
-def session_id(kind: str, config: dict[str, Any]) -> str:
-    """A digest of the kind and the canonical JSON of its config: equal configs share a session."""
-    canonical = json.dumps({"kind": kind, "config": config}, sort_keys=True, separators=(",", ":"))
+def session_id(kind: str, config: dict[str, Any], files: dict[str, Any] | None = None) -> str:
+    """A digest of the kind, the canonical JSON of its config and the versions of the files it
+    reads: equal configs over unchanged files share a session, in any server process."""
+    canonical = json.dumps({"kind": kind, "config": config, "files": files or {}}, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
 
@@ -27,7 +30,13 @@ class Session:
     kind: str
     config: dict[str, Any]
     source: Source
+    files: dict[Path, Version | None] = field(default_factory=dict)  # what it reads, at which version
     opened_at: float = field(default_factory=time.time)
+    superseded_by: str | None = None  # a newer session of the same config, over changed files
+
+    def is_current(self) -> bool:
+        """Whether every file it reads is still at the version it opened."""
+        return all(version_of(path) == version for path, version in self.files.items())
 
 
 @dataclass
@@ -57,26 +66,38 @@ class SessionRegistry:
     def __init__(self, ctx: ServerContext, keep_finished: int = 64) -> None:
         self.ctx = ctx
         self._sessions: dict[str, Session] = {}
+        self._latest: dict[str, Session] = {}  # config digest -> its newest session
         self._opening: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
         self._streams: list[StreamProgress] = []
         self._keep_finished = keep_finished
 
     def open(self, kind: str, config: dict[str, Any]) -> Session:
-        sid = session_id(kind, config)
+        """The session of this config over the files as they are now.
+
+        When a file changed since the config's session opened (a job rewrote it), a new session
+        opens under a new id; the old one keeps serving its streams from the old version.
+        """
+        key = session_id(kind, config)
         with self._lock:
-            if sid in self._sessions:
-                return self._sessions[sid]
-            lock = self._opening.setdefault(sid, threading.Lock())
+            latest = self._latest.get(key)
+            lock = self._opening.setdefault(key, threading.Lock())
+        if latest is not None and latest.is_current():
+            return latest
         with lock:
             with self._lock:
-                if sid in self._sessions:
-                    return self._sessions[sid]
-            source = source_class(kind).open(config, self.ctx)
-            session = Session(session_id=sid, kind=kind, config=config, source=source)
+                latest = self._latest.get(key)
+            if latest is not None and latest.is_current():
+                return latest
+            with self.ctx.handles.recording() as used:
+                source = source_class(kind).open(config, self.ctx)
+            files = {str(self.ctx.data_root.relative(p)): v for p, v in used.items()}
+            session = Session(session_id(kind, config, files), kind, config, source, files=dict(used))
             with self._lock:
-                self._sessions[sid] = session
-                self._opening.pop(sid, None)
+                if latest is not None:
+                    latest.superseded_by = session.session_id
+                self._sessions[session.session_id] = session
+                self._latest[key] = session
             return session
 
     def get(self, sid: str) -> Session:
@@ -106,6 +127,7 @@ class SessionRegistry:
                     "session_id": s.session_id,
                     "kind": s.kind,
                     "opened_at": s.opened_at,
+                    "superseded_by": s.superseded_by,
                     "splits": s.source.splits(),
                     "streams": mine,
                     "live_streams": sum(1 for st in mine if st["state"] == "streaming"),

@@ -149,7 +149,10 @@ class DynaCLRSource(Source):
             tracks_label={name: ctx.data_root.relative(tracks) for name, (_, tracks) in paths.items()},
         )
         reader = ctx.handles.get(
-            ctx.data_root.path, lambda _: ImageReader(cfg.cache_pool_bytes), name=f"omezarr-reader:{cfg.cache_pool_bytes}"
+            ctx.data_root.path,
+            lambda _: ImageReader(cfg.cache_pool_bytes),
+            name=f"omezarr-reader:{cfg.cache_pool_bytes}",
+            versioned=False,
         )
         return cls(cfg, registry, index, reader)
 

@@ -218,7 +218,8 @@ class PerturbationSource(Source):
             indptr, indices, data = layout.h5.read_rows(start, stop)
             return CSRBlock(indptr, indices, data)
 
-        return self.ctx.blocks.get((str(layout.spec.path), start, stop), load)
+        # keyed by the handle (one version of the file), so a rewritten file never mixes in
+        return self.ctx.blocks.get((layout.h5, start, stop), load)
 
     def _sampler(self, split: str) -> PerturbationSampler:
         try:

@@ -133,7 +133,7 @@ class TableSource(Source):
         return pa.RecordBatch.from_arrays([c.combine_chunks() for c in gathered.columns], schema=self._schema)
 
     def _group(self, folder: ParquetFolder, split: str, group: int) -> pa.Table:
-        key = ("table", str(folder.folder), group, tuple(self.columns))
+        key = (folder, group, tuple(self.columns))  # the handle: one version of the folder
         return self.ctx.blocks.get(key, lambda: folder.read_group(group, self.columns))
 
     def _sampler(self, split: str) -> TableSampler:
