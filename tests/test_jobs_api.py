@@ -194,3 +194,28 @@ def test_jobs_fan_out_to_a_dask_cluster(serve, tmp_path):
             check_dataset(root / "out/b", b, chunk_size=150)
             pids = {e["pid"] for e in http.get(f"/v1/jobs/{job['id']}/logs").json()["entries"] if e["event"] == "file.assigned"}
             assert server.proc.pid not in pids and len(pids) >= 1
+
+
+def test_cancel_and_resume_on_a_dask_cluster(serve, tmp_path):
+    """A cancel reaches files running on Dask workers; nothing half-written; resume finishes the rest."""
+    distributed = pytest.importorskip("distributed")
+    root = tmp_path / "root"
+    inputs = many_files(root, 8)
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        server = serve(root, dask_scheduler=cluster.scheduler_address)
+        with client(server) as http:
+            job_id = http.post("/v1/jobs", json={"kind": "preprocess", "inputs": inputs, "options": OPTIONS}).json()["id"]
+            wait_for(lambda: http.get(f"/v1/jobs/{job_id}").json(), lambda j: j["files"][0]["state"] == "succeeded", "the first file")
+            assert http.delete(f"/v1/jobs/{job_id}").status_code == 202
+            job = finished(http, job_id)
+            assert job["state"] == "cancelled" and job["resumable"], job.get("error")
+            states = [f["state"] for f in job["files"]]
+            assert "running" not in states and "cancelled" in states
+            for f in job["files"]:
+                assert (root / "out" / f["dataset"]).exists() == (f["state"] == "succeeded")
+            assert no_staging(root)
+
+            assert http.post(f"/v1/jobs/{job_id}/resume").status_code == 202
+            job = finished(http, job_id)
+            assert job["state"] == "succeeded" and all(f["state"] == "succeeded" for f in job["files"]), job
+            assert no_staging(root)

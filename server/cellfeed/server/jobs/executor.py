@@ -84,6 +84,21 @@ def _on_worker(task: FileTask, topic: str, cancel_event: str) -> dict[str, Any]:
     return process(task, _throttled(lambda done, total: send({"done": done, "total": total})), cancelled)
 
 
+def _report_outcome(future: Any, task: FileTask, report: Report) -> type[Cancelled] | None:
+    """Report a finished future's file outcome; returns Cancelled (reporting nothing) if it stopped."""
+    if future.status == "cancelled":
+        return Cancelled
+    if future.status == "error":
+        error = future.exception()
+        if isinstance(error, Cancelled):
+            return Cancelled
+        outcome = {"state": "failed", "message": f"worker error: {type(error).__name__}: {error}"}
+    else:
+        outcome = future.result()
+    report(task.index, outcome | {"finished": time.time()})
+    return None
+
+
 class OnDask(Executor):
     """Files fanned out to a Dask distributed cluster (shared file system assumed)."""
 
@@ -111,20 +126,17 @@ class OnDask(Executor):
             while pending:
                 for future in [f for f in pending if f.done()]:
                     pending.discard(future)
-                    task = futures[future]
-                    if future.status == "error":
-                        error = future.exception()
-                        if isinstance(error, Cancelled):
-                            raise Cancelled()
-                        outcome = {"state": "failed", "message": f"worker error: {type(error).__name__}: {error}"}
-                    elif future.status == "cancelled":
+                    if _report_outcome(future, futures[future], report) is Cancelled:
                         raise Cancelled()
-                    else:
-                        outcome = future.result()
-                    report(task.index, outcome | {"finished": time.time()})
                 if cancelled():
+                    # Files already running stop at their next check and clean up, or finish
+                    # (and count as done); queued files see the event as they start. Waiting for
+                    # all of them keeps each file's reported state true to what is on disk.
                     Event(cancel_event, client=client).set()
-                    client.cancel(list(pending))
+                    while not all(f.done() for f in pending):
+                        time.sleep(0.1)
+                    for future in pending:
+                        _report_outcome(future, futures[future], report)
                     raise Cancelled()
                 time.sleep(0.1)
         finally:
