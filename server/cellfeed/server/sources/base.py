@@ -11,14 +11,22 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import pyarrow as pa
 
+from cellfeed.server.errors import NotFound
+
 if TYPE_CHECKING:
     from cellfeed.server.context import ServerContext
+    from cellfeed.server.samplers.base import Sampler
 
 
 class Source(ABC):
-    """A session's batch producer for one kind ("perturbation", "dynaclr", "table")."""
+    """A session's batch producer for one kind ("perturbation", "dynaclr", "table").
+
+    `open` sets `samplers` (split -> its sampler, samplers/) and `config` (with `batch_size`).
+    """
 
     kind: ClassVar[str]
+    samplers: dict[str, "Sampler"]
+    config: Any
 
     @classmethod
     @abstractmethod
@@ -33,21 +41,29 @@ class Source(ABC):
         """Side tables sent once with the session (e.g. target embeddings)."""
         return {}
 
-    @abstractmethod
     def splits(self) -> list[str]:
         """The split names this session can stream (e.g. train, val, test)."""
+        return list(self.samplers)
+
+    def sampler(self, split: str) -> "Sampler":
+        """The sampler of `split`; an unknown split is refused with the ones there are."""
+        try:
+            return self.samplers[split]
+        except KeyError:
+            raise NotFound(f"unknown split {split!r}; this {self.kind} session has {', '.join(self.splits())}") from None
 
     @abstractmethod
     def schema(self, split: str) -> pa.Schema:
         """The schema of every record batch of `split`."""
 
-    @abstractmethod
     def batch_size(self, split: str) -> int:
         """Training items per batch in `split`."""
+        self.sampler(split)
+        return self.config.batch_size
 
-    @abstractmethod
     def num_batches(self, split: str, world_size: int) -> int:
         """Batches per rank in one epoch; the same on every rank and in every epoch."""
+        return self.sampler(split).num_batches(world_size)
 
     @abstractmethod
     def batch(self, split: str, epoch: int, rank: int, world_size: int, index: int) -> pa.RecordBatch:

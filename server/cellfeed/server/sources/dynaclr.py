@@ -20,7 +20,7 @@ from cellfeed.server.dynaclr.config import DynaCLRConfig
 from cellfeed.server.dynaclr.index import CellIndex, build_index
 from cellfeed.server.dynaclr.positives import PositiveSampler
 from cellfeed.server.dynaclr.registry import ExperimentRegistry, check_plate
-from cellfeed.server.errors import CellfeedError, NotFound
+from cellfeed.server.errors import CellfeedError
 from cellfeed.server.paths import DataRoot
 from cellfeed.server.reading.omezarr import (
     NORM_LEVELS,
@@ -156,9 +156,6 @@ class DynaCLRSource(Source):
         )
         return cls(cfg, registry, index, reader)
 
-    def splits(self) -> list[str]:
-        return list(SPLITS)
-
     def info(self) -> dict[str, Any]:
         rows, index = self.index.rows, self.index
         experiments = []
@@ -198,17 +195,11 @@ class DynaCLRSource(Source):
         }
 
     def schema(self, split: str) -> pa.Schema:
-        return self._schemas[self._check_split(split)]
-
-    def batch_size(self, split: str) -> int:
-        self._check_split(split)
-        return self.config.batch_size
-
-    def num_batches(self, split: str, world_size: int) -> int:
-        return self.samplers[self._check_split(split)].num_batches(world_size)
+        self.sampler(split)
+        return self._schemas[split]
 
     def batch(self, split: str, epoch: int, rank: int, world_size: int, index: int) -> pa.RecordBatch:
-        sampler = self.samplers[self._check_split(split)]
+        sampler = self.sampler(split)
         check_batch_index(index, rank, world_size, sampler.num_batches(world_size))
         planned: PlannedBatch = sampler.batch(epoch, rank, world_size, index)
         anchors = self.items[split][planned.items]
@@ -304,11 +295,6 @@ class DynaCLRSource(Source):
             "norm_stats": list(NORM_STATS),
         }
         return codec.with_metadata(pa.schema(fields), meta)
-
-    def _check_split(self, split: str) -> str:
-        if split not in SPLITS:
-            raise NotFound(f"unknown split {split!r}; a dynaclr session has {', '.join(SPLITS)}")
-        return split
 
 
 def _yaml_text(value: str, root: DataRoot) -> tuple[str, str]:

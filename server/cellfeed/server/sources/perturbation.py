@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from cellfeed.server.context import ServerContext
-from cellfeed.server.errors import CellfeedError, NotFound
+from cellfeed.server.errors import CellfeedError
 from cellfeed.server.perturbation.config import SPLITS, PerturbationConfig, resolve_files
 from cellfeed.server.perturbation.embeddings import load_embeddings
 from cellfeed.server.perturbation.layout import FileLayout, read_layout
@@ -113,9 +113,6 @@ class PerturbationSource(Source):
         _check_rules(layouts)
         return cls(cfg, layouts, ctx)
 
-    def splits(self) -> list[str]:
-        return list(SPLITS)
-
     def info(self) -> dict[str, Any]:
         return {
             "var_names": self.var_names.tolist(),
@@ -153,17 +150,11 @@ class PerturbationSource(Source):
         return tables
 
     def schema(self, split: str) -> pa.Schema:
-        self._sampler(split)
+        self.sampler(split)
         return self._schema
 
-    def batch_size(self, split: str) -> int:
-        return self.config.batch_size
-
-    def num_batches(self, split: str, world_size: int) -> int:
-        return self._sampler(split).num_batches(world_size)
-
     def batch(self, split: str, epoch: int, rank: int, world_size: int, index: int) -> pa.RecordBatch:
-        sampler = self._sampler(split)
+        sampler: PerturbationSampler = self.sampler(split)
         check_batch_index(index, rank, world_size, sampler.num_batches(world_size))
         planned = sampler.batch(epoch, rank, world_size, index)
         blocks = sampler.block_of_group[planned.group]
@@ -220,12 +211,6 @@ class PerturbationSource(Source):
 
         # keyed by the handle (one version of the file), so a rewritten file never mixes in
         return self.ctx.blocks.get((layout.h5, start, stop), load)
-
-    def _sampler(self, split: str) -> PerturbationSampler:
-        try:
-            return self.samplers[split]
-        except KeyError:
-            raise NotFound(f"unknown split {split!r}; this session has {', '.join(SPLITS)}") from None
 
     def _build_schema(self) -> pa.Schema:
         self._target_dict = pa.array(self.targets, pa.string())

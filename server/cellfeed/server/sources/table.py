@@ -15,7 +15,7 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cellfeed.server.context import ServerContext
-from cellfeed.server.errors import CellfeedError, NotFound
+from cellfeed.server.errors import CellfeedError
 from cellfeed.server.preprocess.layout import chunk_dirs
 from cellfeed.server.preprocess.outputs import read_manifest
 from cellfeed.server.reading.parquet import ParquetFolder
@@ -106,21 +106,12 @@ class TableSource(Source):
             out["manifest"] = {k: self.manifest.get(k) for k in ("dataset", "cells", "rows", "split", "age", "genes") if k in self.manifest}
         return out
 
-    def splits(self) -> list[str]:
-        return list(self.folders)
-
     def schema(self, split: str) -> pa.Schema:
-        self._sampler(split)
+        self.sampler(split)
         return self._schema
 
-    def batch_size(self, split: str) -> int:
-        return self.config.batch_size
-
-    def num_batches(self, split: str, world_size: int) -> int:
-        return self._sampler(split).num_batches(world_size)
-
     def batch(self, split: str, epoch: int, rank: int, world_size: int, index: int) -> pa.RecordBatch:
-        rows = self._sampler(split).batch(epoch, rank, world_size, index)
+        rows = self.sampler(split).batch(epoch, rank, world_size, index)
         folder = self.folders[split]
         groups = folder.group_of(rows)
         order = np.argsort(groups, kind="stable")
@@ -135,9 +126,3 @@ class TableSource(Source):
     def _group(self, folder: ParquetFolder, split: str, group: int) -> pa.Table:
         key = (folder, group, tuple(self.columns))  # the handle: one version of the folder
         return self.ctx.blocks.get(key, lambda: folder.read_group(group, self.columns))
-
-    def _sampler(self, split: str) -> TableSampler:
-        try:
-            return self.samplers[split]
-        except KeyError:
-            raise NotFound(f"unknown split {split!r}; this dataset has {', '.join(self.folders)}") from None
