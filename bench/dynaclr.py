@@ -113,11 +113,13 @@ def ceiling(root: Path, batches: int, cache_pool_bytes: int) -> dict:
     }
 
 
-def service(server: Server, batches: int, num_workers: int, cache_pool_bytes: int) -> dict:
-    """Pairs/s through MultiExperimentDataModule: server read, Arrow Flight, client decode to torch."""
+def service(server: Server, batches: int, num_workers: int, cache_pool_bytes: int, shared_memory: bool) -> dict:
+    """Pairs/s through MultiExperimentDataModule: server read, Arrow Flight (patches in shared-memory
+    slots, or in the gRPC byte stream), client decode to torch."""
     from cellfeed.client import MultiExperimentDataModule
 
-    dm = MultiExperimentDataModule(server=server.flight_uri, num_workers=num_workers, prefetch=2, **config(cache_pool_bytes))
+    dm = MultiExperimentDataModule(server=server.flight_uri, num_workers=num_workers, prefetch=2, shared_memory=shared_memory,
+                                   **config(cache_pool_bytes))
     started = time.perf_counter()
     dm.setup("fit")
     setup_s = time.perf_counter() - started
@@ -144,6 +146,7 @@ def service(server: Server, batches: int, num_workers: int, cache_pool_bytes: in
         "batches_per_epoch": per_epoch,
         "session_setup_s": setup_s,
         "num_workers": num_workers,
+        "transport": "shared memory" if shared_memory else "grpc",
     }
 
 
@@ -195,17 +198,20 @@ def main() -> None:
         str(args.cache_pool_bytes),
     ]
     # Ceiling and service alternate, so that a busy neighbour on the machine weighs on both alike.
+    setups = [(w, True) for w in args.workers] + [(args.workers[0], False)]
     ceilings: list[dict] = []
-    runs: dict[int, list[dict]] = {w: [] for w in args.workers}
+    runs: dict[tuple[int, bool], list[dict]] = {s: [] for s in setups}
     with Server(args.data) as server:
         for _ in range(args.rounds):
             ceilings.append(json.loads(subprocess.run(child, check=True, capture_output=True, text=True).stdout))
-            for workers in args.workers:
-                runs[workers].append(service(server, args.batches, workers, args.cache_pool_bytes))
+            for workers, shared in setups:
+                runs[(workers, shared)].append(service(server, args.batches, workers, args.cache_pool_bytes, shared))
         server_rss = server.peak_rss_mb()
     ceiling_rate = float(np.median([c["pairs_per_s"] for c in ceilings]))
-    service_rate = {w: float(np.median([r["pairs_per_s"] for r in rs])) for w, rs in runs.items()}
-    best = max(service_rate, key=service_rate.get)
+    rate = {s: float(np.median([r["pairs_per_s"] for r in rs])) for s, rs in runs.items()}
+    best = max(rate, key=rate.get)
+    label = {s: f"{s[0]} stream(s), {'shared memory' if s[1] else 'gRPC'}" for s in setups}
+    service_rate = {label[s]: r for s, r in rate.items()}
     result = {
         "machine": cpu_info(),
         "batch_size": BATCH,
@@ -215,11 +221,13 @@ def main() -> None:
         "ceiling_pairs_per_s": ceiling_rate,
         "ceiling_runs": ceilings,
         "ceiling_peak_rss_mb": max(c["peak_rss_mb"] for c in ceilings),
-        "service_pairs_per_s_by_streams": service_rate,
-        "service_runs": runs,
-        "service_pairs_per_s": service_rate[best],
-        "service_num_workers": best,
-        "ratio_to_ceiling": service_rate[best] / ceiling_rate,
+        "service_pairs_per_s_by_setup": service_rate,
+        "service_runs": {label[k]: v for k, v in runs.items()},
+        "service_pairs_per_s": rate[best],
+        "service_setup": label[best],
+        "ratio_to_ceiling": rate[best] / ceiling_rate,
+        "grpc_pairs_per_s": rate[(args.workers[0], False)],
+        "grpc_ratio_to_ceiling": rate[(args.workers[0], False)] / ceiling_rate,
         "ceiling_depth1_pairs_per_s": float(np.median([c["by_depth"]["1"] for c in ceilings])),
         "ceiling_cpu_s_per_batch": float(np.median([c["cpu_s_per_batch"] for c in ceilings])),
         "server_cpu_s_per_batch": float(np.median([r["server_cpu_s_per_batch"] for r in runs[best]])),
@@ -234,11 +242,11 @@ def main() -> None:
         ("ceiling: local batched tensorstore read, best of 1/2/4 in flight", ceiling_rate),
         ("ceiling: one read at a time (VisCy's per-batch read)", result["ceiling_depth1_pairs_per_s"]),
     ]
-    lines += [(f"service: MultiExperimentDataModule, {w} stream(s)", rate) for w, rate in service_rate.items()]
-    for label, rate in lines:
-        print(f"  {label:66s} {rate:7.1f} pairs/s")
+    lines += [(f"service: MultiExperimentDataModule, {name}", r) for name, r in service_rate.items()]
+    for name, r in lines:
+        print(f"  {name:66s} {r:7.1f} pairs/s")
     print(
-        f"  ratio to ceiling {result['ratio_to_ceiling']:.0%}; peak RSS: ceiling {result['ceiling_peak_rss_mb']:.0f} MiB, "
+        f"  ratio to ceiling {result['ratio_to_ceiling']:.0%} ({label[best]}; over gRPC {result['grpc_ratio_to_ceiling']:.0%}); peak RSS: ceiling {result['ceiling_peak_rss_mb']:.0f} MiB, "
         f"server {server_rss:.0f} MiB, client {result['client_peak_rss_mb']:.0f} MiB"
     )
     print(

@@ -20,6 +20,7 @@ from cellfeed.wire import cellfeed_pb2 as pb
 from cellfeed.wire import codec
 
 NOT_FOUND = b"cellfeed:not_found"
+SHM_UNAVAILABLE = b"cellfeed:shm_unavailable"
 INVALID = b"cellfeed:invalid"
 TRANSIENT = (flight.FlightUnavailableError, flight.FlightTimedOutError, flight.FlightInternalError, ConnectionError)
 
@@ -80,12 +81,16 @@ class Connection:
             reraise=True,
         )
 
+    def action(self, name: str, body: bytes) -> bytes:
+        """One DoAction call (with retries); the body of its first result."""
+        action = flight.Action(name, body)
+        results = self._call(lambda: list(self.client.do_action(action, self.options())))
+        return results[0].body.to_pybytes()
+
     def open_session(self, kind: str, config: dict[str, Any]) -> Session:
         request = pb.OpenSession(kind=kind, config_json=json.dumps(config))
-        action = flight.Action("open_session", request.SerializeToString())
-        results = self._call(lambda: list(self.client.do_action(action, self.options())))
         reply = pb.SessionInfo()
-        reply.ParseFromString(results[0].body.to_pybytes())
+        reply.ParseFromString(self.action("open_session", request.SerializeToString()))
         return Session(
             session_id=reply.session_id,
             kind=reply.kind,

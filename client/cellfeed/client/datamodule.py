@@ -14,7 +14,9 @@ import pyarrow as pa
 
 from cellfeed.client.connection import Connection, Session
 from cellfeed.client.distributed import resolve_rank
+from cellfeed.client import shm
 from cellfeed.client.loader import RemoteLoader
+from cellfeed.client.shm import SlotReader
 
 
 class RemoteDataModule(pl.LightningDataModule):
@@ -30,6 +32,7 @@ class RemoteDataModule(pl.LightningDataModule):
         self._connection: Connection | None = None
         self._loaders: dict[str, RemoteLoader] = {}
         self._pending_state: dict[str, Any] = {}
+        self._slots: SlotReader | None = None
 
     # -- what subclasses decide ----------------------------------------------------------------
     def session_config(self) -> dict[str, Any]:
@@ -58,7 +61,22 @@ class RemoteDataModule(pl.LightningDataModule):
             self._connection = Connection(self.hparams.server, self.token)
             self.session = self._connection.open_session(self.kind, self.session_config())
             self.on_session(self.session)
+            self._slots = self._shared_memory(self._connection)
         self.rank, self.world_size = resolve_rank(self.trainer, self.hparams.rank, self.hparams.world_size)
+
+    def _shared_memory(self, connection: Connection) -> SlotReader | None:
+        """Slots when the module asks for them (`shared_memory`: None = when the server shares
+        this host's shared-memory folder, True = required, False = never)."""
+        wanted = self.hparams.get("shared_memory", False)
+        if wanted is False:
+            return None
+        directory = shm.probe(connection)
+        if directory is None and wanted:
+            raise RuntimeError(
+                f"shared_memory=True, but the server at {connection.location} does not see this host's shared-memory "
+                "folder (CELLFEED_SHM_DIR, default /dev/shm): run it on this host or share the folder, or pass shared_memory=None"
+            )
+        return SlotReader(directory) if directory is not None else None
 
     @property
     def info(self) -> dict[str, Any]:
@@ -82,6 +100,7 @@ class RemoteDataModule(pl.LightningDataModule):
                 num_streams=self.num_streams,
                 prefetch=self.prefetch,
                 fixed_epoch=split != self.train_split,
+                slots=self._slots,
             )
             if split in self._pending_state:
                 loader.load_state_dict(self._pending_state.pop(split))

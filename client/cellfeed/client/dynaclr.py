@@ -84,6 +84,8 @@ class MultiExperimentDataModule(RemoteDataModule):
 
     `num_workers` is the number of parallel Flight streams per loader. Validation is in order
     and identical every epoch; augmentations and channel dropout run only while training.
+    `shared_memory`: patches come in shared-memory slots rather than over gRPC when the server
+    runs on this host (None: when available; True: required; False: never).
     """
 
     kind = "dynaclr"
@@ -122,6 +124,7 @@ class MultiExperimentDataModule(RemoteDataModule):
         return_index: bool = False,
         rank: int | None = None,
         world_size: int | None = None,
+        shared_memory: bool | None = None,
     ) -> None:
         super().__init__(token)
         self.save_hyperparameters(ignore=["token", "normalizations", "augmentations"])

@@ -9,7 +9,9 @@ batch it owed, after backoff, so nothing is lost or repeated.
 
 from __future__ import annotations
 
+import logging
 import queue
+import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -18,12 +20,14 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from cellfeed.client.connection import INVALID, NOT_FOUND, Connection, Session, message
+from cellfeed.client.connection import INVALID, NOT_FOUND, SHM_UNAVAILABLE, Connection, Session, message
 from cellfeed.client.errors import RequestError, ServerUnavailable
+from cellfeed.client.shm import SlotReader
 from cellfeed.wire import cellfeed_pb2 as pb
 from cellfeed.wire.malloc import reuse_freed_memory
 
 STATE_VERSION = 1
+log = logging.getLogger(__name__)
 
 
 class RemoteLoader:
@@ -42,6 +46,7 @@ class RemoteLoader:
         prefetch: int = 2,
         epoch: int = 0,
         fixed_epoch: bool = False,
+        slots: SlotReader | None = None,
     ) -> None:
         self.connection = connection
         self.session = session
@@ -53,6 +58,8 @@ class RemoteLoader:
         self.prefetch = max(1, int(prefetch))
         self.fixed_epoch = fixed_epoch
         self._epoch = epoch
+        self.slots = slots  # same host: large tensors come in shared-memory slots
+        self._slot_key = secrets.token_hex(8)
         self._next = 0
         self._resume_from: int | None = None
         self._num_batches: int | None = None
@@ -136,6 +143,7 @@ class RemoteLoader:
             stream_index=stream_index,
             stream_count=self.num_streams,
             first_batch=first_batch,
+            shm_pool=f"{self._slot_key}{stream_index:04x}" if self.slots is not None else "",
         ).SerializeToString()
 
 
@@ -191,7 +199,8 @@ class _Fetcher:
                 reader = conn.do_get(loader.ticket(self.epoch, i, k))
                 self.readers[i] = reader
                 for chunk in reader:
-                    batch = loader.decode(chunk.data)
+                    data = chunk.data if loader.slots is None else loader.slots.resolve(chunk.data)
+                    batch = loader.decode(data)
                     if not self._put(i, (k, batch)):
                         return
                     k += step
@@ -210,6 +219,10 @@ class _Fetcher:
                     except RequestError as exc2:
                         self._put(i, (k, exc2))
                         return
+                if info == SHM_UNAVAILABLE and loader.slots is not None:
+                    log.warning("shared memory unavailable (%s); streaming batches over gRPC instead", message(exc))
+                    loader.slots = None
+                    continue
                 if info == INVALID:
                     self._put(i, (k, RequestError(message(exc))))
                     return

@@ -52,7 +52,7 @@ class StreamRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., split: _Optional[str] = ..., epoch: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., stream_count: _Optional[int] = ..., first_batch: _Optional[int] = ...) -> None: ...
 
 class Ticket(_message.Message):
-    __slots__ = ("session_id", "split", "epoch", "rank", "world_size", "stream_index", "stream_count", "first_batch")
+    __slots__ = ("session_id", "split", "epoch", "rank", "world_size", "stream_index", "stream_count", "first_batch", "shm_pool")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SPLIT_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
@@ -61,6 +61,7 @@ class Ticket(_message.Message):
     STREAM_INDEX_FIELD_NUMBER: _ClassVar[int]
     STREAM_COUNT_FIELD_NUMBER: _ClassVar[int]
     FIRST_BATCH_FIELD_NUMBER: _ClassVar[int]
+    SHM_POOL_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     split: str
     epoch: int
@@ -69,7 +70,8 @@ class Ticket(_message.Message):
     stream_index: int
     stream_count: int
     first_batch: int
-    def __init__(self, session_id: _Optional[str] = ..., split: _Optional[str] = ..., epoch: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., stream_index: _Optional[int] = ..., stream_count: _Optional[int] = ..., first_batch: _Optional[int] = ...) -> None: ...
+    shm_pool: str
+    def __init__(self, session_id: _Optional[str] = ..., split: _Optional[str] = ..., epoch: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., stream_index: _Optional[int] = ..., stream_count: _Optional[int] = ..., first_batch: _Optional[int] = ..., shm_pool: _Optional[str] = ...) -> None: ...
 
 class Plan(_message.Message):
     __slots__ = ("num_batches", "batch_size")

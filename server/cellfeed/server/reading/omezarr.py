@@ -203,10 +203,17 @@ class ImageReader:
         with self._lock:
             return self._arrays.setdefault(key, store)
 
-    def read(self, patches: Sequence[PatchRequest], size_zyx: tuple[int, int, int]) -> np.ndarray:
-        """Read patches of `size_zyx` into one [N, C, Z, Y, X] float32 array (see `read_async`)."""
-        out = self.read_async(patches, size_zyx).result()
-        return out if out.dtype == np.float32 else out.astype(np.float32)
+    def read(self, patches: Sequence[PatchRequest], size_zyx: tuple[int, int, int], out: np.ndarray | None = None) -> np.ndarray:
+        """Read patches of `size_zyx` into one [N, C, Z, Y, X] float32 array (see `read_async`),
+        or into `out` (e.g. a shared-memory slot), with no copy after the chunk decode."""
+        if out is None:
+            result = self.read_async(patches, size_zyx).result()
+            return result if result.dtype == np.float32 else result.astype(np.float32)
+        stack = self._stack(patches, size_zyx)
+        if stack.dtype != ts.float32:
+            stack = ts.cast(stack, ts.float32)
+        ts.array(out, copy=False, write=True).write(stack).result()
+        return out
 
     def read_async(self, patches: Sequence[PatchRequest], size_zyx: tuple[int, int, int]) -> ts.Future:
         """Start one stacked read of all patches; the future gives a contiguous [N, C, Z, Y, X] array.
@@ -214,6 +221,9 @@ class ImageReader:
         One read over a stack of lazy views lets tensorstore run every chunk fetch at once and
         write straight into the contiguous result, which then travels without another copy.
         """
+        return self._stack(patches, size_zyx).read()
+
+    def _stack(self, patches: Sequence[PatchRequest], size_zyx: tuple[int, int, int]) -> ts.TensorStore:
         dz, dy, dx = size_zyx
         if not patches:
             raise ValueError("no patches to read")
@@ -221,4 +231,4 @@ class ImageReader:
             self.array(p.fov).oindex[p.t, list(p.channels), p.z0 : p.z0 + dz, p.y0 : p.y0 + dy, p.x0 : p.x0 + dx].translate_to[0]
             for p in patches
         ]
-        return ts.stack(views).read()
+        return ts.stack(views)

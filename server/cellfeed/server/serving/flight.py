@@ -1,7 +1,8 @@
 """The data plane: an Arrow Flight service that opens sessions, plans streams and serves batches.
 
-Calls: DoAction("open_session", OpenSession) -> SessionInfo; GetFlightInfo(StreamRequest) ->
-one endpoint per stream with its Ticket and the Plan in app_metadata; DoGet(Ticket) -> batches.
+Calls: DoAction("open_session", OpenSession) -> SessionInfo; DoAction("shm_probe") -> whether
+the client shares this server's shared-memory folder; GetFlightInfo(StreamRequest) -> one
+endpoint per stream with its Ticket and the Plan in app_metadata; DoGet(Ticket) -> batches.
 """
 
 from __future__ import annotations
@@ -17,18 +18,21 @@ from google.protobuf.message import DecodeError
 
 from cellfeed.server.errors import CellfeedError, NotFound
 from cellfeed.server.serving.sessions import SessionRegistry, StreamProgress
+from cellfeed.server.serving.shm import AHEAD, ShmUnavailable, SlotPool, SlotPools, to_refs
 from cellfeed.wire import cellfeed_pb2 as pb
-from cellfeed.wire import codec
+from cellfeed.wire import codec, shm
 
 log = logging.getLogger(__name__)
 
 NOT_FOUND = b"cellfeed:not_found"
 INVALID = b"cellfeed:invalid"
+SHM_UNAVAILABLE = b"cellfeed:shm_unavailable"
 
 
 def _client_error(exc: CellfeedError) -> flight.FlightServerError:
-    """A request's own fault, sent with its message (extra_info tells not-found from invalid)."""
-    return flight.FlightServerError(str(exc), extra_info=NOT_FOUND if isinstance(exc, NotFound) else INVALID)
+    """A request's own fault, sent with its message (extra_info tells the kinds apart)."""
+    kind = NOT_FOUND if isinstance(exc, NotFound) else SHM_UNAVAILABLE if isinstance(exc, ShmUnavailable) else INVALID
+    return flight.FlightServerError(str(exc), extra_info=kind)
 
 
 def _parse(message_type, payload: bytes, what: str):
@@ -43,17 +47,23 @@ def _parse(message_type, payload: bytes, what: str):
 class FlightService(flight.FlightServerBase):
     """cellfeed's Flight server; one per process, serving every session and client."""
 
-    def __init__(self, location: str, sessions: SessionRegistry, **kwargs) -> None:
+    def __init__(self, location: str, sessions: SessionRegistry, pools: SlotPools | None = None, **kwargs) -> None:
         super().__init__(location, **kwargs)
         self.sessions = sessions
+        self.pools = pools or SlotPools(None)
 
     def list_actions(self, context):
-        return [("open_session", "Open (or find) a session: body OpenSession, result SessionInfo")]
+        return [
+            ("open_session", "Open (or find) a session: body OpenSession, result SessionInfo"),
+            ("shm_probe", "Body JSON {name, content}: result b'1' if this server sees that file with that content"),
+        ]
 
     def do_action(self, context, action):
         try:
+            if action.type == "shm_probe":
+                return [flight.Result(pa.py_buffer(b"1" if self._probe(action.body.to_pybytes()) else b"0"))]
             if action.type != "open_session":
-                raise CellfeedError(f"unknown action {action.type!r}; known: open_session")
+                raise CellfeedError(f"unknown action {action.type!r}; known: open_session, shm_probe")
             request = _parse(pb.OpenSession, action.body.to_pybytes(), "OpenSession")
             try:
                 config = json.loads(request.config_json or "{}")
@@ -70,8 +80,15 @@ class FlightService(flight.FlightServerBase):
             )
             return [flight.Result(pa.py_buffer(reply.SerializeToString()))]
         except CellfeedError as exc:
-            log.info("open_session refused: %s", exc)
+            log.info("%s refused: %s", action.type, exc)
             raise _client_error(exc) from None
+
+    def _probe(self, body: bytes) -> bool:
+        try:
+            probe = json.loads(body)
+            return self.pools.probe(str(probe["name"]), bytes.fromhex(probe["content"]))
+        except (ValueError, KeyError, TypeError):
+            raise CellfeedError("shm_probe: the body must be JSON {\"name\": ..., \"content\": hex}") from None
 
     def get_flight_info(self, context, descriptor):
         try:
@@ -117,6 +134,10 @@ class FlightService(flight.FlightServerBase):
             source = self.sessions.get(t.session_id).source
             schema = source.schema(t.split)
             total = source.num_batches(t.split, t.world_size)
+            pool = None
+            if t.shm_pool and any(shm.moves_to_shm(f) for f in schema):
+                pool = self.pools.acquire(t.shm_pool)
+                schema = shm.ref_schema(schema)
         except CellfeedError as exc:
             raise _client_error(exc) from None
         first = t.first_batch + (t.stream_index - t.first_batch) % t.stream_count
@@ -134,17 +155,37 @@ class FlightService(flight.FlightServerBase):
                 peer=context.peer(),
             )
         )
-        batches = self._batches(source, t, first, total, progress, context)
+        alloc = None if pool is None else (lambda shape, dtype: pool.array(shape, dtype, context.is_cancelled))
+        batches = self._batches(source, t, first, total, progress, context, alloc)
+        if pool is not None:
+            batches = self._in_slots(batches, schema, pool, context)
         # RecordBatchStream (not GeneratorStream) so dictionary batches precede the first record batch.
         return flight.RecordBatchStream(pa.RecordBatchReader.from_batches(schema, batches))
 
-    def _batches(self, source, t, first: int, total: int, progress: StreamProgress, context) -> Iterator[pa.RecordBatch]:
+    def _in_slots(self, batches: Iterator[pa.RecordBatch], schema: pa.Schema, pool: SlotPool, context) -> Iterator[pa.RecordBatch]:
+        """Large tensor columns moved into the pool's slots; slots the client never got are freed."""
+        sent: list = []
+        finished = False
+        try:
+            for batch in batches:
+                batch, used = to_refs(batch, schema, pool, context.is_cancelled)
+                sent = (sent + used)[-4 * AHEAD :]
+                yield batch
+            finished = True
+        except ShmUnavailable as exc:
+            raise _client_error(exc) from None
+        finally:
+            if not finished:
+                pool.forget(sent)
+            self.pools.release(pool)
+
+    def _batches(self, source, t, first: int, total: int, progress: StreamProgress, context, alloc=None) -> Iterator[pa.RecordBatch]:
         try:
             for index in range(first, total, t.stream_count):
                 if context.is_cancelled():
                     progress.state = "cancelled"
                     return
-                yield source.batch(t.split, t.epoch, t.rank, t.world_size, index)
+                yield source.batch(t.split, t.epoch, t.rank, t.world_size, index, alloc=alloc)
                 progress.sent += 1
                 progress.updated_at = time.time()
             progress.state = "done"

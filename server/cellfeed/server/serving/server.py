@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import threading
 
 import uvicorn
@@ -12,8 +13,10 @@ from cellfeed.server.serving.auth import TokenMiddlewareFactory
 from cellfeed.server.serving.flight import FlightService
 from cellfeed.server.serving.http import create_app
 from cellfeed.server.serving.sessions import SessionRegistry
+from cellfeed.server.serving.shm import SlotPools
 from cellfeed.server.settings import Settings
 from cellfeed.wire.malloc import reuse_freed_memory
+from cellfeed.wire.shm import shm_dir
 
 log = logging.getLogger("cellfeed")
 
@@ -28,7 +31,7 @@ def build_flight(ctx: ServerContext, sessions: SessionRegistry) -> tuple[FlightS
         scheme = "grpc+tls"
     if s.token:
         kwargs["middleware"] = {"auth": TokenMiddlewareFactory(s.token)}
-    service = FlightService(f"{scheme}://{s.host}:{s.flight_port}", sessions, **kwargs)
+    service = FlightService(f"{scheme}://{s.host}:{s.flight_port}", sessions, SlotPools(shm_dir()), **kwargs)
     return service, f"{scheme}://{s.host}:{service.port}"
 
 
@@ -42,8 +45,15 @@ def serve(settings: Settings) -> None:
     thread.start()
     app = create_app(ctx, sessions, flight_uri)
     log.info("cellfeed serving %s: flight %s, http http://%s:%d", ctx.data_root.path, flight_uri, settings.host, settings.http_port)
+    # uvicorn shuts down on SIGTERM, then raises it again: exit through `finally`, not by signal
+    signal.signal(signal.SIGTERM, _exit)
     try:
         uvicorn.run(app, host=settings.host, port=settings.http_port, log_level="warning")
     finally:
         flight_service.shutdown()
+        flight_service.pools.close()
         ctx.handles.close()
+
+
+def _exit(signum: int, frame: object) -> None:
+    raise SystemExit(0)

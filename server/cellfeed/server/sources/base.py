@@ -7,11 +7,15 @@ the same record batch in any server process, so resume and fail-over need no ser
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import numpy as np
 import pyarrow as pa
 
 from cellfeed.server.errors import NotFound
+
+Alloc = Callable[[tuple[int, ...], np.dtype], np.ndarray]
 
 if TYPE_CHECKING:
     from cellfeed.server.context import ServerContext
@@ -66,8 +70,12 @@ class Source(ABC):
         return self.sampler(split).num_batches(world_size)
 
     @abstractmethod
-    def batch(self, split: str, epoch: int, rank: int, world_size: int, index: int) -> pa.RecordBatch:
-        """Rank-local batch `index` of `epoch`. Thread-safe: several streams call it at once."""
+    def batch(self, split: str, epoch: int, rank: int, world_size: int, index: int, *, alloc: Alloc | None = None) -> pa.RecordBatch:
+        """Rank-local batch `index` of `epoch`. Thread-safe: several streams call it at once.
+
+        `alloc(shape, dtype)`, when given, makes the arrays of large dense columns (in a
+        shared-memory slot); a source that reads into them spares the stream a copy.
+        """
 
     def close(self) -> None:
         """Release what `open` acquired beyond the shared handle cache."""

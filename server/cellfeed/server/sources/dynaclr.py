@@ -37,7 +37,7 @@ from cellfeed.server.samplers.flexible import (
     PlannedBatch,
 )
 from cellfeed.server.samplers.sequential import SequentialSampler
-from cellfeed.server.sources.base import Source
+from cellfeed.server.sources.base import Alloc, Source
 from cellfeed.wire import codec
 
 log = logging.getLogger(__name__)
@@ -198,7 +198,7 @@ class DynaCLRSource(Source):
         self.sampler(split)
         return self._schemas[split]
 
-    def batch(self, split: str, epoch: int, rank: int, world_size: int, index: int) -> pa.RecordBatch:
+    def batch(self, split: str, epoch: int, rank: int, world_size: int, index: int, *, alloc: Alloc | None = None) -> pa.RecordBatch:
         sampler = self.sampler(split)
         check_batch_index(index, rank, world_size, sampler.num_batches(world_size))
         planned: PlannedBatch = sampler.batch(epoch, rank, world_size, index)
@@ -206,7 +206,7 @@ class DynaCLRSource(Source):
         n = len(anchors)
         columns: dict[str, pa.Array] = {}
         if split == "predict":
-            images = self._read(anchors)
+            images = self._read(anchors, alloc)
             columns["anchor"] = codec.tensor_column(images)
             columns["anchor_norm"] = codec.tensor_column(self._norm(anchors))
         else:
@@ -215,7 +215,7 @@ class DynaCLRSource(Source):
                 [self.config.seed, _SPLIT_KEY[split], epoch if split == "train" else 0, planned.global_index]
             )
             positives, _ = self.positives.sample(anchors, rng)
-            images = self._read(np.concatenate([anchors, positives]))
+            images = self._read(np.concatenate([anchors, positives]), alloc)
             columns["anchor"] = codec.tensor_column(images[:n])
             columns["positive"] = codec.tensor_column(images[n:])
             columns["anchor_norm"] = codec.tensor_column(self._norm(anchors))
@@ -228,8 +228,9 @@ class DynaCLRSource(Source):
                 columns["positive_t"] = pa.array(self.index.rows["t"][positives].astype(np.int32), pa.int32())
         return pa.RecordBatch.from_arrays(list(columns.values()), schema=self._schemas[split])
 
-    def _read(self, rows: np.ndarray) -> np.ndarray:
-        return self.reader.read(self.patches(rows), self.patch_shape[1:])
+    def _read(self, rows: np.ndarray, alloc: Alloc | None = None) -> np.ndarray:
+        out = alloc((len(rows), *self.patch_shape), np.dtype(np.float32)) if alloc is not None else None
+        return self.reader.read(self.patches(rows), self.patch_shape[1:], out=out)
 
     def patches(self, rows: np.ndarray) -> list[PatchRequest]:
         """The patch of each index row: its FOV, frame, source channels, z_range and clamped origin."""

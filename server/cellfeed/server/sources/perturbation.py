@@ -22,7 +22,7 @@ from cellfeed.server.reading.blocks import CSRBlock
 from cellfeed.server.reading.h5ad import H5ad
 from cellfeed.server.samplers.base import check_batch_index
 from cellfeed.server.samplers.perturbation import PerturbationSampler
-from cellfeed.server.sources.base import Source
+from cellfeed.server.sources.base import Alloc, Source
 from cellfeed.wire import codec, csr
 
 log = logging.getLogger(__name__)
@@ -153,7 +153,7 @@ class PerturbationSource(Source):
         self.sampler(split)
         return self._schema
 
-    def batch(self, split: str, epoch: int, rank: int, world_size: int, index: int) -> pa.RecordBatch:
+    def batch(self, split: str, epoch: int, rank: int, world_size: int, index: int, *, alloc: Alloc | None = None) -> pa.RecordBatch:
         sampler: PerturbationSampler = self.sampler(split)
         check_batch_index(index, rank, world_size, sampler.num_batches(world_size))
         planned = sampler.batch(epoch, rank, world_size, index)

@@ -20,7 +20,7 @@ from cellfeed.server.preprocess.layout import chunk_dirs
 from cellfeed.server.preprocess.outputs import read_manifest
 from cellfeed.server.reading.parquet import ParquetFolder
 from cellfeed.server.samplers.table import TableSampler
-from cellfeed.server.sources.base import Source
+from cellfeed.server.sources.base import Alloc, Source
 from cellfeed.wire import codec
 
 
@@ -110,7 +110,7 @@ class TableSource(Source):
         self.sampler(split)
         return self._schema
 
-    def batch(self, split: str, epoch: int, rank: int, world_size: int, index: int) -> pa.RecordBatch:
+    def batch(self, split: str, epoch: int, rank: int, world_size: int, index: int, *, alloc: Alloc | None = None) -> pa.RecordBatch:
         rows = self.sampler(split).batch(epoch, rank, world_size, index)
         folder = self.folders[split]
         groups = folder.group_of(rows)

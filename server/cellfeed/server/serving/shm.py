@@ -1,0 +1,231 @@
+"""The server side of shared-memory slots (see cellfeed.wire.shm): pools, moving columns, probes.
+
+A pool belongs to one client stream key and outlives its streams, so slots (and the pages
+behind them) are reused epoch after epoch: a fresh 80 MB file per batch would cost more in
+page faults than the gRPC copies it saves. Pools idle for `IDLE_S` are removed with their files
+by a sweeper thread, so memory held for a client that went away comes back.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import secrets
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from cellfeed.server.errors import CellfeedError
+from cellfeed.wire import shm
+
+log = logging.getLogger(__name__)
+
+IDLE_S = 10.0  # a pool unused this long goes, files and all; remaking one costs a few page faults
+AHEAD = 2  # slots written but not yet taken up by the client: the stream's read-ahead
+WAIT_S = 60.0
+
+
+class ShmUnavailable(CellfeedError):
+    """A slot could not be made (the shared-memory folder is full); the client falls back to gRPC."""
+
+
+class Slot:
+    """One reusable file: a header and `capacity` data bytes, mapped once."""
+
+    def __init__(self, path: Path, capacity: int) -> None:
+        self.path = path
+        self.name = path.name
+        self.capacity = capacity
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            # reserve the pages now: a full tmpfs then fails here, not with SIGBUS on a write
+            os.posix_fallocate(fd, 0, shm.HEADER_BYTES + capacity)
+            self.map = mmap.mmap(fd, shm.HEADER_BYTES + capacity)
+        except OSError:
+            os.unlink(path)
+            raise
+        finally:
+            os.close(fd)
+        self.state = np.frombuffer(self.map, dtype=np.uint32, count=1)
+        self.data = np.frombuffer(self.map, dtype=np.uint8, offset=shm.HEADER_BYTES)
+        self.address = self.data.ctypes.data
+
+    def holds(self, address: int, nbytes: int) -> bool:
+        return self.address <= address and address + nbytes <= self.address + self.capacity
+
+
+class SlotPool:
+    """The slots of one client stream key; `allocate` hands out a FREE slot or makes one."""
+
+    def __init__(self, directory: Path, key: str) -> None:
+        self.directory = directory
+        self.key = key
+        self.slots: list[Slot] = []
+        self.lock = threading.Lock()
+        self.active = 0
+        self.last_used = time.monotonic()
+
+    def array(self, shape: tuple[int, ...], dtype: np.dtype, cancelled=lambda: False) -> np.ndarray:
+        """A C-contiguous array in a slot that stays out of use until the client frees it.
+
+        Waits while AHEAD slots are written but not yet taken up by the client: the same
+        back-pressure the byte stream would give, while slots the client holds do not count.
+        """
+        dtype = np.dtype(dtype)
+        nbytes = int(np.prod(shape)) * dtype.itemsize
+        slot = self._take(nbytes, cancelled)
+        return slot.data[:nbytes].view(dtype).reshape(shape)
+
+    def _take(self, nbytes: int, cancelled) -> Slot:
+        deadline = time.monotonic() + WAIT_S
+        while True:
+            with self.lock:
+                if sum(1 for s in self.slots if s.state[0] == shm.SENT) < AHEAD:
+                    return self._take_free(nbytes)
+            if cancelled():
+                raise ShmUnavailable("the stream was cancelled while waiting for the client")
+            if time.monotonic() > deadline:
+                raise ShmUnavailable(f"the client took up no batch for {WAIT_S:.0f} s")
+            time.sleep(0.0005)
+
+    def _take_free(self, nbytes: int) -> Slot:
+        for slot in self.slots:
+            if slot.capacity >= nbytes and slot.state[0] == shm.FREE:
+                slot.state[0] = shm.SENT
+                return slot
+        # a name never used before: clients keep slots mapped by name
+        path = self.directory / f"cellfeed-{os.getpid()}-{secrets.token_hex(8)}-{len(self.slots)}"
+        try:
+            slot = Slot(path, nbytes)
+        except OSError as exc:
+            raise ShmUnavailable(f"cannot make a {nbytes:,}-byte shared-memory slot in {self.directory}: {exc.strerror or exc}") from None
+        slot.state[0] = shm.SENT
+        self.slots.append(slot)
+        return slot
+
+    def forget(self, slots: list[Slot]) -> None:
+        """Free slots a broken stream wrote but the client never took up."""
+        with self.lock:
+            for slot in slots:
+                if slot.state[0] == shm.SENT:
+                    slot.state[0] = shm.FREE
+
+    def locate(self, address: int, nbytes: int) -> Slot | None:
+        with self.lock:
+            return next((s for s in self.slots if s.holds(address, nbytes)), None)
+
+    def close(self) -> None:
+        with self.lock:
+            for slot in self.slots:
+                slot.path.unlink(missing_ok=True)
+            self.slots.clear()
+
+
+class SlotPools:
+    """Every pool of this server, by client key; removes idle pools and their files."""
+
+    def __init__(self, directory: Path | None) -> None:
+        self.directory = directory
+        self._pools: dict[str, SlotPool] = {}
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        if directory is not None:
+            _remove_orphans(directory)
+            threading.Thread(target=self._sweep, name="cellfeed-shm-sweeper", daemon=True).start()
+
+    def _sweep(self) -> None:
+        while not self._closed.wait(IDLE_S / 2):
+            self._expire()
+
+    def acquire(self, key: str) -> SlotPool:
+        if self.directory is None:
+            raise ShmUnavailable("this server has no shared-memory folder")
+        if not all(c in "0123456789abcdef" for c in key) or not 8 <= len(key) <= 64:
+            raise CellfeedError(f"malformed ticket: shm_pool {key!r} is not 8 to 64 hex digits")
+        self._expire()
+        with self._lock:
+            pool = self._pools.setdefault(key, SlotPool(self.directory, key))
+            pool.active += 1
+            pool.last_used = time.monotonic()
+            return pool
+
+    def release(self, pool: SlotPool) -> None:
+        with self._lock:
+            pool.active -= 1
+            pool.last_used = time.monotonic()
+
+    def probe(self, name: str, content: bytes) -> bool:
+        """Whether the client's probe file is visible here with its content: a shared folder."""
+        if self.directory is None or not shm.PROBE_NAME.match(name):
+            return False
+        try:
+            return (self.directory / name).read_bytes() == content
+        except OSError:
+            return False
+
+    def describe(self) -> dict:
+        with self._lock:
+            pools = list(self._pools.values())
+        return {
+            "directory": str(self.directory) if self.directory else None,
+            "pools": len(pools),
+            "slots": sum(len(p.slots) for p in pools),
+            "bytes": sum(s.capacity for p in pools for s in p.slots),
+        }
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            idle = [k for k, p in self._pools.items() if p.active == 0 and now - p.last_used > IDLE_S]
+            gone = [self._pools.pop(k) for k in idle]
+        for pool in gone:
+            pool.close()
+
+    def close(self) -> None:
+        self._closed.set()
+        with self._lock:
+            pools, self._pools = list(self._pools.values()), {}
+        for pool in pools:
+            pool.close()
+
+
+def to_refs(batch: pa.RecordBatch, schema: pa.Schema, pool: SlotPool, cancelled=lambda: False) -> tuple[pa.RecordBatch, list[Slot]]:
+    """The batch with each large tensor column as `shm_ref` rows: no copy when its buffer already
+    lies in one of the pool's slots (the source read into it), else one copy into a new slot."""
+    columns, used = [], []
+    for ref_field, column in zip(schema, batch.columns):
+        if ref_field.type != shm.REF_TYPE:
+            columns.append(column)
+            continue
+        values = column.storage.flatten() if isinstance(column, pa.ExtensionArray) else column.flatten()
+        buffer = values.buffers()[1]
+        start = buffer.address + values.offset * values.type.bit_width // 8
+        nbytes = len(values) * values.type.bit_width // 8
+        slot = pool.locate(start, nbytes)
+        if slot is None:
+            target = pool.array((nbytes,), np.uint8, cancelled)
+            target[:] = np.frombuffer(buffer, dtype=np.uint8, count=nbytes, offset=start - buffer.address)
+            slot, start = pool.locate(target.ctypes.data, nbytes), target.ctypes.data
+        used.append(slot)
+        row = nbytes // max(1, len(column))
+        offsets = shm.HEADER_BYTES + (start - slot.address) + row * np.arange(len(column), dtype=np.int64)
+        columns.append(pa.StructArray.from_arrays([pa.array([slot.name] * len(column), pa.string()), pa.array(offsets)], fields=list(shm.REF_TYPE)))
+    return pa.RecordBatch.from_arrays(columns, schema=schema), used
+
+
+def _remove_orphans(directory: Path) -> None:
+    """Slot files of server processes that are gone (a crash leaves them behind)."""
+    for path in directory.glob("cellfeed-*-*-*"):
+        if not shm.SLOT_NAME.match(path.name):
+            continue
+        pid = int(path.name.split("-")[1])
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            path.unlink(missing_ok=True)
+        except PermissionError:
+            pass

@@ -1,0 +1,140 @@
+"""Shared-memory slots on one host: the same batches as over gRPC, reused slots, held batches
+kept intact, a clean fallback when the folder is not shared, and no files left behind."""
+
+from __future__ import annotations
+
+import gc
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.flight as flight
+import pytest
+import torch
+
+from cellfeed.client import MultiExperimentDataModule
+from cellfeed.wire import shm
+from tests.conftest import ServerProcess
+from tests.fixtures.plates import make_dynaclr_data
+
+PATCH = (32, 32)
+SHM = shm.shm_dir()
+pytestmark = pytest.mark.skipif(SHM is None, reason="no shared-memory folder on this machine")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_dynaclr_data(tmp_path_factory.mktemp("shm") / "data")
+
+
+@pytest.fixture(scope="module")
+def server(data):
+    process = ServerProcess(data.root)
+    process.start()
+    yield process
+    process.stop()
+
+
+def _dm(server, **kwargs) -> MultiExperimentDataModule:
+    options = dict(experiments_yaml="experiments.yml", z_range=(0, 3), yx_patch_size=PATCH, final_yx_patch_size=(24, 24),
+                   val_experiments=["tomm20"], batch_size=8, num_workers=2, return_index=True, server=server.flight_uri)
+    dm = MultiExperimentDataModule(**(options | kwargs))
+    dm.setup("fit")
+    return dm
+
+
+def _slot_files(server: ServerProcess) -> list[Path]:
+    return sorted(SHM.glob(f"cellfeed-{server.proc.pid}-*"))
+
+
+def _same(a: list[dict], b: list[dict]) -> None:
+    assert len(a) == len(b) > 0
+    for x, y in zip(a, b):
+        assert torch.equal(x["anchor"], y["anchor"]) and torch.equal(x["positive"], y["positive"])
+        torch.testing.assert_close(x["anchor_norm_meta"], y["anchor_norm_meta"], rtol=0, atol=0, equal_nan=True)
+        assert repr(x["index"]) == repr(y["index"])  # repr: NaN parent ids compare equal
+
+
+def test_slots_give_the_batches_grpc_gives_and_are_reused(server):
+    via_slots, via_grpc = _dm(server, shared_memory=True), _dm(server, shared_memory=False)
+    slots, grpc = via_slots.train_dataloader(), via_grpc.train_dataloader()
+    assert slots.slots is not None and grpc.slots is None
+    # held batches stay intact while later batches of the same stream are written
+    _same(list(slots), list(grpc))
+    assert _slot_files(server), "the stream used no slot"
+    gc.collect()
+    # epochs that drop each batch as they go reuse the slots they have
+    count = len(_slot_files(server))
+    for epoch in (1, 2):
+        slots.set_epoch(epoch)
+        grpc.set_epoch(epoch)
+        for a, b in zip(slots, grpc):
+            _same([a], [b])
+    assert len(_slot_files(server)) == count
+    assert len(slots) > 8  # more batches than a stream keeps slots for
+
+
+def test_validation_and_predict_streams_use_slots_too(server):
+    dm = _dm(server, shared_memory=True)
+    reference = _dm(server, shared_memory=False)
+    _same(list(dm.val_dataloader()), list(reference.val_dataloader()))
+    dm.setup("predict")
+    reference.setup("predict")
+    predicted, expected = list(dm.predict_dataloader()), list(reference.predict_dataloader())
+    assert all(torch.equal(a["anchor"], b["anchor"]) for a, b in zip(predicted, expected))
+
+
+def test_a_client_that_does_not_share_the_folder_streams_over_grpc(server, tmp_path, monkeypatch):
+    monkeypatch.setenv("CELLFEED_SHM_DIR", str(tmp_path))  # this client's folder is not the server's
+    dm = _dm(server)  # shared_memory=None: when available
+    assert dm.train_dataloader().slots is None
+    assert len(list(dm.train_dataloader())) > 0
+    with pytest.raises(RuntimeError, match="does not see this host's shared-memory folder"):
+        _dm(server, shared_memory=True)
+
+
+def test_probe_reads_only_probe_files_of_its_folder(server):
+    client = flight.FlightClient(server.flight_uri)
+    for name in ("../etc/hostname", "cellfeed-probe-../../x", "hostname"):
+        body = json.dumps({"name": name, "content": "00"}).encode()
+        assert list(client.do_action(flight.Action("shm_probe", body)))[0].body.to_pybytes() == b"0"
+    with pytest.raises(flight.FlightServerError, match="shm_probe: the body must be JSON"):
+        list(client.do_action(flight.Action("shm_probe", b"not json")))
+
+
+def test_a_malformed_slot_pool_key_is_refused(server):
+    from cellfeed.client import RequestError
+
+    dm = _dm(server, shared_memory=True)
+    loader = dm.train_dataloader()
+    loader._slot_key = "not-hex!"
+    with pytest.raises(RequestError, match="shm_pool"):
+        next(iter(loader))
+
+
+def test_slot_files_go_with_the_server(data):
+    process = ServerProcess(data.root)
+    process.start()
+    try:
+        dm = _dm(process, shared_memory=True)
+        batches = list(dm.train_dataloader())
+        assert batches and _slot_files(process)
+    finally:
+        process.stop()
+    assert not _slot_files(process)
+    # a batch still held by the client stays readable: its mapping outlives the file
+    assert torch.isfinite(batches[0]["anchor"]).all()
+
+
+def test_resolve_refuses_refs_outside_a_slot(tmp_path):
+    from cellfeed.client.shm import SlotReader
+
+    name = "cellfeed-1-0123456789abcdef-0"
+    (tmp_path / name).write_bytes(bytes(shm.HEADER_BYTES + 64))
+    field = pa.field("x", shm.REF_TYPE, metadata={shm.REF_KEY: json.dumps({"shape": [16], "dtype": "float32"})})
+    refs = pa.StructArray.from_arrays([pa.array([name, name]), pa.array([shm.HEADER_BYTES, shm.HEADER_BYTES + 64])], fields=list(shm.REF_TYPE))
+    with pytest.raises(ValueError, match="outside the data of slot"):
+        SlotReader(tmp_path).resolve(pa.RecordBatch.from_arrays([refs], schema=pa.schema([field])))
+    bad = pa.StructArray.from_arrays([pa.array(["../../etc/passwd"]), pa.array([shm.HEADER_BYTES])], fields=list(shm.REF_TYPE))
+    with pytest.raises(ValueError, match="not a cellfeed slot"):
+        SlotReader(tmp_path).resolve(pa.RecordBatch.from_arrays([bad], schema=pa.schema([field])))
