@@ -74,6 +74,21 @@ def test_slots_give_the_batches_grpc_gives_and_are_reused(server):
     assert len(slots) > 8  # more batches than a stream keeps slots for
 
 
+def test_streams_broken_off_give_their_slots_back(server):
+    """A loop left after one batch cancels its streams; slots written for batches the client never
+    took must not stay taken, or the next epochs would wait and fall back to gRPC."""
+    dm = _dm(server, shared_memory=True)
+    loader = dm.train_dataloader()
+    for epoch in range(6):
+        loader.set_epoch(epoch)
+        for _ in loader:
+            break
+    gc.collect()
+    loader.set_epoch(6)
+    assert len(list(loader)) == len(loader)
+    assert loader.slots is not None  # no fallback: the pool was never stuck
+
+
 def test_validation_and_predict_streams_use_slots_too(server):
     dm = _dm(server, shared_memory=True)
     reference = _dm(server, shared_memory=False)

@@ -12,13 +12,14 @@ import logging
 import time
 from collections.abc import Iterator
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.flight as flight
 from google.protobuf.message import DecodeError
 
 from cellfeed.server.errors import CellfeedError, NotFound
 from cellfeed.server.serving.sessions import SessionRegistry, StreamProgress
-from cellfeed.server.serving.shm import AHEAD, ShmUnavailable, SlotPool, SlotPools, to_refs
+from cellfeed.server.serving.shm import ShmUnavailable, SlotPool, SlotPools, to_refs
 from cellfeed.wire import cellfeed_pb2 as pb
 from cellfeed.wire import codec, shm
 
@@ -155,28 +156,30 @@ class FlightService(flight.FlightServerBase):
                 peer=context.peer(),
             )
         )
-        alloc = None if pool is None else (lambda shape, dtype: pool.array(shape, dtype, context.is_cancelled))
-        batches = self._batches(source, t, first, total, progress, context, alloc)
-        if pool is not None:
-            batches = self._in_slots(batches, schema, pool, context)
+        if pool is None:
+            batches = self._batches(source, t, first, total, progress, context)
+        else:
+            taken: set = set()  # this stream's slots: those the client never got are freed if it breaks
+
+            def alloc(shape: tuple[int, ...], dtype) -> np.ndarray:
+                return pool.array(shape, dtype, context.is_cancelled, taken)
+
+            batches = self._in_slots(self._batches(source, t, first, total, progress, context, alloc), schema, pool, taken, context)
         # RecordBatchStream (not GeneratorStream) so dictionary batches precede the first record batch.
         return flight.RecordBatchStream(pa.RecordBatchReader.from_batches(schema, batches))
 
-    def _in_slots(self, batches: Iterator[pa.RecordBatch], schema: pa.Schema, pool: SlotPool, context) -> Iterator[pa.RecordBatch]:
-        """Large tensor columns moved into the pool's slots; slots the client never got are freed."""
-        sent: list = []
+    def _in_slots(self, batches: Iterator[pa.RecordBatch], schema: pa.Schema, pool: SlotPool, taken: set, context) -> Iterator[pa.RecordBatch]:
+        """Large tensor columns moved into the pool's slots (read there by the source, or copied)."""
         finished = False
         try:
             for batch in batches:
-                batch, used = to_refs(batch, schema, pool, context.is_cancelled)
-                sent = (sent + used)[-4 * AHEAD :]
-                yield batch
+                yield to_refs(batch, schema, pool, context.is_cancelled, taken)
             finished = True
         except ShmUnavailable as exc:
             raise _client_error(exc) from None
         finally:
             if not finished:
-                pool.forget(sent)
+                pool.forget(taken)
             self.pools.release(pool)
 
     def _batches(self, source, t, first: int, total: int, progress: StreamProgress, context, alloc=None) -> Iterator[pa.RecordBatch]:

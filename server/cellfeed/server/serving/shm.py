@@ -59,7 +59,7 @@ class Slot:
 
 
 class SlotPool:
-    """The slots of one client stream key; `allocate` hands out a FREE slot or makes one."""
+    """The slots of one client stream key; `array` hands out a FREE slot or makes one."""
 
     def __init__(self, directory: Path, key: str) -> None:
         self.directory = directory
@@ -69,8 +69,9 @@ class SlotPool:
         self.active = 0
         self.last_used = time.monotonic()
 
-    def array(self, shape: tuple[int, ...], dtype: np.dtype, cancelled=lambda: False) -> np.ndarray:
-        """A C-contiguous array in a slot that stays out of use until the client frees it.
+    def array(self, shape: tuple[int, ...], dtype: np.dtype, cancelled=lambda: False, taken: set | None = None) -> np.ndarray:
+        """A C-contiguous array in a slot that stays out of use until the client frees it
+        (the slot is also added to `taken`, the stream's own record).
 
         Waits while AHEAD slots are written but not yet taken up by the client: the same
         back-pressure the byte stream would give, while slots the client holds do not count.
@@ -78,6 +79,8 @@ class SlotPool:
         dtype = np.dtype(dtype)
         nbytes = int(np.prod(shape)) * dtype.itemsize
         slot = self._take(nbytes, cancelled)
+        if taken is not None:
+            taken.add(slot)
         return slot.data[:nbytes].view(dtype).reshape(shape)
 
     def _take(self, nbytes: int, cancelled) -> Slot:
@@ -107,8 +110,8 @@ class SlotPool:
         self.slots.append(slot)
         return slot
 
-    def forget(self, slots: list[Slot]) -> None:
-        """Free slots a broken stream wrote but the client never took up."""
+    def forget(self, slots: set[Slot]) -> None:
+        """Free the slots a broken stream wrote but the client never took up."""
         with self.lock:
             for slot in slots:
                 if slot.state[0] == shm.SENT:
@@ -193,10 +196,10 @@ class SlotPools:
             pool.close()
 
 
-def to_refs(batch: pa.RecordBatch, schema: pa.Schema, pool: SlotPool, cancelled=lambda: False) -> tuple[pa.RecordBatch, list[Slot]]:
+def to_refs(batch: pa.RecordBatch, schema: pa.Schema, pool: SlotPool, cancelled=lambda: False, taken: set | None = None) -> pa.RecordBatch:
     """The batch with each large tensor column as `shm_ref` rows: no copy when its buffer already
     lies in one of the pool's slots (the source read into it), else one copy into a new slot."""
-    columns, used = [], []
+    columns = []
     for ref_field, column in zip(schema, batch.columns):
         if ref_field.type != shm.REF_TYPE:
             columns.append(column)
@@ -207,14 +210,13 @@ def to_refs(batch: pa.RecordBatch, schema: pa.Schema, pool: SlotPool, cancelled=
         nbytes = len(values) * values.type.bit_width // 8
         slot = pool.locate(start, nbytes)
         if slot is None:
-            target = pool.array((nbytes,), np.uint8, cancelled)
+            target = pool.array((nbytes,), np.uint8, cancelled, taken)
             target[:] = np.frombuffer(buffer, dtype=np.uint8, count=nbytes, offset=start - buffer.address)
             slot, start = pool.locate(target.ctypes.data, nbytes), target.ctypes.data
-        used.append(slot)
         row = nbytes // max(1, len(column))
         offsets = shm.HEADER_BYTES + (start - slot.address) + row * np.arange(len(column), dtype=np.int64)
         columns.append(pa.StructArray.from_arrays([pa.array([slot.name] * len(column), pa.string()), pa.array(offsets)], fields=list(shm.REF_TYPE)))
-    return pa.RecordBatch.from_arrays(columns, schema=schema), used
+    return pa.RecordBatch.from_arrays(columns, schema=schema)
 
 
 def _remove_orphans(directory: Path) -> None:
