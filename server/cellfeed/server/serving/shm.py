@@ -61,9 +61,8 @@ class Slot:
 class SlotPool:
     """The slots of one client stream key; `array` hands out a FREE slot or makes one."""
 
-    def __init__(self, directory: Path, key: str) -> None:
+    def __init__(self, directory: Path) -> None:
         self.directory = directory
-        self.key = key
         self.slots: list[Slot] = []
         self.lock = threading.Lock()
         self.active = 0
@@ -151,7 +150,7 @@ class SlotPools:
             raise CellfeedError(f"malformed ticket: shm_pool {key!r} is not 8 to 64 hex digits")
         self._expire()
         with self._lock:
-            pool = self._pools.setdefault(key, SlotPool(self.directory, key))
+            pool = self._pools.setdefault(key, SlotPool(self.directory))
             pool.active += 1
             pool.last_used = time.monotonic()
             return pool
@@ -169,16 +168,6 @@ class SlotPools:
             return (self.directory / name).read_bytes() == content
         except OSError:
             return False
-
-    def describe(self) -> dict:
-        with self._lock:
-            pools = list(self._pools.values())
-        return {
-            "directory": str(self.directory) if self.directory else None,
-            "pools": len(pools),
-            "slots": sum(len(p.slots) for p in pools),
-            "bytes": sum(s.capacity for p in pools for s in p.slots),
-        }
 
     def _expire(self) -> None:
         now = time.monotonic()
