@@ -12,35 +12,13 @@ import pyarrow.flight as flight
 import pytest
 import torch
 
-from cellfeed.client import MultiExperimentDataModule
 from cellfeed.wire import shm
 from tests.conftest import ServerProcess
-from tests.fixtures.plates import make_dynaclr_data
+from tests import test_dynaclr_stream as stream
 
-PATCH = (32, 32)
 SHM = shm.shm_dir()
+data, server, _dm = stream.data, stream.server, stream._dm  # the same plates, server and DataModule
 pytestmark = pytest.mark.skipif(SHM is None, reason="no shared-memory folder on this machine")
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_dynaclr_data(tmp_path_factory.mktemp("shm") / "data")
-
-
-@pytest.fixture(scope="module")
-def server(data):
-    process = ServerProcess(data.root)
-    process.start()
-    yield process
-    process.stop()
-
-
-def _dm(server, **kwargs) -> MultiExperimentDataModule:
-    options = dict(experiments_yaml="experiments.yml", z_range=(0, 3), yx_patch_size=PATCH, final_yx_patch_size=(24, 24),
-                   val_experiments=["tomm20"], batch_size=8, num_workers=2, return_index=True, server=server.flight_uri)
-    dm = MultiExperimentDataModule(**(options | kwargs))
-    dm.setup("fit")
-    return dm
 
 
 def _slot_files(server: ServerProcess) -> list[Path]:
