@@ -7,6 +7,7 @@ import gc
 import json
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
@@ -86,6 +87,16 @@ def test_a_client_that_does_not_share_the_folder_streams_over_grpc(server, tmp_p
         _dm(server, shared_memory=True)
 
 
+def test_slots_the_client_cannot_open_fall_back_to_grpc(server, tmp_path):
+    """The probe passed, but the slot files cannot be opened here (another user's files, say):
+    the stream goes on over gRPC from the batch it owed, losing and repeating nothing."""
+    dm, reference = _dm(server, shared_memory=True), _dm(server, shared_memory=False)
+    loader = dm.train_dataloader()
+    loader.slots.directory = tmp_path  # where the server's slot files are not
+    _same(list(loader), list(reference.train_dataloader()))
+    assert loader.slots is None
+
+
 def test_probe_reads_only_probe_files_of_its_folder(server):
     client = flight.FlightClient(server.flight_uri)
     for name in ("../etc/hostname", "cellfeed-probe-../../x", "hostname"):
@@ -125,9 +136,43 @@ def test_resolve_refuses_refs_outside_a_slot(tmp_path):
     name = "cellfeed-1-0123456789abcdef-0"
     (tmp_path / name).write_bytes(bytes(shm.HEADER_BYTES + 64))
     field = pa.field("x", shm.REF_TYPE, metadata={shm.REF_KEY: json.dumps({"shape": [16], "dtype": "float32"})})
-    refs = pa.StructArray.from_arrays([pa.array([name, name]), pa.array([shm.HEADER_BYTES, shm.HEADER_BYTES + 64])], fields=list(shm.REF_TYPE))
+    refs = pa.StructArray.from_arrays(
+        [pa.array([name, name]), pa.array([shm.HEADER_BYTES, shm.HEADER_BYTES + 64]), pa.array([0, 0], pa.uint32())], fields=list(shm.REF_TYPE)
+    )
     with pytest.raises(ValueError, match="outside the data of slot"):
         SlotReader(tmp_path).resolve(pa.RecordBatch.from_arrays([refs], schema=pa.schema([field])))
-    bad = pa.StructArray.from_arrays([pa.array(["../../etc/passwd"]), pa.array([shm.HEADER_BYTES])], fields=list(shm.REF_TYPE))
+    bad = pa.StructArray.from_arrays([pa.array(["../../etc/passwd"]), pa.array([shm.HEADER_BYTES]), pa.array([0], pa.uint32())], fields=list(shm.REF_TYPE))
     with pytest.raises(ValueError, match="not a cellfeed slot"):
         SlotReader(tmp_path).resolve(pa.RecordBatch.from_arrays([bad], schema=pa.schema([field])))
+
+
+def test_slot_pool_hands_out_only_slots_the_client_is_done_with(tmp_path):
+    """The header words, one writer each: the server's GEN, the client's TAKEN and DONE."""
+    from cellfeed.server.serving.shm import ShmUnavailable, SlotPool
+
+    pool = SlotPool(tmp_path)
+    first: dict = {}
+    a = pool.array((4,), np.float32, taken=first)
+    (slot,) = pool.slots
+    assert slot.in_flight() and not slot.is_free() and first == {slot: 1}
+    slot.header[shm.TAKEN] = slot.header[shm.DONE] = 1  # the client decoded, then dropped it
+    assert slot.is_free()
+    second: dict = {}
+    b = pool.array((4,), np.float32, taken=second)
+    assert np.shares_memory(a, b) and second == {slot: 2}
+    pool.give_up(first)  # the first stream ends late: generation 2 is not its to give up
+    assert slot.in_flight()
+    slot.header[shm.TAKEN] = 2  # the client took generation 2 and still holds it
+    pool.give_up(second)
+    assert not slot.is_free()
+    slot.header[shm.DONE] = 2
+    assert slot.is_free()
+    # at most AHEAD slots in flight: the next stream waits (here: is told to stop waiting)
+    pool.array((4,), np.float32)
+    pool.array((4,), np.float32)
+    with pytest.raises(ShmUnavailable, match="cancelled"):
+        pool.array((4,), np.float32, cancelled=lambda: True)
+    pool.give_up()  # a new stream for this key: nothing in flight will be read any more
+    assert all(s.is_free() for s in pool.slots)
+    pool.close()
+    assert not list(tmp_path.iterdir())

@@ -7,6 +7,7 @@ a refused request raises RequestError at once with the server's message.
 from __future__ import annotations
 
 import json
+import re
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +23,7 @@ from cellfeed.wire import codec
 NOT_FOUND = b"cellfeed:not_found"
 SHM_UNAVAILABLE = b"cellfeed:shm_unavailable"
 INVALID = b"cellfeed:invalid"
+KIND = re.compile(r" \[(cellfeed:[a-z_]+)\]")
 TRANSIENT = (flight.FlightUnavailableError, flight.FlightTimedOutError, flight.FlightInternalError, ConnectionError)
 
 
@@ -147,7 +149,7 @@ class Connection:
                         self.reset()
                         raise
                     except flight.FlightServerError as exc:
-                        if session is not None and getattr(exc, "extra_info", b"") == NOT_FOUND:
+                        if session is not None and kind(exc) == NOT_FOUND:
                             self.reopen(session)
                             return fn()
                         raise
@@ -171,9 +173,19 @@ class Connection:
 
 
 def message(exc: Exception) -> str:
-    """The server's message without gRPC's trailing detail."""
+    """The server's message without gRPC's trailing detail or the error kind."""
     text = str(exc)
     for marker in (". Detail:", ". gRPC client debug context"):
         if marker in text:
             text = text.split(marker)[0]
-    return text
+    return KIND.sub("", text)
+
+
+def kind(exc: Exception) -> bytes:
+    """What kind of refusal a server error is (`cellfeed:invalid`, ...), or b"" for none: from
+    extra_info, or from the message's `[cellfeed:...]` end when the error came mid-stream."""
+    info = getattr(exc, "extra_info", b"") or b""
+    if info:
+        return info
+    found = KIND.search(str(exc).split(". Detail:")[0])
+    return found.group(1).encode() if found else b""

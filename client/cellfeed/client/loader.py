@@ -20,9 +20,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from cellfeed.client.connection import INVALID, NOT_FOUND, SHM_UNAVAILABLE, Connection, Session, message
+from cellfeed.client.connection import INVALID, NOT_FOUND, SHM_UNAVAILABLE, Connection, Session, kind, message
 from cellfeed.client.errors import RequestError, ServerUnavailable
-from cellfeed.client.shm import SlotReader
+from cellfeed.client.shm import SlotReader, SlotsUnavailable
 from cellfeed.wire import cellfeed_pb2 as pb
 from cellfeed.wire.malloc import reuse_freed_memory
 
@@ -133,7 +133,7 @@ class RemoteLoader:
         if not self.fixed_epoch:
             self._epoch = epoch + 1
 
-    def ticket(self, epoch: int, stream_index: int, first_batch: int) -> bytes:
+    def ticket(self, epoch: int, stream_index: int, first_batch: int, *, shared_memory: bool = False) -> bytes:
         return pb.Ticket(
             session_id=self.session.session_id,
             split=self.split,
@@ -143,7 +143,7 @@ class RemoteLoader:
             stream_index=stream_index,
             stream_count=self.num_streams,
             first_batch=first_batch,
-            shm_pool=f"{self._slot_key}{stream_index:04x}" if self.slots is not None else "",
+            shm_pool=f"{self._slot_key}{stream_index:04x}" if shared_memory else "",
         ).SerializeToString()
 
 
@@ -196,10 +196,11 @@ class _Fetcher:
         delay = 0.1
         while k < self.total and not self.stop.is_set():
             try:
-                reader = conn.do_get(loader.ticket(self.epoch, i, k))
+                slots = loader.slots  # this stream's choice, whatever other streams decide meanwhile
+                reader = conn.do_get(loader.ticket(self.epoch, i, k, shared_memory=slots is not None))
                 self.readers[i] = reader
                 for chunk in reader:
-                    data = chunk.data if loader.slots is None else loader.slots.resolve(chunk.data)
+                    data = chunk.data if slots is None else slots.resolve(chunk.data)
                     batch = loader.decode(data)
                     if not self._put(i, (k, batch)):
                         return
@@ -207,8 +208,14 @@ class _Fetcher:
                     last_ok, delay = time.monotonic(), 0.1
                 if k < self.total and not self.stop.is_set():
                     raise flight.FlightUnavailableError("stream ended early")
+            except SlotsUnavailable as exc:
+                if self.stop.is_set():  # a closed pass: its server-side batches were given up
+                    return
+                log.warning("cannot use the server's shared-memory slots (%s); streaming batches over gRPC instead", exc)
+                loader.slots = None
+                reader.cancel()
             except flight.FlightServerError as exc:
-                info = getattr(exc, "extra_info", b"")
+                info = kind(exc)
                 if info == NOT_FOUND:
                     try:
                         conn.reopen(loader.session)

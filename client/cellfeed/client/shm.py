@@ -1,7 +1,7 @@
 """The client side of shared-memory slots (see cellfeed.wire.shm): probe, map, view, free.
 
-Tensors decoded from a slot are views of it, not copies; the slot returns to the server
-(state FREE) only when every tensor viewing it is gone, so holding a batch is always safe.
+Tensors decoded from a slot are views of it, not copies; the slot returns to the server (DONE
+set to its generation) only when every tensor viewing it is gone, so holding a batch is safe.
 """
 
 from __future__ import annotations
@@ -43,19 +43,24 @@ def probe(connection: "Connection") -> Path | None:
         path.unlink(missing_ok=True)
 
 
-class _Lease:
-    """The tensors of one batch that view one slot; the last one to go frees the slot."""
+class SlotsUnavailable(OSError):
+    """A slot file the server names cannot be opened here (another user's file, say)."""
 
-    def __init__(self, state: np.ndarray, count: int) -> None:
-        self.state = state
-        self.count = count
+
+class _Lease:
+    """The tensors of one batch that view one slot; the last one to go hands the slot back."""
+
+    def __init__(self, header: np.ndarray, generation: int) -> None:
+        self.header = header
+        self.generation = generation
+        self.count = 0
         self.lock = threading.Lock()
 
     def drop(self) -> None:
         with self.lock:
             self.count -= 1
             if self.count == 0:
-                self.state[0] = shm.FREE
+                self.header[shm.DONE] = self.generation
 
 
 class _Hold:
@@ -80,22 +85,24 @@ class SlotReader:
 
     def resolve(self, batch: pa.RecordBatch) -> pa.RecordBatch:
         """The batch with each `shm_ref` column back as the tensor column it stands for, its
-        values a view of the slot (no copy); the slots are HELD until those views are gone."""
+        values a view of the slot (no copy); each slot stays the client's until those views are gone."""
         refs = [(i, f, shm.ref_info(f)) for i, f in enumerate(batch.schema) if shm.ref_info(f)]
         if not refs:
             return batch
         located = {i: self._locate(f.name, batch.column(i), info) for i, f, info in refs}
         leases: dict[str, _Lease] = {}
-        for name, *_ in located.values():
+        for name, _, _, generation in located.values():
             if name:
                 if name not in leases:
-                    state = np.frombuffer(self._map(name), dtype=np.uint32, count=1)
-                    state[0] = shm.HELD
-                    leases[name] = _Lease(state, 0)
+                    header = np.frombuffer(self._map(name), dtype=np.uint32, count=3)
+                    if header[shm.GEN] != generation:
+                        raise SlotsUnavailable(f"slot {name} holds generation {header[shm.GEN]}, the batch names {generation}")
+                    header[shm.TAKEN] = generation
+                    leases[name] = _Lease(header, generation)
                 leases[name].count += 1
         fields, columns = list(batch.schema), list(batch.columns)
         for i, field, info in refs:
-            name, offset, nbytes = located[i]
+            name, offset, nbytes, _ = located[i]
             value_type = pa.from_numpy_dtype(np.dtype(info["dtype"]))
             tensor_type = pa.fixed_shape_tensor(value_type, info["shape"])
             if name:
@@ -111,10 +118,11 @@ class SlotReader:
             fields[i] = pa.field(field.name, tensor_type, nullable=False)
         return pa.RecordBatch.from_arrays(columns, schema=pa.schema(fields, metadata=batch.schema.metadata))
 
-    def _locate(self, column_name: str, column: pa.StructArray, info: dict) -> tuple[str, int, int]:
-        """(slot name, byte offset, byte length) of a column's rows; ("", 0, 0) when it has none."""
+    def _locate(self, column_name: str, column: pa.StructArray, info: dict) -> tuple[str, int, int, int]:
+        """(slot name, byte offset, byte length, generation) of a column's rows; ("", 0, 0, 0) when
+        it has none."""
         if len(column) == 0:
-            return "", 0, 0
+            return "", 0, 0, 0
         slots = column.field("slot")
         offsets = column.field("offset").to_numpy()
         name = slots[0].as_py()
@@ -124,7 +132,7 @@ class SlotReader:
         nbytes = len(column) * row
         if int(offsets[0]) < shm.HEADER_BYTES or int(offsets[0]) + nbytes > len(self._map(name)):
             raise ValueError(f"column {column_name!r}: shm_ref rows lie outside the data of slot {name}")
-        return name, int(offsets[0]), nbytes
+        return name, int(offsets[0]), nbytes, int(column.field("generation")[0].as_py())
 
     def _map(self, name: str) -> mmap.mmap:
         if not shm.SLOT_NAME.match(name):
@@ -132,7 +140,10 @@ class SlotReader:
         with self._lock:
             mapped = self._maps.get(name)
             if mapped is None:
-                fd = os.open(self.directory / name, os.O_RDWR)
+                try:
+                    fd = os.open(self.directory / name, os.O_RDWR)
+                except OSError as exc:
+                    raise SlotsUnavailable(f"{self.directory / name}: {exc.strerror or exc}") from None
                 try:
                     mapped = mmap.mmap(fd, 0)
                 finally:

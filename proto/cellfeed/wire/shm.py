@@ -1,11 +1,13 @@
 """Shared-memory slots: how large dense tensors skip the gRPC byte stream on one host.
 
 A slot is a file in the shared-memory folder (`CELLFEED_SHM_DIR`, default /dev/shm) that the
-server creates and reuses: a 64-byte header, then data. Header bytes 0..3 are the slot's state
-(uint32): SENT once the server wrote a batch into it, HELD once the client decoded that batch,
-FREE again when the client has dropped every tensor viewing it. In a stream that asked for slots, each large tensor column
-travels as a `shm_ref` column (slot name and byte offset per row) in place of its values;
-docs/protocol.md writes the contract out.
+server creates and reuses: a 64-byte header, then data. The header holds three uint32 words,
+each with one writer: GEN (the server: a new number each time it writes a batch into the slot),
+TAKEN (the client: the GEN it decoded) and DONE (the client: the GEN whose tensors are all gone).
+The server reuses a slot once DONE == GEN, or when it gave the batch up (its stream ended) and
+TAKEN != GEN. In a stream that asked for slots, each large tensor column travels as a `shm_ref`
+column (slot, byte offset, generation per row) in place of its values; docs/protocol.md writes
+the contract out.
 """
 
 from __future__ import annotations
@@ -18,11 +20,17 @@ from pathlib import Path
 import pyarrow as pa
 
 HEADER_BYTES = 64
-FREE, SENT, HELD = 0, 1, 2
+GEN, TAKEN, DONE = 0, 1, 2  # header words
 MIN_ROW_BYTES = 4 << 10  # tensor columns with smaller rows stay in the byte stream
 SLOT_NAME = re.compile(r"^cellfeed-[0-9]+-[0-9a-f]{8,64}-[0-9]+$")
 PROBE_NAME = re.compile(r"^cellfeed-probe-[0-9a-f]{32}$")
-REF_TYPE = pa.struct([pa.field("slot", pa.string(), nullable=False), pa.field("offset", pa.int64(), nullable=False)])
+REF_TYPE = pa.struct(
+    [
+        pa.field("slot", pa.string(), nullable=False),
+        pa.field("offset", pa.int64(), nullable=False),
+        pa.field("generation", pa.uint32(), nullable=False),
+    ]
+)
 REF_KEY = b"cellfeed.shm_tensor"
 
 

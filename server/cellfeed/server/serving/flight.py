@@ -31,9 +31,10 @@ SHM_UNAVAILABLE = b"cellfeed:shm_unavailable"
 
 
 def _client_error(exc: CellfeedError) -> flight.FlightServerError:
-    """A request's own fault, sent with its message (extra_info tells the kinds apart)."""
+    """A request's own fault, sent with its message; the kind goes in extra_info and, because
+    Flight drops extra_info from errors raised mid-stream, also at the message's end: [kind]."""
     kind = NOT_FOUND if isinstance(exc, NotFound) else SHM_UNAVAILABLE if isinstance(exc, ShmUnavailable) else INVALID
-    return flight.FlightServerError(str(exc), extra_info=kind)
+    return flight.FlightServerError(f"{exc} [{kind.decode()}]", extra_info=kind)
 
 
 def _parse(message_type, payload: bytes, what: str):
@@ -159,7 +160,7 @@ class FlightService(flight.FlightServerBase):
         if pool is None:
             batches = self._batches(source, t, first, total, progress, context)
         else:
-            taken: set = set()  # this stream's slots: those the client never got are freed if it breaks
+            taken: dict = {}  # slot -> generation this stream wrote: given up if the stream breaks
 
             def alloc(shape: tuple[int, ...], dtype) -> np.ndarray:
                 return pool.array(shape, dtype, context.is_cancelled, taken)
@@ -168,7 +169,7 @@ class FlightService(flight.FlightServerBase):
         # RecordBatchStream (not GeneratorStream) so dictionary batches precede the first record batch.
         return flight.RecordBatchStream(pa.RecordBatchReader.from_batches(schema, batches))
 
-    def _in_slots(self, batches: Iterator[pa.RecordBatch], schema: pa.Schema, pool: SlotPool, taken: set, context) -> Iterator[pa.RecordBatch]:
+    def _in_slots(self, batches: Iterator[pa.RecordBatch], schema: pa.Schema, pool: SlotPool, taken: dict, context) -> Iterator[pa.RecordBatch]:
         """Large tensor columns moved into the pool's slots (read there by the source, or copied)."""
         finished = False
         try:
@@ -178,8 +179,8 @@ class FlightService(flight.FlightServerBase):
         except ShmUnavailable as exc:
             raise _client_error(exc) from None
         finally:
-            if not finished:
-                pool.forget(taken)
+            if not finished or context.is_cancelled():
+                pool.give_up(taken)
             self.pools.release(pool)
 
     def _batches(self, source, t, first: int, total: int, progress: StreamProgress, context, alloc=None) -> Iterator[pa.RecordBatch]:

@@ -50,16 +50,34 @@ class Slot:
             raise
         finally:
             os.close(fd)
-        self.state = np.frombuffer(self.map, dtype=np.uint32, count=1)
+        self.header = np.frombuffer(self.map, dtype=np.uint32, count=3)
         self.data = np.frombuffer(self.map, dtype=np.uint8, offset=shm.HEADER_BYTES)
         self.address = self.data.ctypes.data
+        self.abandoned = 0  # a generation whose stream ended before the client took it
+
+    @property
+    def generation(self) -> int:
+        return int(self.header[shm.GEN])
+
+    def is_free(self) -> bool:
+        g = self.header[shm.GEN]
+        return self.header[shm.DONE] == g or (self.abandoned == g and self.header[shm.TAKEN] != g)
+
+    def in_flight(self) -> bool:
+        """Written, not yet taken up by the client, not given up."""
+        g = self.header[shm.GEN]
+        return self.header[shm.TAKEN] != g and self.abandoned != g and self.header[shm.DONE] != g
+
+    def fill(self) -> None:
+        """Start a new generation: the batch written next is a new one."""
+        self.header[shm.GEN] = int(self.header[shm.GEN]) % 0xFFFFFFFF + 1
 
     def holds(self, address: int, nbytes: int) -> bool:
         return self.address <= address and address + nbytes <= self.address + self.capacity
 
 
 class SlotPool:
-    """The slots of one client stream key; `array` hands out a FREE slot or makes one."""
+    """The slots of one client stream key; `array` hands out a free slot or makes one."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
@@ -68,9 +86,9 @@ class SlotPool:
         self.active = 0
         self.last_used = time.monotonic()
 
-    def array(self, shape: tuple[int, ...], dtype: np.dtype, cancelled=lambda: False, taken: set | None = None) -> np.ndarray:
+    def array(self, shape: tuple[int, ...], dtype: np.dtype, cancelled=lambda: False, taken: dict | None = None) -> np.ndarray:
         """A C-contiguous array in a slot that stays out of use until the client frees it
-        (the slot is also added to `taken`, the stream's own record).
+        (`taken`, the stream's own record, maps the slot to the generation written now).
 
         Waits while AHEAD slots are written but not yet taken up by the client: the same
         back-pressure the byte stream would give, while slots the client holds do not count.
@@ -79,14 +97,14 @@ class SlotPool:
         nbytes = int(np.prod(shape)) * dtype.itemsize
         slot = self._take(nbytes, cancelled)
         if taken is not None:
-            taken.add(slot)
+            taken[slot] = slot.generation
         return slot.data[:nbytes].view(dtype).reshape(shape)
 
     def _take(self, nbytes: int, cancelled) -> Slot:
         deadline = time.monotonic() + WAIT_S
         while True:
             with self.lock:
-                if sum(1 for s in self.slots if s.state[0] == shm.SENT) < AHEAD:
+                if sum(1 for s in self.slots if s.in_flight()) < AHEAD:
                     return self._take_free(nbytes)
             if cancelled():
                 raise ShmUnavailable("the stream was cancelled while waiting for the client")
@@ -96,8 +114,8 @@ class SlotPool:
 
     def _take_free(self, nbytes: int) -> Slot:
         for slot in self.slots:
-            if slot.capacity >= nbytes and slot.state[0] == shm.FREE:
-                slot.state[0] = shm.SENT
+            if slot.capacity >= nbytes and slot.is_free():
+                slot.fill()
                 return slot
         # a name never used before: clients keep slots mapped by name
         path = self.directory / f"cellfeed-{os.getpid()}-{secrets.token_hex(8)}-{len(self.slots)}"
@@ -105,16 +123,17 @@ class SlotPool:
             slot = Slot(path, nbytes)
         except OSError as exc:
             raise ShmUnavailable(f"cannot make a {nbytes:,}-byte shared-memory slot in {self.directory}: {exc.strerror or exc}") from None
-        slot.state[0] = shm.SENT
+        slot.fill()
         self.slots.append(slot)
         return slot
 
-    def forget(self, slots: set[Slot]) -> None:
-        """Free the slots a broken stream wrote but the client never took up."""
+    def give_up(self, taken: dict[Slot, int] | None = None) -> None:
+        """Give up the batches the client has not taken: those one stream wrote (`taken`: slot ->
+        generation; a slot since refilled by another stream is not its own any more), or all."""
         with self.lock:
-            for slot in slots:
-                if slot.state[0] == shm.SENT:
-                    slot.state[0] = shm.FREE
+            for slot, generation in taken.items() if taken is not None else ((s, s.generation) for s in self.slots):
+                if slot.generation == generation and slot.in_flight():
+                    slot.abandoned = generation
 
     def locate(self, address: int, nbytes: int) -> Slot | None:
         with self.lock:
@@ -150,10 +169,14 @@ class SlotPools:
             raise CellfeedError(f"malformed ticket: shm_pool {key!r} is not 8 to 64 hex digits")
         self._expire()
         with self._lock:
-            pool = self._pools.setdefault(key, SlotPool(self.directory))
+            pool = self._pools.get(key)
+            if pool is None:
+                pool = self._pools[key] = SlotPool(self.directory)
             pool.active += 1
             pool.last_used = time.monotonic()
-            return pool
+        # the client reads one stream per key at a time: a new one means the last one is over
+        pool.give_up()
+        return pool
 
     def release(self, pool: SlotPool) -> None:
         with self._lock:
@@ -185,7 +208,7 @@ class SlotPools:
             pool.close()
 
 
-def to_refs(batch: pa.RecordBatch, schema: pa.Schema, pool: SlotPool, cancelled=lambda: False, taken: set | None = None) -> pa.RecordBatch:
+def to_refs(batch: pa.RecordBatch, schema: pa.Schema, pool: SlotPool, cancelled=lambda: False, taken: dict | None = None) -> pa.RecordBatch:
     """The batch with each large tensor column as `shm_ref` rows: no copy when its buffer already
     lies in one of the pool's slots (the source read into it), else one copy into a new slot."""
     columns = []
@@ -204,7 +227,9 @@ def to_refs(batch: pa.RecordBatch, schema: pa.Schema, pool: SlotPool, cancelled=
             slot, start = pool.locate(target.ctypes.data, nbytes), target.ctypes.data
         row = nbytes // max(1, len(column))
         offsets = shm.HEADER_BYTES + (start - slot.address) + row * np.arange(len(column), dtype=np.int64)
-        columns.append(pa.StructArray.from_arrays([pa.array([slot.name] * len(column), pa.string()), pa.array(offsets)], fields=list(shm.REF_TYPE)))
+        n = len(column)
+        names, generations = pa.array([slot.name] * n, pa.string()), pa.array(np.full(n, slot.generation, np.uint32))
+        columns.append(pa.StructArray.from_arrays([names, pa.array(offsets), generations], fields=list(shm.REF_TYPE)))
     return pa.RecordBatch.from_arrays(columns, schema=schema)
 
 
