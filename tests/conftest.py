@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -33,6 +34,7 @@ class ServerProcess:
     http_port: int = field(default_factory=free_port)
     proc: subprocess.Popen | None = None
     log: Path | None = None
+    max_file_bytes: int | None = None  # RLIMIT_FSIZE of the server process, to make writes fail
 
     @property
     def flight_uri(self) -> str:
@@ -54,7 +56,9 @@ class ServerProcess:
         self.log = self.data_root.parent / f"server-{self.http_port}.log"
         handle = open(self.log, "ab")
         env = {k: v for k, v in os.environ.items() if not k.startswith("CELLFEED_")}
-        self.proc = subprocess.Popen(args, stdout=handle, stderr=subprocess.STDOUT, env=env)
+        limit = self.max_file_bytes
+        preexec = None if limit is None else (lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+        self.proc = subprocess.Popen(args, stdout=handle, stderr=subprocess.STDOUT, env=env, preexec_fn=preexec)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -97,6 +97,21 @@ def test_slots_the_client_cannot_open_fall_back_to_grpc(server, tmp_path):
     assert loader.slots is None
 
 
+def test_a_server_that_cannot_make_slots_streams_over_grpc(data, server):
+    """Slot files fail mid-stream (here: a file-size limit, as a full /dev/shm would): the error
+    reaches the client with its kind although Flight drops extra_info mid-stream, and the client
+    goes on over gRPC at once, not after a minute of retries."""
+    limited = ServerProcess(data.root, max_file_bytes=64 << 10)
+    limited.start()
+    try:
+        dm = _dm(limited, shared_memory=True)
+        loader = dm.train_dataloader()
+        _same(list(loader), list(_dm(server, shared_memory=False).train_dataloader()))
+        assert loader.slots is None
+    finally:
+        limited.stop()
+
+
 def test_probe_reads_only_probe_files_of_its_folder(server):
     client = flight.FlightClient(server.flight_uri)
     for name in ("../etc/hostname", "cellfeed-probe-../../x", "hostname"):
