@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow as pa
 
+from cellfeed.client.errors import RequestError
 from cellfeed.wire import shm
 
 MAX_MAPS = 256
@@ -39,6 +40,8 @@ def probe(connection: "Connection") -> Path | None:
     try:
         body = json.dumps({"name": name, "content": content.hex()}).encode()
         return directory if connection.action("shm_probe", body) == b"1" else None
+    except RequestError:  # a server without slots (an older cellfeed): the byte stream it is
+        return None
     finally:
         path.unlink(missing_ok=True)
 
