@@ -1,4 +1,5 @@
-"""A byte-bounded LRU cache of contiguous CSR row blocks, shared by every session of a server.
+"""A byte-bounded LRU cache of decoded blocks (CSR row blocks, parquet row groups), shared by
+every session of a server.
 
 Plans read each block once per epoch and every rank and stream of a job draws its batches from
 the same few blocks at about the same time, so one read serves them all.
@@ -10,10 +11,19 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
+from typing import Protocol, TypeVar
 
 import numpy as np
 
 
+class Sized(Protocol):
+    """What the cache holds: anything that knows its size (CSRBlock, pyarrow.Table)."""
+
+    @property
+    def nbytes(self) -> int: ...
+
+
+B = TypeVar("B", bound=Sized)
 
 
 @dataclass(frozen=True)
@@ -34,26 +44,26 @@ class CSRBlock:
 
 
 class BlockCache:
-    """Keeps recently used CSR blocks up to `max_bytes`; loads a missing block once, even if
-    several threads ask for it together."""
+    """Keeps recently used blocks up to `max_bytes`; loads a missing block once, even if several
+    threads ask for it together."""
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
-        self._blocks: OrderedDict[Hashable, CSRBlock] = OrderedDict()
+        self._blocks: OrderedDict[Hashable, Sized] = OrderedDict()
         self._loading: dict[Hashable, threading.Event] = {}
         self._bytes = 0
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
 
-    def get(self, key: Hashable, load: Callable[[], CSRBlock]) -> CSRBlock:
+    def get(self, key: Hashable, load: Callable[[], B]) -> B:
         while True:
             with self._lock:
                 block = self._blocks.get(key)
                 if block is not None:
                     self._blocks.move_to_end(key)
                     self.hits += 1
-                    return block
+                    return block  # type: ignore[return-value]
                 waiter = self._loading.get(key)
                 if waiter is None:
                     self._loading[key] = threading.Event()
@@ -69,7 +79,7 @@ class BlockCache:
             self._store(key, block)
         return block
 
-    def _store(self, key: Hashable, block: CSRBlock) -> None:
+    def _store(self, key: Hashable, block: Sized) -> None:
         size = block.nbytes
         if key in self._blocks:
             return
