@@ -11,14 +11,13 @@ condition's share. Global batch j goes to rank j % world_size; every rank gets t
 from __future__ import annotations
 
 import math
-import threading
 from dataclasses import dataclass
-from functools import lru_cache
 
 import numpy as np
 
 from cellfeed.server.errors import CellfeedError
 from cellfeed.server.samplers.base import Sampler, batches_per_rank, global_batch
+from cellfeed.server.samplers.plans import EpochPlans
 
 
 @dataclass(frozen=True)
@@ -74,8 +73,7 @@ class FlexibleBatchSampler(Sampler):
             if weights.sum() <= 0:
                 raise CellfeedError("experiment_weights give zero weight to every experiment of this split")
         self._cells = _Cells(self.experiment, self.condition, self.hpi)
-        self._lock = threading.Lock()
-        self._plan = lru_cache(maxsize=4)(self._build_plan)
+        self._plans: EpochPlans[tuple[np.ndarray, np.ndarray]] = EpochPlans(self._build_plan)
 
     def num_batches(self, world_size: int) -> int:
         if self.n == 0:
@@ -87,15 +85,13 @@ class FlexibleBatchSampler(Sampler):
         return batches_per_rank(self.n, B, world_size)
 
     def batch(self, epoch: int, rank: int, world_size: int, index: int) -> PlannedBatch:
-        with self._lock:
-            items, padding = self._plan(epoch, world_size)
+        items, padding = self._plans.get(epoch, world_size)
         j = global_batch(index, rank, world_size)
         return PlannedBatch(items=items[j], padding=padding[j], global_index=j)
 
     def epoch_items(self, epoch: int, world_size: int) -> tuple[np.ndarray, np.ndarray]:
         """The whole epoch: [batches, batch_size] item positions and padding flags (global order)."""
-        with self._lock:
-            return self._plan(epoch, world_size)
+        return self._plans.get(epoch, world_size)
 
     def _build_plan(self, epoch: int, world_size: int) -> tuple[np.ndarray, np.ndarray]:
         rng = np.random.default_rng([self.options.seed, self.stream_key, epoch])

@@ -9,14 +9,13 @@ every read stays a contiguous slice. Every cell of the split is drawn at least o
 from __future__ import annotations
 
 import math
-import threading
 from dataclasses import dataclass
-from functools import lru_cache
 
 import numpy as np
 
 from cellfeed.server.perturbation.layout import FileLayout, Group
 from cellfeed.server.samplers.base import Sampler, batches_per_rank, global_batch
+from cellfeed.server.samplers.plans import EpochPlans
 
 
 @dataclass(frozen=True)
@@ -74,15 +73,13 @@ class PerturbationSampler(Sampler):
             self.groups_of_block[b].append(g)
         self.num_items = sum(math.ceil(len(g.rows) / group_size) for g in groups)
         self.pools = _ControlPools(groups, layouts)
-        self._plan_lock = threading.Lock()
-        self._plan = lru_cache(maxsize=4)(self._build_plan)
+        self._plans: EpochPlans[EpochPlan] = EpochPlans(self._build_plan)
 
     def num_batches(self, world_size: int) -> int:
         return batches_per_rank(self.num_items, self.B, world_size) if self.num_items else 0
 
     def plan(self, epoch: int) -> EpochPlan:
-        with self._plan_lock:
-            return self._plan(epoch)
+        return self._plans.get(epoch)
 
     def batch(self, epoch: int, rank: int, world_size: int, index: int) -> PerturbationBatch:
         plan = self.plan(epoch)

@@ -10,11 +10,10 @@ the start of the epoch's order (declared padding); alone, the last batch is simp
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 import numpy as np
 
 from cellfeed.server.samplers.base import Sampler, batches_per_rank, check_batch_index, global_batch
+from cellfeed.server.samplers.plans import EpochPlans
 
 
 class TableSampler(Sampler):
@@ -29,7 +28,7 @@ class TableSampler(Sampler):
         self.drop_last = drop_last
         self.window = max(1, window)
         self.stream_key = stream_key
-        self._order = lru_cache(maxsize=4)(self._epoch_order)
+        self._orders: EpochPlans[np.ndarray] = EpochPlans(self._epoch_order)
 
     def num_batches(self, world_size: int) -> int:
         if self.num_rows == 0:
@@ -55,7 +54,7 @@ class TableSampler(Sampler):
         stop = first + self.batch_size
         if world_size == 1 and not self.drop_last:
             stop = min(stop, self.num_rows)
-        return self._order(epoch)[np.arange(first, stop) % self.num_rows]
+        return self._orders.get(epoch)[np.arange(first, stop) % self.num_rows]
 
     def padding(self, world_size: int) -> int:
         """Rows repeated per epoch to give every rank full, equal batches."""
