@@ -86,3 +86,35 @@ def test_a_client_does_not_continue_over_files_changed_while_the_server_was_down
     server.start()
     with pytest.raises(RequestError, match="files it reads changed"):
         list(it)
+
+
+def test_a_rerun_pipeline_output_is_streamed_in_a_new_session(serve, tmp_path):
+    """The preprocessing job replaces output/<name> by a rename; TableDataModule sessions opened
+    afterwards stream the new rows, the one opened before keeps the old ones."""
+    from cellfeed.client import TableDataModule
+    from cellfeed.server.preprocess.cli import main
+    from tests.fixtures.preprocess_h5ad import write_cellxgene_like
+
+    root = tmp_path / "root"
+
+    def run(seed: int) -> None:
+        write_cellxgene_like(root / "in/cells.h5ad", n_cells=400, n_genes=120, n_donors=8, seed=seed)
+        args = ["run-all", str(root / "in/cells.h5ad"), "--chunk-size", "200", "--no-progress",
+                "--interim-dir", str(root / "interim"), "--output-dir", str(root / "out"), "--log-dir", str(root / "logs")]
+        assert main(args) == 0
+
+    def sentences(dm: TableDataModule) -> list[str]:
+        return sorted(s for batch in dm.train_dataloader() for s in batch["cell_sentence"].tolist())
+
+    run(seed=1)
+    server = serve(root)
+    old = TableDataModule(server.flight_uri, "out/cells", columns=["cell_sentence"], batch_size=50)
+    old.setup("fit")
+    before = sentences(old)
+    run(seed=2)  # the job's output replaces the old one
+    new = TableDataModule(server.flight_uri, "out/cells", columns=["cell_sentence"], batch_size=50)
+    new.setup("fit")
+    assert new.session.session_id != old.session.session_id
+    after = sentences(new)
+    assert after != before
+    assert sentences(old) == before  # the old session still streams the version it opened
