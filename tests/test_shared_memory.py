@@ -191,3 +191,22 @@ def test_slot_pool_hands_out_only_slots_the_client_is_done_with(tmp_path):
     assert all(s.is_free() for s in pool.slots)
     pool.close()
     assert not list(tmp_path.iterdir())
+
+
+def test_a_new_server_removes_slot_files_of_servers_that_are_gone(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from cellfeed.server.serving.shm import SlotPools
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    alive = os.getppid()
+    for pid in (dead.pid, alive, os.getpid()):
+        (tmp_path / f"cellfeed-{pid}-0123456789abcdef-0").write_bytes(b"x")
+    (tmp_path / "cellfeed-probe-notaslot").write_bytes(b"x")
+    pools = SlotPools(tmp_path)
+    left = sorted(p.name for p in tmp_path.iterdir())
+    pools.close()
+    assert left == sorted([f"cellfeed-{alive}-0123456789abcdef-0", "cellfeed-probe-notaslot"])

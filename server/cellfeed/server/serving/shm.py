@@ -234,11 +234,15 @@ def to_refs(batch: pa.RecordBatch, schema: pa.Schema, pool: SlotPool, cancelled=
 
 
 def _remove_orphans(directory: Path) -> None:
-    """Slot files of server processes that are gone (a crash leaves them behind)."""
+    """Slot files of server processes that are gone (a crash leaves them behind), and any that
+    carry this process's id (a dead server's, whose pid came round again: ours are not made yet)."""
     for path in directory.glob("cellfeed-*-*-*"):
         if not shm.SLOT_NAME.match(path.name):
             continue
         pid = int(path.name.split("-")[1])
+        if pid == os.getpid():
+            path.unlink(missing_ok=True)
+            continue
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
