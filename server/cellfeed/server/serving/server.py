@@ -44,7 +44,14 @@ def serve(settings: Settings) -> None:
     thread = threading.Thread(target=flight_service.serve, name="flight", daemon=True)
     thread.start()
     app = create_app(ctx, sessions, flight_uri)
-    log.info("cellfeed serving %s: flight %s, http http://%s:%d", ctx.data_root.path, flight_uri, settings.host, settings.http_port)
+    log.info(
+        "cellfeed serving %s: flight %s, http http://%s:%d, shared-memory slots %s",
+        ctx.data_root.path,
+        flight_uri,
+        settings.host,
+        settings.http_port,
+        flight_service.pools.directory or "off",
+    )
     # uvicorn shuts down on SIGTERM, then raises it again: exit through `finally`, not by signal
     signal.signal(signal.SIGTERM, _exit)
     try:
