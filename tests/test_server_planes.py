@@ -24,6 +24,7 @@ def test_health_datasets_and_live_sessions(serve, root):
     server = serve(root)
     health = httpx.get(f"{server.http_url}/healthz").json()
     assert health["status"] == "ok" and health["flight_uri"].endswith(str(server.flight_port))
+    assert health["sessions"] == 0 and health["cache_bytes"] == health["cache_hits"] == health["cache_misses"] == 0
     datasets = {d["path"]: d for d in httpx.get(f"{server.http_url}/v1/datasets").json()}
     assert datasets["screens/k562.h5ad"]["format"] == "h5ad" and not datasets["screens/k562.h5ad"]["open"]
     assert datasets["plates/exp.zarr"]["format"] == "ome-zarr"
@@ -42,6 +43,8 @@ def test_health_datasets_and_live_sessions(serve, root):
         pass
     after = httpx.get(f"{server.http_url}/v1/sessions").json()[0]["streams"]
     assert sum(s["sent"] for s in after) == len(loader)
+    health = httpx.get(f"{server.http_url}/healthz").json()
+    assert health["sessions"] == 1 and health["cache_misses"] > 0 and health["cache_bytes"] > 0
     datasets = {d["path"]: d for d in httpx.get(f"{server.http_url}/v1/datasets").json()}
     assert datasets["screens/k562.h5ad"]["open"]
 

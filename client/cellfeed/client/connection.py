@@ -40,10 +40,10 @@ class Session:
 
 @dataclass
 class Plan:
+    """What GetFlightInfo answers for a split: batches per rank in an epoch, items per batch."""
+
     num_batches: int
     batch_size: int
-    schema: pa.Schema
-    tickets: list[bytes]
 
 
 def normalize_location(server: str) -> str:
@@ -115,12 +115,7 @@ class Connection:
         info = self._call(lambda: self.client.get_flight_info(descriptor, self.options()), session=session)
         plan = pb.Plan()
         plan.ParseFromString(info.app_metadata)
-        return Plan(
-            num_batches=plan.num_batches,
-            batch_size=plan.batch_size,
-            schema=info.schema,
-            tickets=[e.ticket.ticket for e in info.endpoints],
-        )
+        return Plan(num_batches=plan.num_batches, batch_size=plan.batch_size)
 
     def do_get(self, ticket: bytes) -> flight.FlightStreamReader:
         return self.client.do_get(flight.Ticket(ticket), self.options())

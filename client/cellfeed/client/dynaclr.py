@@ -36,8 +36,6 @@ INDEX_COLUMNS = (
     "y",
     "x",
 )
-STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "predict": ("predict",)}
-
 
 class TripletBatchDecoder:
     """One record batch to a batch dict, the image tensors being views of the received buffers."""

@@ -21,8 +21,6 @@ from cellfeed.client.loader import RemoteLoader
 from cellfeed.wire import codec, csr
 
 
-STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
-
 
 class PerturbationBatchDecoder:
     """Turns one record batch into protoplast's batch dict, with no copy of the CSR buffers.

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
 
 class CellfeedError(Exception):
     """A request cannot be served because of its input (file, column, value, config key).
@@ -13,3 +17,19 @@ class CellfeedError(Exception):
 
 class NotFound(CellfeedError):
     """A named thing (session, dataset, job, split) does not exist."""
+
+
+Model = TypeVar("Model", bound=BaseModel)
+
+
+def parse_model(model: type[Model], raw: Any, where: str) -> Model:
+    """Validate `raw` as `model`, turning the first pydantic error into a CellfeedError for people."""
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"])
+        if first["type"] == "extra_forbidden":
+            known = ", ".join(model.model_fields)
+            raise CellfeedError(f"{where}: unknown key {loc!r} (known: {known})") from None
+        raise CellfeedError(f"{where}: {loc or 'value'}: {first['msg']}") from None

@@ -6,27 +6,11 @@ falls back to a default.
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from cellfeed.server.errors import CellfeedError
-
-Model = TypeVar("Model", bound=BaseModel)
-
-
-def parse_model(model: type[Model], raw: Any, where: str) -> Model:
-    """Validate `raw` as `model`, turning the first pydantic error into a CellfeedError for people."""
-    try:
-        return model.model_validate(raw)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        loc = ".".join(str(p) for p in first["loc"])
-        if first["type"] == "extra_forbidden":
-            known = ", ".join(model.model_fields)
-            raise CellfeedError(f"{where}: unknown key {loc!r} (known: {known})") from None
-        raise CellfeedError(f"{where}: {loc or 'value'}: {first['msg']}") from None
-
+from cellfeed.server.errors import CellfeedError, parse_model
 
 class DynaCLRConfig(BaseModel):
     """What a client sends to open a DynaCLR session (VisCy's MultiExperimentDataModule arguments

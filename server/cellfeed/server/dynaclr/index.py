@@ -20,9 +20,6 @@ from cellfeed.server.reading.tracks import find_tracks_csv, read_tracks
 
 log = logging.getLogger(__name__)
 
-# Per-row columns carried from the tracking CSVs into batches.
-TRACK_COLUMNS = ("track_id", "t", "id", "parent_track_id", "parent_id", "z", "y", "x")
-
 
 @dataclass(frozen=True)
 class FovRef:
@@ -40,7 +37,7 @@ class CellIndex:
     experiments: list[str]
     conditions: list[str]
     fovs: list[FovRef]
-    rows: dict[str, np.ndarray]  # TRACK_COLUMNS plus experiment, condition, fov, lineage, lineage_track_id, hpi, y0, x0
+    rows: dict[str, np.ndarray]  # the tracks' columns (track_id, t, id, parent ids, z, y, x) plus experiment, condition, fov, lineage, lineage_track_id, hpi, y0, x0
     tau_frames: list[tuple[int, int]]  # per experiment
     grid: LineageGrid
     valid: np.ndarray  # bool per row: a valid anchor

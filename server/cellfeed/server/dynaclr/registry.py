@@ -12,8 +12,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict
 
-from cellfeed.server.dynaclr.config import parse_model
-from cellfeed.server.errors import CellfeedError
+from cellfeed.server.errors import CellfeedError, parse_model
 from cellfeed.server.paths import DataRoot
 from cellfeed.server.reading.omezarr import Plate
 

@@ -19,14 +19,6 @@ def tau_probabilities(tau_min: int, tau_max: int, decay: float) -> tuple[np.ndar
     return taus, weights / weights.sum()
 
 
-def sample_tau(rng: np.random.Generator, tau_min: int, tau_max: int, decay: float) -> int:
-    """One offset drawn from `tau_probabilities`."""
-    taus, probs = tau_probabilities(tau_min, tau_max, decay)
-    if len(taus) == 0:
-        raise ValueError(f"tau range [{tau_min}, {tau_max}] holds no offset >= 1")
-    return int(rng.choice(taus, p=probs))
-
-
 def tau_weight_matrix(ranges: list[tuple[int, int]], decay: float) -> np.ndarray:
     """[experiments, K+1] weights over tau = 0..K (K the largest tau_max): row e sums to 1."""
     width = max(hi for _, hi in ranges) + 1 if ranges else 1

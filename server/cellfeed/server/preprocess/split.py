@@ -91,7 +91,6 @@ def _donor_plan(cells: dict[Any, Counter], test_size: float, seed: int, dropped:
     return SplitPlan(
         level="donor",
         donor_test={d: d in test for d in names},
-        donor_ages={d: age_of[d] for d in names},
         dropped=dropped,
         drop_null_age=drop_null,
     )
@@ -119,7 +118,6 @@ class SplitPlan:
     dropped: int
     drop_null_age: bool
     donor_test: dict[Any, bool] = field(default_factory=dict)
-    donor_ages: dict[Any, float | None] = field(default_factory=dict)
     chosen: dict[float | None, np.ndarray] = field(default_factory=dict)
     reason: str = ""
 

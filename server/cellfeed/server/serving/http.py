@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from fastapi import Depends, FastAPI
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from cellfeed.server.context import ServerContext
 from cellfeed.server.jobs.api import make_router
@@ -22,6 +22,9 @@ class Health(BaseModel):
     data_root: str
     sessions: int
     open_files: int
+    cache_bytes: int = Field(description="decoded blocks held in the block cache")
+    cache_hits: int
+    cache_misses: int
 
 
 class Dataset(BaseModel):
@@ -44,8 +47,11 @@ def create_app(ctx: ServerContext, sessions: SessionRegistry, flight_uri: str) -
             status="ok",
             flight_uri=flight_uri,
             data_root=str(ctx.data_root.path),
-            sessions=len(sessions.describe()),
+            sessions=len(sessions),
             open_files=len(ctx.handles.paths()),
+            cache_bytes=ctx.blocks.nbytes,
+            cache_hits=ctx.blocks.hits,
+            cache_misses=ctx.blocks.misses,
         )
 
     @app.get("/v1/datasets", response_model=list[Dataset], dependencies=guarded)

@@ -100,6 +100,10 @@ class SessionRegistry:
                 self._latest[key] = session
             return session
 
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._sessions)
+
     def get(self, sid: str) -> Session:
         with self._lock:
             session = self._sessions.get(sid)

@@ -12,10 +12,10 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from cellfeed.server.context import ServerContext
-from cellfeed.server.errors import CellfeedError
+from cellfeed.server.errors import CellfeedError, parse_model
 from cellfeed.server.preprocess.layout import chunk_dirs
 from cellfeed.server.preprocess.outputs import read_manifest
 from cellfeed.server.reading.parquet import ParquetFolder
@@ -74,12 +74,7 @@ class TableSource(Source):
 
     @classmethod
     def open(cls, config: dict[str, Any], ctx: ServerContext) -> "TableSource":
-        try:
-            cfg = TableConfig.model_validate(config)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"]) or "config"
-            raise CellfeedError(f"table config: {where}: {first['msg']}") from None
+        cfg = parse_model(TableConfig, config, "table config")
         path = ctx.data_root.resolve(cfg.dataset)
         label = ctx.data_root.relative(path)
         if not path.is_dir():
