@@ -1,14 +1,19 @@
-"""What every part of a running server shares: settings, the data root, open handles, sessions."""
+"""What every part of a running server shares: settings, the data root, open handles, caches."""
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cellfeed.server.paths import DataRoot
 from cellfeed.server.reading.blocks import BlockCache
 from cellfeed.server.reading.handles import HandleCache
 from cellfeed.server.settings import Settings
+
+if TYPE_CHECKING:
+    from cellfeed.server.reading.omezarr import ImageReader
 
 
 @dataclass
@@ -19,6 +24,18 @@ class ServerContext:
     data_root: DataRoot
     handles: HandleCache = field(default_factory=HandleCache)
     blocks: BlockCache = field(default_factory=lambda: BlockCache(1 << 30))
+    _image_readers: dict[int, "ImageReader"] = field(default_factory=dict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def image_reader(self, cache_pool_bytes: int) -> "ImageReader":
+        """The tensorstore reader (one context, one chunk-cache pool) shared by every DynaCLR
+        session that asks for this pool size."""
+        from cellfeed.server.reading.omezarr import ImageReader  # tensorstore: only when needed
+
+        with self._lock:
+            if cache_pool_bytes not in self._image_readers:
+                self._image_readers[cache_pool_bytes] = ImageReader(cache_pool_bytes)
+            return self._image_readers[cache_pool_bytes]
 
     @property
     def state_dir(self) -> Path:

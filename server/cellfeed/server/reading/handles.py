@@ -37,28 +37,23 @@ class HandleCache:
         self._lock = threading.Lock()
         self._recorders = threading.local()
 
-    def get(self, path: Path, opener: Callable[[Path], Any], name: str | None = None, *, versioned: bool = True) -> Any:
-        """The handle of the current version of `path` (opened now if it changed or is new).
-
-        `versioned=False` is for handles that are not a file's content (a shared reader keyed
-        by the data root): they are opened once and never replaced.
-        """
+    def get(self, path: Path, opener: Callable[[Path], Any], name: str | None = None) -> Any:
+        """The handle of the current version of `path` (opened now if it changed or is new)."""
         resolved = Path(path).resolve()
         key = (resolved, name or getattr(opener, "__qualname__", repr(opener)))
-        version = version_of(resolved) if versioned else None
+        version = version_of(resolved)
         with self._lock:
             entry = self._handles.get(key)
             if entry is None or entry[0] != version:
                 entry = (version, opener(resolved))
                 self._handles[key] = entry
-        if versioned:
-            for used in getattr(self._recorders, "stack", []):
-                used[resolved] = version
+        for used in getattr(self._recorders, "stack", []):
+            used[resolved] = version
         return entry[1]
 
     @contextmanager
     def recording(self) -> Iterator[dict[Path, Version | None]]:
-        """Collect {path: version} of every versioned handle this thread gets inside the block."""
+        """Collect {path: version} of every handle this thread gets inside the block."""
         stack = self._recorders.__dict__.setdefault("stack", [])
         used: dict[Path, Version | None] = {}
         stack.append(used)

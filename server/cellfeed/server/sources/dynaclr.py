@@ -148,13 +148,7 @@ class DynaCLRSource(Source):
             exclude_fovs=cfg.exclude_fovs,
             tracks_label={name: ctx.data_root.relative(tracks) for name, (_, tracks) in paths.items()},
         )
-        reader = ctx.handles.get(
-            ctx.data_root.path,
-            lambda _: ImageReader(cfg.cache_pool_bytes),
-            name=f"omezarr-reader:{cfg.cache_pool_bytes}",
-            versioned=False,
-        )
-        return cls(cfg, registry, index, reader)
+        return cls(cfg, registry, index, ctx.image_reader(cfg.cache_pool_bytes))
 
     def info(self) -> dict[str, Any]:
         rows, index = self.index.rows, self.index
