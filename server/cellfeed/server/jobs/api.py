@@ -11,6 +11,7 @@ Bad requests answer 4xx with a message: 400 (bad path or option), 404 (no such j
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, HTTPException, Query, status
+from fastapi.routing import APIRoute
 
 from cellfeed.server.context import ServerContext
 from cellfeed.server.errors import CellfeedError, NotFound
@@ -29,18 +30,30 @@ def _http(exc: CellfeedError) -> HTTPException:
     return HTTPException(status_code=code, detail=str(exc))
 
 
+class _JobsRoute(APIRoute):
+    """Every jobs route answers a CellfeedError with its status (404, 409, else 400) and message."""
+
+    def get_route_handler(self):
+        handler = super().get_route_handler()
+
+        async def route(request):
+            try:
+                return await handler(request)
+            except CellfeedError as exc:
+                raise _http(exc) from None
+
+        return route
+
+
 def make_router(ctx: ServerContext, service: JobService | None = None) -> APIRouter:
     """The /v1/jobs routes, backed by `service` (started here when not given)."""
     service = service or start_jobs(ctx)
-    router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(require_token)])
+    router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(require_token)], route_class=_JobsRoute)
     router.service = service  # type: ignore[attr-defined]
 
     @router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=Accepted, summary="Submit a preprocess or sort job")
     def submit(request: JobRequest) -> Accepted:
-        try:
-            job = service.submit(request)
-        except CellfeedError as exc:
-            raise _http(exc) from None
+        job = service.submit(request)
         return Accepted(id=job.id, state=job.state)
 
     @router.get("", response_model=list[Job], summary="Every job, oldest first")
@@ -49,32 +62,20 @@ def make_router(ctx: ServerContext, service: JobService | None = None) -> APIRou
 
     @router.get("/{job_id}", response_model=Job, summary="One job: state, per-file progress and timings, errors")
     def get_job(job_id: str) -> Job:
-        try:
-            return service.get(job_id)
-        except CellfeedError as exc:
-            raise _http(exc) from None
+        return service.get(job_id)
 
     @router.get("/{job_id}/logs", response_model=JobLogs, summary="The job's log entries (JSON lines), from an offset")
     def job_logs(job_id: str, offset: int = Query(0, ge=0)) -> JobLogs:
-        try:
-            entries, next_offset = service.logs(job_id, offset)
-        except CellfeedError as exc:
-            raise _http(exc) from None
+        entries, next_offset = service.logs(job_id, offset)
         return JobLogs(id=job_id, entries=[LogEntry(**e) for e in entries if "time" in e and "event" in e], next_offset=next_offset)
 
     @router.delete("/{job_id}", status_code=status.HTTP_202_ACCEPTED, response_model=Job, summary="Cancel a queued or running job")
     def cancel_job(job_id: str) -> Job:
-        try:
-            return service.cancel(job_id)
-        except CellfeedError as exc:
-            raise _http(exc) from None
+        return service.cancel(job_id)
 
     @router.post("/{job_id}/resume", status_code=status.HTTP_202_ACCEPTED, response_model=Accepted, summary="Resume an interrupted, failed or cancelled job; finished files are skipped")
     def resume_job(job_id: str) -> Accepted:
-        try:
-            job = service.resume(job_id)
-        except CellfeedError as exc:
-            raise _http(exc) from None
+        job = service.resume(job_id)
         return Accepted(id=job.id, state=job.state)
 
     return router
