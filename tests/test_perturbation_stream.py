@@ -34,11 +34,12 @@ def test_batch_schema_matches_protoplast(pert_server):
     assert batch["pert_cell_barcode"].shape == (B, S) and batch["ctrl_cell_barcode"].shape == (B, S)
 
 
-def test_expression_values_match_the_file(pert_server, pert_root, obs):
+@pytest.mark.parametrize("S", [4, 3])  # the decoder splits cell numbers by shift or by divmod
+def test_expression_values_match_the_file(pert_server, pert_root, obs, S):
     """Every perturbed and control row equals the file's X row of that barcode."""
     import anndata as ad
 
-    dm = datamodule(pert_server)
+    dm = datamodule(pert_server, group_size_S=S)
     X = {f: ad.read_h5ad(pert_root / f).X.toarray() for f in FILES}
     for batch in list(dm.train_dataloader())[:3]:
         for key, bc_key in (("pert_cell_emb", "pert_cell_barcode"), ("ctrl_cell_emb", "ctrl_cell_barcode")):

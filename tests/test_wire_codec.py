@@ -59,3 +59,10 @@ def test_tensor_columns_and_metadata_round_trip():
     assert codec.read_metadata(schema) == {"kind": "demo", "shape": [3, 4]}
     table = pa.table({"t": col})
     assert codec.table_from_ipc(codec.table_to_ipc(table)).equals(table)
+
+
+def test_row_numbers_give_each_value_its_row():
+    indptr = np.array([0, 2, 2, 5, 6], dtype=np.int32)  # an empty row too
+    out = np.full(6, -1, dtype=np.int64)
+    csr.row_numbers(indptr, out=out)
+    np.testing.assert_array_equal(out, np.repeat(np.arange(4), np.diff(indptr)))

@@ -40,7 +40,6 @@ class PerturbationBatchDecoder:
         )
         self.cell_type_eye = np.eye(len(self.cell_types), dtype=np.float32)
         self.batch_eye = np.eye(len(info["batches"]), dtype=np.float32)
-        self._cell_coords: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         # controls sent once with the session: batches name their rows (`ctrl_row`). Kept with
         # int64 indices so rows are gathered straight into the COO coordinates.
         self.controls = None
@@ -92,15 +91,18 @@ class PerturbationBatchDecoder:
         return self._coo(coords, values, B)
 
     def _cell_coordinates(self, indptr: np.ndarray, B: int) -> np.ndarray:
-        """A [3, nnz] int64 array whose first two rows hold each value's (item, cell)."""
-        if B not in self._cell_coords:
-            cells = np.arange(B * self.S)
-            self._cell_coords[B] = (cells // self.S, cells % self.S)
-        item, cell = self._cell_coords[B]
-        counts = np.diff(indptr)
+        """A [3, nnz] int64 array whose first two rows hold each value's (item, cell).
+
+        Written in place by GIL-free loops, with no temporaries: the item is the row number
+        under the items' row pointers, the cell the flat cell number modulo S."""
+        S = self.S
         coords = np.empty((3, int(indptr[-1])), dtype=np.int64)
-        coords[0] = np.repeat(item, counts)
-        coords[1] = np.repeat(cell, counts)
+        csr.row_numbers(indptr[::S], out=coords[0])
+        csr.row_numbers(indptr, out=coords[1])
+        if S & (S - 1) == 0:
+            np.bitwise_and(coords[1], S - 1, out=coords[1])
+        else:
+            np.remainder(coords[1], S, out=coords[1])
         return coords
 
     def _coo(self, coords: np.ndarray, values: np.ndarray, B: int) -> torch.Tensor:
