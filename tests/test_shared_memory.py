@@ -185,7 +185,7 @@ def test_slot_pool_hands_out_only_slots_the_client_is_done_with(tmp_path):
     # at most AHEAD slots in flight: the next stream waits (here: is told to stop waiting)
     pool.array((4,), np.float32)
     pool.array((4,), np.float32)
-    with pytest.raises(ShmUnavailable, match="cancelled"):
+    with pytest.raises(ShmUnavailable, match="ended while waiting"):
         pool.array((4,), np.float32, cancelled=lambda: True)
     pool.give_up()  # a new stream for this key: nothing in flight will be read any more
     assert all(s.is_free() for s in pool.slots)
@@ -210,3 +210,26 @@ def test_a_new_server_removes_slot_files_of_servers_that_are_gone(tmp_path):
     left = sorted(p.name for p in tmp_path.iterdir())
     pools.close()
     assert left == sorted([f"cellfeed-{alive}-0123456789abcdef-0", "cellfeed-probe-notaslot"])
+
+
+def test_the_server_stops_promptly_while_clients_pause_mid_stream(data):
+    """A client that stops reading (a long validation, a debugger) holds its streams open: the
+    server waits for it as long as it lives, yet SIGTERM still ends the server within seconds."""
+    import time
+
+    process = ServerProcess(data.root)
+    process.start()
+    paused = []
+    for shared_memory in (True, False):
+        loader = _dm(process, shared_memory=shared_memory).train_dataloader()
+        batches = iter(loader)
+        next(batches)
+        paused.append(batches)
+    time.sleep(1.0)  # the server fills what the paused streams allow, then waits
+    assert process.proc.poll() is None
+    t0 = time.monotonic()
+    process.proc.terminate()
+    process.proc.wait(20)
+    assert time.monotonic() - t0 < 12, "the server waited for clients that stopped reading"
+    assert process.proc.returncode == 0
+    assert not _slot_files(process)

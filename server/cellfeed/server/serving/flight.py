@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections.abc import Iterator
 
@@ -53,6 +54,12 @@ class FlightService(flight.FlightServerBase):
         super().__init__(location, **kwargs)
         self.sessions = sessions
         self.pools = pools or SlotPools(None)
+        self.closing = threading.Event()  # set on shutdown: streams end at their next batch
+
+    def shutdown(self) -> None:
+        """Stop serving: open streams end at their next batch, then gRPC waits for them."""
+        self.closing.set()
+        super().shutdown()
 
     def list_actions(self, context):
         return [
@@ -162,31 +169,36 @@ class FlightService(flight.FlightServerBase):
         else:
             taken: dict = {}  # slot -> generation this stream wrote: given up if the stream breaks
 
-            def alloc(shape: tuple[int, ...], dtype) -> np.ndarray:
-                return pool.array(shape, dtype, context.is_cancelled, taken)
+            def ended() -> bool:
+                return context.is_cancelled() or self.closing.is_set()
 
-            batches = self._in_slots(self._batches(source, t, first, total, progress, context, alloc), schema, pool, taken, context)
+            def alloc(shape: tuple[int, ...], dtype) -> np.ndarray:
+                return pool.array(shape, dtype, ended, taken)
+
+            batches = self._in_slots(self._batches(source, t, first, total, progress, context, alloc), schema, pool, taken, ended)
         # RecordBatchStream (not GeneratorStream) so dictionary batches precede the first record batch.
         return flight.RecordBatchStream(pa.RecordBatchReader.from_batches(schema, batches))
 
-    def _in_slots(self, batches: Iterator[pa.RecordBatch], schema: pa.Schema, pool: SlotPool, taken: dict, context) -> Iterator[pa.RecordBatch]:
+    def _in_slots(self, batches: Iterator[pa.RecordBatch], schema: pa.Schema, pool: SlotPool, taken: dict, ended) -> Iterator[pa.RecordBatch]:
         """Large tensor columns moved into the pool's slots (read there by the source, or copied)."""
         finished = False
         try:
             for batch in batches:
-                yield to_refs(batch, schema, pool, context.is_cancelled, taken)
+                yield to_refs(batch, schema, pool, ended, taken)
             finished = True
         except ShmUnavailable as exc:
+            if ended():
+                return
             raise _client_error(exc) from None
         finally:
-            if not finished or context.is_cancelled():
+            if not finished or ended():
                 pool.give_up(taken)
             self.pools.release(pool)
 
     def _batches(self, source, t, first: int, total: int, progress: StreamProgress, context, alloc=None) -> Iterator[pa.RecordBatch]:
         try:
             for index in range(first, total, t.stream_count):
-                if context.is_cancelled():
+                if context.is_cancelled() or self.closing.is_set():
                     progress.state = "cancelled"
                     return
                 yield source.batch(t.split, t.epoch, t.rank, t.world_size, index, alloc=alloc)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 
@@ -19,6 +20,7 @@ from cellfeed.wire.malloc import reuse_freed_memory
 from cellfeed.wire.shm import shm_dir
 
 log = logging.getLogger("cellfeed")
+SHUTDOWN_GRACE_S = 5.0
 
 
 def build_flight(ctx: ServerContext, sessions: SessionRegistry) -> tuple[FlightService, str]:
@@ -57,9 +59,16 @@ def serve(settings: Settings) -> None:
     try:
         uvicorn.run(app, host=settings.host, port=settings.http_port, log_level="warning")
     finally:
-        flight_service.shutdown()
+        stopper = threading.Thread(target=flight_service.shutdown, name="flight-shutdown", daemon=True)
+        stopper.start()
+        stopper.join(SHUTDOWN_GRACE_S)
         flight_service.pools.close()
         ctx.handles.close()
+        if stopper.is_alive():
+            # a client that stopped reading holds its stream open (gRPC waits for it forever)
+            log.warning("streams still open after %.0f s; exiting without them", SHUTDOWN_GRACE_S)
+            logging.shutdown()
+            os._exit(0)
 
 
 def _exit(signum: int, frame: object) -> None:
