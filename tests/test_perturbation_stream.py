@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
@@ -48,6 +49,39 @@ def test_expression_values_match_the_file(pert_server, pert_root, obs, S):
                 for s in range(dense.shape[1]):
                     row = obs.loc[batch[bc_key][b, s]]
                     np.testing.assert_array_equal(dense[b, s], X[row["file"] + ".h5ad"][row["row"]])
+
+
+def test_gene_indices_travel_as_uint16_or_int32_by_gene_count(pert_server, serve, tmp_path):
+    """2-byte gene indices when the genes fit (almost always), 4-byte beyond 65,536 genes; the
+    batches decode to the file's rows either way."""
+    import anndata as ad
+
+    from cellfeed.server.perturbation.synthetic import write_perturbation_h5ad
+
+    def first_record_batch(dm):
+        loader = dm.train_dataloader()
+        decode, loader.decode = loader.decode, lambda rb: rb
+        rb = next(iter(loader))
+        loader.decode = decode
+        return rb
+
+    narrow = first_record_batch(datamodule(pert_server, control_table_max_bytes=0))
+    assert narrow.schema.field("pert_indices").type == narrow.schema.field("ctrl_indices").type == pa.list_(pa.uint16())
+
+    root = tmp_path / "wide"
+    adata = write_perturbation_h5ad(root / "wide.h5ad", n_genes=70_000, density=0.002, n_targets=2, cells_per_target=(8, 8), n_controls=16)
+    server = serve(root)
+    dm = datamodule(server, files=["wide.h5ad"], control_table_max_bytes=0)
+    wide = first_record_batch(dm)
+    assert wide.schema.field("pert_indices").type == wide.schema.field("ctrl_indices").type == pa.list_(pa.int32())
+    X = ad.read_h5ad(root / "wide.h5ad").X.toarray()
+    names = list(adata.obs_names)
+    for batch in dm.train_dataloader():
+        for key, bc_key in (("pert_cell_emb", "pert_cell_barcode"), ("ctrl_cell_emb", "ctrl_cell_barcode")):
+            dense = batch[key].to_dense().numpy()
+            for b in range(dense.shape[0]):
+                for s in range(dense.shape[1]):
+                    np.testing.assert_array_equal(dense[b, s], X[names.index(batch[bc_key][b, s])])
 
 
 def test_controls_sent_once_or_inline_give_identical_batches(pert_server):

@@ -11,13 +11,15 @@ from cellfeed.wire import codec, csr
 
 
 @pytest.mark.parametrize("native", [True, False])
-def test_gather_matches_scipy_row_indexing(native):
+@pytest.mark.parametrize("index_dtype", [np.int32, np.uint16])
+def test_gather_matches_scipy_row_indexing(native, index_dtype):
     rng = np.random.default_rng(0)
     a = sp.random(300, 40, density=0.2, format="csr", dtype=np.float32, random_state=rng)
     b = sp.random(100, 40, density=0.5, format="csr", dtype=np.float32, random_state=rng)
     ra, rb = rng.integers(0, 300, 77), rng.integers(0, 100, 13)
-    pieces = [((m.indptr.astype(np.int32), m.indices.astype(np.int32), m.data), r) for m, r in ((a, ra), (b, rb))]
+    pieces = [((m.indptr.astype(np.int32), m.indices.astype(index_dtype), m.data), r) for m, r in ((a, ra), (b, rb))]
     indptr, indices, data = csr.gather(pieces, native=native)
+    assert indices.dtype == index_dtype
     expected = sp.vstack([a[ra], b[rb]]).tocsr()
     np.testing.assert_array_equal(indptr, expected.indptr)
     np.testing.assert_array_equal(indices, expected.indices)
@@ -66,3 +68,13 @@ def test_row_numbers_give_each_value_its_row():
     out = np.full(6, -1, dtype=np.int64)
     csr.row_numbers(indptr, out=out)
     np.testing.assert_array_equal(out, np.repeat(np.arange(4), np.diff(indptr)))
+
+
+def test_column_indices_are_uint16_when_the_columns_fit():
+    assert codec.index_type(2_000) == codec.index_type(65_536) == pa.uint16()
+    assert codec.index_type(65_537) == pa.int32()
+    columns = codec.csr_columns("x", np.array([0, 2, 3]), np.array([1, 65_535, 0]), np.ones(3), pa.uint16())
+    assert columns["x_indices"].type == pa.list_(pa.uint16())
+    batch = pa.RecordBatch.from_pydict(columns)
+    indptr, indices, data = codec.csr_from_columns(batch, "x")
+    np.testing.assert_array_equal(indices, [1, 65_535, 0])

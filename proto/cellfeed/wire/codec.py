@@ -1,6 +1,7 @@
 """The Arrow batch codec used by server and client alike (docs/protocol.md is its contract).
 
-Sparse CSR rows travel as two list columns sharing one offsets buffer (offsets = indptr);
+Sparse CSR rows travel as two list columns sharing one offsets buffer (offsets = indptr; column
+indices as uint16 when the columns number at most 65,536, else int32);
 dense blocks as `arrow.fixed_shape_tensor`; session-level facts as JSON in schema metadata.
 Decoding never copies: the numpy arrays returned are views of the received Arrow buffers.
 """
@@ -16,21 +17,27 @@ import pyarrow as pa
 METADATA_KEY = b"cellfeed"
 
 
-def csr_columns(prefix: str, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray) -> dict[str, pa.Array]:
-    """`{prefix}_indices: list<int32>` and `{prefix}_data: list<float32>`, one offsets buffer."""
+def index_type(n_vars: int) -> pa.DataType:
+    """The type of CSR column indices for `n_vars` columns: uint16 when they fit (a quarter of
+    the bytes of a row: gene spaces are almost always under 65,536), else int32."""
+    return pa.uint16() if n_vars <= 1 << 16 else pa.int32()
+
+
+def csr_columns(prefix: str, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, index: pa.DataType = pa.int32()) -> dict[str, pa.Array]:
+    """`{prefix}_indices: list<index>` and `{prefix}_data: list<float32>`, one offsets buffer."""
     indptr = np.asarray(indptr, dtype=np.int32)
     if len(indptr) and indptr[0] != 0:
         indptr = indptr - indptr[0]
     offsets = pa.array(indptr)
     return {
-        f"{prefix}_indices": pa.ListArray.from_arrays(offsets, pa.array(np.asarray(indices, dtype=np.int32))),
+        f"{prefix}_indices": pa.ListArray.from_arrays(offsets, pa.array(np.asarray(indices, dtype=index.to_pandas_dtype()))),
         f"{prefix}_data": pa.ListArray.from_arrays(offsets, pa.array(np.asarray(data, dtype=np.float32))),
     }
 
 
-def csr_fields(prefix: str) -> list[pa.Field]:
+def csr_fields(prefix: str, index: pa.DataType = pa.int32()) -> list[pa.Field]:
     return [
-        pa.field(f"{prefix}_indices", pa.list_(pa.int32()), nullable=False),
+        pa.field(f"{prefix}_indices", pa.list_(index), nullable=False),
         pa.field(f"{prefix}_data", pa.list_(pa.float32()), nullable=False),
     ]
 

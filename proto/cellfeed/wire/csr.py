@@ -33,7 +33,8 @@ def gather(
     np.cumsum(all_lengths, out=indptr[1:])
     total = int(indptr[-1])
     if out is None:
-        indices, data = np.empty(total, dtype=np.int32), np.empty(total, dtype=np.float32)
+        index_dtype = pieces[0][0][1].dtype if pieces else np.dtype(np.int32)
+        indices, data = np.empty(total, dtype=index_dtype), np.empty(total, dtype=np.float32)
     else:
         indices, data = out
         if len(indices) != total or len(data) != total:
@@ -42,10 +43,20 @@ def gather(
     for ((src_indptr, src_indices, src_data), rows), s, n in zip(pieces, starts, lengths):
         out0, out1 = int(indptr[row0]), int(indptr[row0 + len(n)])
         itype = src_indptr.dtype
-        if native and itype == src_indices.dtype == indices.dtype and itype in NATIVE_INDEX:
-            _csr_row_index(len(rows), rows.astype(itype), src_indptr, src_indices, src_data, indices[out0:out1], data[out0:out1])
-            row0 += len(n)
-            continue
+        if native and itype in NATIVE_INDEX and src_indices.dtype == indices.dtype and src_data.dtype == data.dtype:
+            if src_indices.dtype == itype:
+                _csr_row_index(len(rows), rows.astype(itype), src_indptr, src_indices, src_data, indices[out0:out1], data[out0:out1])
+                row0 += len(n)
+                continue
+            if src_data.dtype.itemsize == itype.itemsize:
+                # narrow (uint16) indices: scipy wants them typed like indptr, so they go as the
+                # "values" and the data, bit for bit, as the "indices"
+                _csr_row_index(
+                    len(rows), rows.astype(itype), src_indptr, src_data.view(itype), src_indices,
+                    data[out0:out1].view(itype), indices[out0:out1],
+                )
+                row0 += len(n)
+                continue
         # source position of output element e of row i: s[i] + (e - indptr[i])
         src = np.repeat(s - indptr[row0 : row0 + len(n)], n)
         src += np.arange(out0, out1)

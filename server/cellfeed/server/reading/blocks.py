@@ -28,7 +28,8 @@ B = TypeVar("B", bound=Sized)
 
 @dataclass(frozen=True)
 class CSRBlock:
-    """Contiguous rows of X held in memory: indptr (int32, from 0), indices (int32), data (float32)."""
+    """Contiguous rows of X held in memory: indptr (int32, from 0), indices (int32, or uint16 for up
+    to 65,536 columns), data (float32)."""
 
     indptr: np.ndarray
     indices: np.ndarray

@@ -76,12 +76,13 @@ class H5ad:
         with self._lock:
             return np.asarray(read_elem(var[var.attrs.get("_index", "_index")])).astype(str)
 
-    def read_rows(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Rows [start, stop) of X as CSR (indptr from 0, int32 indices, float32 data)."""
+    def read_rows(self, start: int, stop: int, index_dtype: np.dtype = np.dtype(np.int32)) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Rows [start, stop) of X as CSR (indptr from 0, int32; indices of `index_dtype`, int32 or
+        uint16 for up to 65,536 columns; float32 data)."""
         if self.sparse:
             lo, hi = int(self._indptr[start]), int(self._indptr[stop])
             indptr = self._indptr[start : stop + 1] - lo
-            indices = np.empty(hi - lo, dtype=np.int32)
+            indices = np.empty(hi - lo, dtype=index_dtype)
             data = np.empty(hi - lo, dtype=np.float32)
             with self._lock:
                 if hi > lo:
@@ -93,7 +94,7 @@ class H5ad:
         rows, cols = np.nonzero(block)
         indptr = np.zeros(stop - start + 1, dtype=np.int32)
         np.cumsum(np.bincount(rows, minlength=stop - start), out=indptr[1:])
-        return indptr, cols.astype(np.int32), block[rows, cols]
+        return indptr, cols.astype(index_dtype), block[rows, cols]
 
     def close(self) -> None:
         self.file.close()

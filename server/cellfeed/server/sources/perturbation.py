@@ -46,6 +46,7 @@ class PerturbationSource(Source):
         self.layouts = layouts
         self.ctx = ctx
         self.var_names = layouts[0].h5.var_names()
+        self.index_type = codec.index_type(len(self.var_names))
         self.cell_types = sorted(set().union(*(l.cell_types for l in layouts)))
         self.batches = sorted(set().union(*(l.batches for l in layouts)))
         targets = sorted({g.target for l in layouts for g in l.groups} | {config.control_label})
@@ -146,7 +147,7 @@ class PerturbationSource(Source):
             for f, layout in enumerate(self.layouts):
                 lo, hi = layout.control_span
                 pieces.append((self._rows(f, lo, hi).csr, np.arange(hi - lo)))
-            tables["controls"] = pa.table(codec.csr_columns("ctrl", *csr.gather(pieces)))
+            tables["controls"] = pa.table(codec.csr_columns("ctrl", *csr.gather(pieces), self.index_type))
         return tables
 
     def schema(self, split: str) -> pa.Schema:
@@ -167,7 +168,7 @@ class PerturbationSource(Source):
         for b in np.unique(blocks):
             block = sampler.blocks[b]
             pert_pieces.append((self._rows(block.file, block.start, block.stop).csr, (pert_rows[blocks == b] - block.start).ravel()))
-        columns: dict[str, pa.Array] = dict(codec.csr_columns("pert", *csr.gather(pert_pieces)))
+        columns: dict[str, pa.Array] = dict(codec.csr_columns("pert", *csr.gather(pert_pieces), self.index_type))
         if self.controls_by_row:
             spans = np.array([l.control_span[0] for l in self.layouts])
             ctrl_index = self._control_offset[files][:, None] + ctrl_rows - spans[files][:, None]
@@ -177,7 +178,7 @@ class PerturbationSource(Source):
             for f in np.unique(files):
                 lo, hi = self.layouts[f].control_span
                 ctrl_pieces.append((self._rows(int(f), lo, hi).csr, (ctrl_rows[files == f] - lo).ravel()))
-            columns.update(codec.csr_columns("ctrl", *csr.gather(ctrl_pieces)))
+            columns.update(codec.csr_columns("ctrl", *csr.gather(ctrl_pieces), self.index_type))
 
         target_codes = np.array([self._target_code[sampler.groups[g].target] for g in group], dtype=np.int32)
         ct_codes = np.array([self._cell_type_code[sampler.groups[g].cell_type] for g in group], dtype=np.int32)
@@ -206,7 +207,7 @@ class PerturbationSource(Source):
         layout = self.layouts[file]
 
         def load() -> CSRBlock:
-            indptr, indices, data = layout.h5.read_rows(start, stop)
+            indptr, indices, data = layout.h5.read_rows(start, stop, self.index_type.to_pandas_dtype())
             return CSRBlock(indptr, indices, data)
 
         # keyed by the handle (one version of the file), so a rewritten file never mixes in
@@ -216,11 +217,11 @@ class PerturbationSource(Source):
         self._target_dict = pa.array(self.targets, pa.string())
         self._cell_type_dict = pa.array(self.cell_types, pa.string())
         self._batch_dict = pa.array(self.batches, pa.string())
-        fields = codec.csr_fields("pert")
+        fields = codec.csr_fields("pert", self.index_type)
         if self.controls_by_row:
             fields.append(pa.field("ctrl_row", pa.int32(), nullable=False))
         else:
-            fields += codec.csr_fields("ctrl")
+            fields += codec.csr_fields("ctrl", self.index_type)
         fields += [
             pa.field("target", pa.dictionary(pa.int32(), pa.string()), nullable=False),
             pa.field("cell_type", pa.dictionary(pa.int32(), pa.string()), nullable=False),
