@@ -8,6 +8,7 @@ import time
 import httpx
 import numpy as np
 import pytest
+import torch
 
 from cellfeed.client import PerturbationDataModule, ServerUnavailable
 from cellfeed.client.connection import Connection
@@ -96,3 +97,53 @@ def test_unreachable_server_fails_setup_clearly(tmp_path):
     conn = Connection("grpc://127.0.0.1:9", retry_seconds=1.0)
     with pytest.raises(ServerUnavailable, match="unreachable"):
         conn.open_session("perturbation", {"files": ["x.h5ad"]})
+
+
+def _streams(server, session_id: str) -> list[dict]:
+    return next(s for s in httpx.get(f"{server.http_url}/v1/sessions").json() if s["session_id"] == session_id)["streams"]
+
+
+def _same(a: list[dict], b: list[dict]) -> None:
+    assert len(a) == len(b) > 0
+    np.testing.assert_array_equal(barcodes(a), barcodes(b))
+    np.testing.assert_array_equal(barcodes(a, "ctrl_cell_barcode"), barcodes(b, "ctrl_cell_barcode"))
+    for x, y in zip(a, b):
+        assert torch.equal(x["pert_cell_emb"].to_dense(), y["pert_cell_emb"].to_dense())
+
+
+def test_training_streams_go_on_into_the_next_epoch(serve, tmp_path):
+    """The next epoch's batches are on their way before the loop asks (no new streams), and they
+    are exactly the batches a fresh loader gives for that epoch."""
+    root = tmp_path / "data"
+    write_perturbation_h5ad(root / "k562.h5ad", cell_type="k562", n_targets=10, seed=4)
+    server = serve(root)
+    dm = datamodule(server, files=["k562.h5ad"], batch_size=4, seed=11)
+    loader = dm.train_dataloader()
+    first, second = list(loader), list(loader)  # epochs 0 and 1, as a training loop takes them
+    assert loader.epoch == 2
+    session = dm.session.session_id
+    assert len(_streams(server, session)) == dm.num_streams  # epoch 1 opened no stream
+    fresh = datamodule(server, files=["k562.h5ad"], batch_size=4, seed=11).train_dataloader()
+    _same(first, epoch(fresh, 0))
+    _same(second, epoch(fresh, 1))
+    # a loop that goes elsewhere (another epoch, a resume point) gets what it asks for
+    _same(epoch(loader, 5), epoch(fresh, 5))
+    dm.teardown("fit")
+
+
+def test_streams_nobody_takes_up_end(serve, tmp_path, monkeypatch):
+    from cellfeed.client import loader as loader_module
+
+    monkeypatch.setattr(loader_module, "UNCLAIMED_S", 0.5)
+    root = tmp_path / "data"
+    write_perturbation_h5ad(root / "k562.h5ad", cell_type="k562", n_targets=10, seed=4)
+    server = serve(root)
+    dm = datamodule(server, files=["k562.h5ad"], batch_size=4, seed=11)
+    loader = dm.train_dataloader()
+    list(loader)
+    deadline = time.monotonic() + 10
+    while any(s["state"] == "streaming" for s in _streams(server, dm.session.session_id)):
+        assert time.monotonic() < deadline, "streams gone on into an epoch nobody asked for kept running"
+        time.sleep(0.05)
+    fresh = datamodule(server, files=["k562.h5ad"], batch_size=4, seed=11).train_dataloader()
+    _same(list(loader), epoch(fresh, 1))  # the next epoch, asked for late, comes all the same

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import pyarrow.flight as flight
 import pytest
@@ -39,10 +41,17 @@ def test_health_datasets_and_live_sessions(serve, root):
     streams = sessions[0]["streams"]
     assert {s["stream_index"] for s in streams} == {0, 1}
     assert all(s["total_batches"] > 0 and s["split"] == "train" for s in streams)
+    assert sum(s["total_batches"] for s in streams) == len(loader)  # each stream's share of an epoch
     for _ in it:
         pass
+    # each training stream sent its share of epoch 0 and went on into the next (it shows that one)
     after = httpx.get(f"{server.http_url}/v1/sessions").json()[0]["streams"]
-    assert sum(s["sent"] for s in after) == len(loader)
+    assert len(after) == 2 and all(s["epoch"] >= 1 and s["state"] == "streaming" for s in after), after
+    dm.teardown("fit")  # the end of training: those streams end too
+    deadline = time.monotonic() + 10
+    while any(s["state"] == "streaming" for s in httpx.get(f"{server.http_url}/v1/sessions").json()[0]["streams"]):
+        assert time.monotonic() < deadline, "teardown left the streams that went on into epoch 1 running"
+        time.sleep(0.05)
     health = httpx.get(f"{server.http_url}/healthz").json()
     assert health["sessions"] == 1 and health["cache_misses"] > 0 and health["cache_bytes"] > 0
     datasets = {d["path"]: d for d in httpx.get(f"{server.http_url}/v1/datasets").json()}

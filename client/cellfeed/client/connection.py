@@ -118,7 +118,15 @@ class Connection:
         return Plan(num_batches=plan.num_batches, batch_size=plan.batch_size)
 
     def do_get(self, ticket: bytes) -> flight.FlightStreamReader:
-        return self.client.do_get(flight.Ticket(ticket), self.options())
+        client = self.client
+        try:
+            return client.do_get(flight.Ticket(ticket), self.options())
+        except pa.ArrowInvalid as exc:
+            if "closed" not in str(exc):
+                raise
+            # another stream reset the connection (the server went away) between our taking the
+            # client and calling it: as transient as the failure that made it reset
+            raise flight.FlightUnavailableError(f"connection reset: {exc}") from None
 
     def reset(self) -> None:
         """Drop the Flight client so the next call reconnects (after the server went away)."""

@@ -115,6 +115,11 @@ class RemoteDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> RemoteLoader:
         return self.loader(self.train_split)
 
+    def teardown(self, stage: str) -> None:
+        """End the training streams that went on into an epoch that will not come."""
+        for loader in self._loaders.values():
+            loader.close()
+
     # -- checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         loader = self._loaders.get(self.train_split)

@@ -27,6 +27,7 @@ from cellfeed.wire import cellfeed_pb2 as pb
 from cellfeed.wire.malloc import reuse_freed_memory
 
 STATE_VERSION = 1
+UNCLAIMED_S = 30.0  # streams gone on into an epoch nobody asks for end after this long
 log = logging.getLogger(__name__)
 
 
@@ -63,6 +64,7 @@ class RemoteLoader:
         self._next = 0
         self._resume_from: int | None = None
         self._num_batches: int | None = None
+        self._running: _Fetcher | None = None  # streams gone on into the next epoch
 
     # -- what Lightning and torch expect of a loader ------------------------------------------
     @property
@@ -111,6 +113,7 @@ class RemoteLoader:
                     f"cannot resume: the saved state has {key}={state.get(key)!r}, this loader has {value!r} "
                     "(resuming needs the same config, split and world size)"
                 )
+        self.close()
         self._epoch = int(state["epoch"])
         self._next = int(state["next_batch"])
         self._resume_from = self._next
@@ -121,19 +124,38 @@ class RemoteLoader:
         start, self._resume_from = (self._resume_from or 0), None
         total = len(self)
         self._next = start
-        fetcher = _Fetcher(self, epoch, start, total)
+        fetcher, self._running = self._running, None
+        if fetcher is not None and (fetcher.next != (epoch, start) or not fetcher.take_up()):
+            fetcher.close()
+            fetcher = None
+        if fetcher is None:
+            # a training loader's streams go on into the next epochs; the consumer takes them up
+            # if it asks for epoch + 1 from its start next (it almost always does)
+            fetcher = _Fetcher(self, epoch, start, total, continuing=not self.fixed_epoch)
+        finished = False
         try:
             for k in range(start, total):
-                batch = fetcher.get(k)
+                batch = fetcher.get(epoch, k)
                 self._next = k + 1
                 yield batch
+            finished = True
         finally:
-            fetcher.close()
+            if finished and fetcher.continuing:
+                self._running = fetcher
+                fetcher.expire_after(UNCLAIMED_S)
+            else:
+                fetcher.close()
         self._next = 0
         if not self.fixed_epoch:
             self._epoch = epoch + 1
 
-    def ticket(self, epoch: int, stream_index: int, first_batch: int, *, shared_memory: bool = False) -> bytes:
+    def close(self) -> None:
+        """End the streams still running into the next epoch (at the end of training)."""
+        fetcher, self._running = self._running, None
+        if fetcher is not None:
+            fetcher.close()
+
+    def ticket(self, epoch: int, stream_index: int, first_batch: int, *, shared_memory: bool = False, continue_epochs: bool = False) -> bytes:
         return pb.Ticket(
             session_id=self.session.session_id,
             split=self.split,
@@ -144,42 +166,71 @@ class RemoteLoader:
             stream_count=self.num_streams,
             first_batch=first_batch,
             shm_pool=f"{self._slot_key}{stream_index:04x}" if shared_memory else "",
+            continue_epochs=continue_epochs,
         ).SerializeToString()
 
 
 class _Fetcher:
-    """The background threads of one pass: one per stream, each with a bounded queue."""
+    """The background threads of one pass: one per stream, each with a bounded queue of
+    ((epoch, batch), item). A continuing pass goes on into the following epochs."""
 
-    def __init__(self, loader: RemoteLoader, epoch: int, start: int, total: int) -> None:
+    def __init__(self, loader: RemoteLoader, epoch: int, start: int, total: int, *, continuing: bool = False) -> None:
         self.loader = loader
-        self.epoch = epoch
         self.total = total
+        self.continuing = continuing
+        self.next = (epoch, start)  # what the consumer takes next
         self.stop = threading.Event()
+        self._lock = threading.Lock()
+        self._expiry: threading.Timer | None = None
         self.queues = [queue.Queue(maxsize=loader.prefetch) for _ in range(loader.num_streams)]
         self.readers: dict[int, flight.FlightStreamReader] = {}
         self.threads = []
         for i in range(loader.num_streams):
             first = start + (i - start) % loader.num_streams
             if first < total:
-                thread = threading.Thread(target=self._run, args=(i, first), name=f"cellfeed-stream-{i}", daemon=True)
+                thread = threading.Thread(target=self._run, args=(i, epoch, first), name=f"cellfeed-stream-{i}", daemon=True)
                 thread.start()
                 self.threads.append(thread)
 
-    def get(self, k: int) -> Any:
+    def get(self, epoch: int, k: int) -> Any:
         q = self.queues[k % self.loader.num_streams]
         while True:
             try:
-                index, item = q.get(timeout=1.0)
+                at, item = q.get(timeout=1.0)
                 break
             except queue.Empty:
                 if self.stop.is_set():
                     raise RuntimeError("the loader was closed")
         if isinstance(item, BaseException):
             raise item
-        assert index == k, f"stream delivered batch {index}, expected {k}"
+        assert at == (epoch, k), f"stream delivered batch {at[1]} of epoch {at[0]}, expected {k} of {epoch}"
+        self.next = (epoch, k + 1) if k + 1 < self.total else (epoch + 1, 0)
         return item
 
-    def _put(self, i: int, item: tuple[int, Any]) -> bool:
+    def expire_after(self, seconds: float) -> None:
+        """Close unless taken up (`take_up`) within `seconds`: the loop may not ask for more."""
+        with self._lock:
+            self._expiry = threading.Timer(seconds, self._expire)
+            self._expiry.daemon = True
+            self._expiry.start()
+
+    def take_up(self) -> bool:
+        """Claim a pass kept running for the next epoch; False if it has expired meanwhile."""
+        with self._lock:
+            if self._expiry is not None:
+                self._expiry.cancel()
+                self._expiry = None
+            return not self.stop.is_set()
+
+    def _expire(self) -> None:
+        with self._lock:
+            if self._expiry is None:  # taken up just now
+                return
+            self._expiry = None
+            self.stop.set()
+        self.close()
+
+    def _put(self, i: int, item: tuple[tuple[int, int], Any]) -> bool:
         while not self.stop.is_set():
             try:
                 self.queues[i].put(item, timeout=0.2)
@@ -188,7 +239,7 @@ class _Fetcher:
                 continue
         return False
 
-    def _run(self, i: int, k: int) -> None:
+    def _run(self, i: int, epoch: int, k: int) -> None:
         loader, conn = self.loader, self.loader.connection
         step = loader.num_streams
         budget = conn.retry_seconds
@@ -197,14 +248,17 @@ class _Fetcher:
         while k < self.total and not self.stop.is_set():
             try:
                 slots = loader.slots  # this stream's choice, whatever other streams decide meanwhile
-                reader = conn.do_get(loader.ticket(self.epoch, i, k, shared_memory=slots is not None))
+                ticket = loader.ticket(epoch, i, k, shared_memory=slots is not None, continue_epochs=self.continuing)
+                reader = conn.do_get(ticket)
                 self.readers[i] = reader
                 for chunk in reader:
                     data = chunk.data if slots is None else slots.resolve(chunk.data)
                     batch = loader.decode(data)
-                    if not self._put(i, (k, batch)):
+                    if not self._put(i, ((epoch, k), batch)):
                         return
                     k += step
+                    if k >= self.total and self.continuing:  # the server goes on likewise
+                        epoch, k = epoch + 1, i
                     last_ok, delay = time.monotonic(), 0.1
                 if k < self.total and not self.stop.is_set():
                     raise flight.FlightUnavailableError("stream ended early")
@@ -221,44 +275,44 @@ class _Fetcher:
                         conn.reopen(loader.session)
                         continue
                     except ServerUnavailable as exc2:
-                        self._put(i, (k, exc2))
+                        self._put(i, ((epoch, k), exc2))
                         return
                     except RequestError as exc2:
-                        self._put(i, (k, exc2))
+                        self._put(i, ((epoch, k), exc2))
                         return
                 if info == SHM_UNAVAILABLE and loader.slots is not None:
                     log.warning("shared memory unavailable (%s); streaming batches over gRPC instead", message(exc))
                     loader.slots = None
                     continue
                 if info == INVALID:
-                    self._put(i, (k, RequestError(message(exc))))
+                    self._put(i, ((epoch, k), RequestError(message(exc))))
                     return
-                if not self._backoff(last_ok, budget, delay, exc, i, k):
+                if not self._backoff(last_ok, budget, delay, exc, i, epoch, k):
                     return
                 delay = min(delay * 2, 5.0)
             except flight.FlightUnauthenticatedError as exc:
-                self._put(i, (k, RequestError(message(exc))))
+                self._put(i, ((epoch, k), RequestError(message(exc))))
                 return
             except (flight.FlightError, ConnectionError, OSError) as exc:
                 if self.stop.is_set():
                     return
-                if not self._backoff(last_ok, budget, delay, exc, i, k):
+                if not self._backoff(last_ok, budget, delay, exc, i, epoch, k):
                     return
                 delay = min(delay * 2, 5.0)
             except Exception as exc:  # noqa: BLE001 - a decode error must reach the training loop
-                self._put(i, (k, exc))
+                self._put(i, ((epoch, k), exc))
                 return
             finally:
                 self.readers.pop(i, None)
 
-    def _backoff(self, last_ok: float, budget: float, delay: float, exc: Exception, i: int, k: int) -> bool:
+    def _backoff(self, last_ok: float, budget: float, delay: float, exc: Exception, i: int, epoch: int, k: int) -> bool:
         """Sleep before a retry; past the budget, hand a clear error to the consumer instead."""
         if time.monotonic() - last_ok > budget:
             error = ServerUnavailable(
                 f"cellfeed server at {self.loader.connection.location} failed for {budget:.0f} s while streaming "
-                f"batch {k} of {self.loader.split!r} (epoch {self.epoch}): {message(exc)}"
+                f"batch {k} of {self.loader.split!r} (epoch {epoch}): {message(exc)}"
             )
-            self._put(i, (k, error))
+            self._put(i, ((epoch, k), error))
             return False
         self.loader.connection.reset()
         return not self.stop.wait(delay)

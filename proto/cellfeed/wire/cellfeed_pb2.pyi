@@ -52,7 +52,7 @@ class StreamRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., split: _Optional[str] = ..., epoch: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., stream_count: _Optional[int] = ..., first_batch: _Optional[int] = ...) -> None: ...
 
 class Ticket(_message.Message):
-    __slots__ = ("session_id", "split", "epoch", "rank", "world_size", "stream_index", "stream_count", "first_batch", "shm_pool")
+    __slots__ = ("session_id", "split", "epoch", "rank", "world_size", "stream_index", "stream_count", "first_batch", "shm_pool", "continue_epochs")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SPLIT_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
@@ -62,6 +62,7 @@ class Ticket(_message.Message):
     STREAM_COUNT_FIELD_NUMBER: _ClassVar[int]
     FIRST_BATCH_FIELD_NUMBER: _ClassVar[int]
     SHM_POOL_FIELD_NUMBER: _ClassVar[int]
+    CONTINUE_EPOCHS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     split: str
     epoch: int
@@ -71,7 +72,8 @@ class Ticket(_message.Message):
     stream_count: int
     first_batch: int
     shm_pool: str
-    def __init__(self, session_id: _Optional[str] = ..., split: _Optional[str] = ..., epoch: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., stream_index: _Optional[int] = ..., stream_count: _Optional[int] = ..., first_batch: _Optional[int] = ..., shm_pool: _Optional[str] = ...) -> None: ...
+    continue_epochs: bool
+    def __init__(self, session_id: _Optional[str] = ..., split: _Optional[str] = ..., epoch: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., stream_index: _Optional[int] = ..., stream_count: _Optional[int] = ..., first_batch: _Optional[int] = ..., shm_pool: _Optional[str] = ..., continue_epochs: _Optional[bool] = ...) -> None: ...
 
 class Plan(_message.Message):
     __slots__ = ("num_batches", "batch_size")

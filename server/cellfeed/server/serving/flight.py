@@ -196,14 +196,22 @@ class FlightService(flight.FlightServerBase):
             self.pools.release(pool)
 
     def _batches(self, source, t, first: int, total: int, progress: StreamProgress, context, alloc=None) -> Iterator[pa.RecordBatch]:
+        """The stream's batches of its epoch from `first`; with `continue_epochs`, then those of
+        each following epoch, from the stream's first, until the client cancels."""
+        epoch = t.epoch
         try:
-            for index in range(first, total, t.stream_count):
-                if context.is_cancelled() or self.closing.is_set():
-                    progress.state = "cancelled"
-                    return
-                yield source.batch(t.split, t.epoch, t.rank, t.world_size, index, alloc=alloc)
-                progress.sent += 1
-                progress.updated_at = time.time()
+            while True:
+                for index in range(first, total, t.stream_count):
+                    if context.is_cancelled() or self.closing.is_set():
+                        progress.state = "cancelled"
+                        return
+                    yield source.batch(t.split, epoch, t.rank, t.world_size, index, alloc=alloc)
+                    progress.sent += 1
+                    progress.updated_at = time.time()
+                if not t.continue_epochs or t.stream_index >= total:
+                    break
+                epoch, first = epoch + 1, t.stream_index
+                progress.epoch, progress.sent, progress.total_batches = epoch, 0, len(range(first, total, t.stream_count))
             progress.state = "done"
         except CellfeedError as exc:
             progress.state, progress.error = "failed", str(exc)

@@ -41,7 +41,9 @@ class Session:
 
 @dataclass
 class StreamProgress:
-    """One live (or recently finished) DoGet stream, for GET /v1/sessions."""
+    """One live (or recently finished) DoGet stream, for GET /v1/sessions. A stream that goes on
+    into the following epochs (`continue_epochs`) shows the epoch it is in now, and its batches
+    of that epoch: `total_batches`, of which `sent`."""
 
     session_id: str
     split: str
