@@ -144,6 +144,7 @@ def run(flight_uri: str, data_dir: Path) -> dict:
     started = time.perf_counter()
     streamed = sum(b["anchor"].shape[0] for b in loader)
     loader_seconds = time.perf_counter() - started
+    dm.teardown("fit")  # the loop is over: end the streams gone on into the next epoch
     print(
         f"dynaclr: loader alone streamed {streamed:,} anchor/positive pairs in {loader_seconds:.2f} s "
         f"= {streamed / loader_seconds:,.0f} anchors/s"
