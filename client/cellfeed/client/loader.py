@@ -318,7 +318,11 @@ class _Fetcher:
         return not self.stop.wait(delay)
 
     def close(self) -> None:
-        self.stop.set()
+        with self._lock:
+            self.stop.set()
+            if self._expiry is not None:
+                self._expiry.cancel()
+                self._expiry = None
         for reader in list(self.readers.values()):
             try:
                 reader.cancel()
