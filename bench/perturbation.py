@@ -11,9 +11,11 @@ loader goes on from epoch to epoch as a training loop's does.
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import h5py
@@ -54,25 +56,20 @@ def raw_h5py_rate(paths: list[Path], block: int = 2048) -> tuple[float, int]:
 def timed_epochs(loader, epochs: range, server: Server, skip: int = 0) -> dict:
     """Perturbed cells/s over these epochs, with the CPU both processes spent per batch; the
     first `skip` batches are taken before the clock starts (made while the loop paused)."""
+
+    def every_batch() -> Iterator:
+        for epoch in epochs:
+            loader.set_epoch(epoch)
+            yield from loader
+
+    batches_of_epochs = every_batch()
+    for _ in itertools.islice(batches_of_epochs, skip):
+        pass
     cells = batches = 0
-    taken = 0
-    t0 = cpu0 = server_cpu0 = 0.0
-
-    def start() -> tuple[float, float, float]:
-        return time.perf_counter(), time.process_time(), server.cpu_seconds()
-
-    if not skip:
-        t0, cpu0, server_cpu0 = start()
-    for epoch in epochs:
-        loader.set_epoch(epoch)
-        for batch in loader:
-            taken += 1
-            if taken <= skip:
-                if taken == skip:
-                    t0, cpu0, server_cpu0 = start()
-                continue
-            cells += _cells(batch)
-            batches += 1
+    t0, cpu0, server_cpu0 = time.perf_counter(), time.process_time(), server.cpu_seconds()
+    for batch in batches_of_epochs:
+        cells += _cells(batch)
+        batches += 1
     elapsed = time.perf_counter() - t0
     return {"cells": cells, "seconds": elapsed, "cells_per_s": cells / elapsed,
             "client_cpu_ms": (time.process_time() - cpu0) / batches * 1e3,

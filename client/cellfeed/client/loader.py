@@ -129,9 +129,7 @@ class RemoteLoader:
             fetcher.close()
             fetcher = None
         if fetcher is None:
-            # a training loader's streams go on into the next epochs; the consumer takes them up
-            # if it asks for epoch + 1 from its start next (it almost always does)
-            fetcher = _Fetcher(self, epoch, start, total, continuing=not self.fixed_epoch)
+            fetcher = _Fetcher(self, epoch, start, total)
         finished = False
         try:
             for k in range(start, total):
@@ -140,7 +138,9 @@ class RemoteLoader:
                 yield batch
             finished = True
         finally:
-            if finished and fetcher.continuing:
+            if finished and self.continues:
+                # a training loader's streams go on into the next epoch; the loop takes them up if
+                # it asks for epoch + 1 from its start next (it almost always does)
                 self._running = fetcher
                 fetcher.expire_after(UNCLAIMED_S)
             else:
@@ -149,13 +149,18 @@ class RemoteLoader:
         if not self.fixed_epoch:
             self._epoch = epoch + 1
 
+    @property
+    def continues(self) -> bool:
+        """Whether its streams go on into the next epoch: training loaders, not fixed-epoch ones."""
+        return not self.fixed_epoch
+
     def close(self) -> None:
         """End the streams still running into the next epoch (at the end of training)."""
         fetcher, self._running = self._running, None
         if fetcher is not None:
             fetcher.close()
 
-    def ticket(self, epoch: int, stream_index: int, first_batch: int, *, shared_memory: bool = False, continue_epochs: bool = False) -> bytes:
+    def ticket(self, epoch: int, stream_index: int, first_batch: int, *, shared_memory: bool = False) -> bytes:
         return pb.Ticket(
             session_id=self.session.session_id,
             split=self.split,
@@ -166,18 +171,17 @@ class RemoteLoader:
             stream_count=self.num_streams,
             first_batch=first_batch,
             shm_pool=f"{self._slot_key}{stream_index:04x}" if shared_memory else "",
-            continue_epochs=continue_epochs,
+            continue_epochs=self.continues,
         ).SerializeToString()
 
 
 class _Fetcher:
     """The background threads of one pass: one per stream, each with a bounded queue of
-    ((epoch, batch), item). A continuing pass goes on into the following epochs."""
+    ((epoch, batch), item). A training loader's pass goes on into the following epochs."""
 
-    def __init__(self, loader: RemoteLoader, epoch: int, start: int, total: int, *, continuing: bool = False) -> None:
+    def __init__(self, loader: RemoteLoader, epoch: int, start: int, total: int) -> None:
         self.loader = loader
         self.total = total
-        self.continuing = continuing
         self.next = (epoch, start)  # what the consumer takes next
         self.stop = threading.Event()
         self._lock = threading.Lock()
@@ -248,8 +252,7 @@ class _Fetcher:
         while k < self.total and not self.stop.is_set():
             try:
                 slots = loader.slots  # this stream's choice, whatever other streams decide meanwhile
-                ticket = loader.ticket(epoch, i, k, shared_memory=slots is not None, continue_epochs=self.continuing)
-                reader = conn.do_get(ticket)
+                reader = conn.do_get(loader.ticket(epoch, i, k, shared_memory=slots is not None))
                 self.readers[i] = reader
                 for chunk in reader:
                     data = chunk.data if slots is None else slots.resolve(chunk.data)
@@ -257,7 +260,7 @@ class _Fetcher:
                     if not self._put(i, ((epoch, k), batch)):
                         return
                     k += step
-                    if k >= self.total and self.continuing:  # the server goes on likewise
+                    if k >= self.total and loader.continues:  # the server goes on likewise
                         epoch, k = epoch + 1, i
                     last_ok, delay = time.monotonic(), 0.1
                 if k < self.total and not self.stop.is_set():

@@ -43,20 +43,18 @@ def gather(
     for ((src_indptr, src_indices, src_data), rows), s, n in zip(pieces, starts, lengths):
         out0, out1 = int(indptr[row0]), int(indptr[row0 + len(n)])
         itype = src_indptr.dtype
+        native_args = None
         if native and itype in NATIVE_INDEX and src_indices.dtype == indices.dtype and src_data.dtype == data.dtype:
             if src_indices.dtype == itype:
-                _csr_row_index(len(rows), rows.astype(itype), src_indptr, src_indices, src_data, indices[out0:out1], data[out0:out1])
-                row0 += len(n)
-                continue
-            if src_data.dtype.itemsize == itype.itemsize:
+                native_args = (src_indices, src_data, indices[out0:out1], data[out0:out1])
+            elif src_data.dtype.itemsize == itype.itemsize:
                 # narrow (uint16) indices: scipy wants them typed like indptr, so they go as the
                 # "values" and the data, bit for bit, as the "indices"
-                _csr_row_index(
-                    len(rows), rows.astype(itype), src_indptr, src_data.view(itype), src_indices,
-                    data[out0:out1].view(itype), indices[out0:out1],
-                )
-                row0 += len(n)
-                continue
+                native_args = (src_data.view(itype), src_indices, data[out0:out1].view(itype), indices[out0:out1])
+        if native_args is not None:
+            _csr_row_index(len(rows), rows.astype(itype), src_indptr, *native_args)
+            row0 += len(n)
+            continue
         # source position of output element e of row i: s[i] + (e - indptr[i])
         src = np.repeat(s - indptr[row0 : row0 + len(n)], n)
         src += np.arange(out0, out1)
@@ -70,4 +68,3 @@ def row_numbers(indptr: np.ndarray, out: np.ndarray) -> np.ndarray:
     """Write each value's row number into `out` (int64, one per value): COO row coordinates."""
     _expandptr(len(indptr) - 1, np.ascontiguousarray(indptr, dtype=np.int64), out)
     return out
-

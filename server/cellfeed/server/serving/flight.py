@@ -164,18 +164,20 @@ class FlightService(flight.FlightServerBase):
                 peer=context.peer(),
             )
         )
+
+        def ended() -> bool:
+            """The client went away, or the server is shutting down."""
+            return context.is_cancelled() or self.closing.is_set()
+
         if pool is None:
-            batches = self._batches(source, t, first, total, progress, context)
+            batches = self._batches(source, t, first, total, progress, ended)
         else:
             taken: dict = {}  # slot -> generation this stream wrote: given up if the stream breaks
-
-            def ended() -> bool:
-                return context.is_cancelled() or self.closing.is_set()
 
             def alloc(shape: tuple[int, ...], dtype) -> np.ndarray:
                 return pool.array(shape, dtype, ended, taken)
 
-            batches = self._in_slots(self._batches(source, t, first, total, progress, context, alloc), schema, pool, taken, ended)
+            batches = self._in_slots(self._batches(source, t, first, total, progress, ended, alloc), schema, pool, taken, ended)
         # RecordBatchStream (not GeneratorStream) so dictionary batches precede the first record batch.
         return flight.RecordBatchStream(pa.RecordBatchReader.from_batches(schema, batches))
 
@@ -195,14 +197,14 @@ class FlightService(flight.FlightServerBase):
                 pool.give_up(taken)
             self.pools.release(pool)
 
-    def _batches(self, source, t, first: int, total: int, progress: StreamProgress, context, alloc=None) -> Iterator[pa.RecordBatch]:
+    def _batches(self, source, t, first: int, total: int, progress: StreamProgress, ended, alloc=None) -> Iterator[pa.RecordBatch]:
         """The stream's batches of its epoch from `first`; with `continue_epochs`, then those of
         each following epoch, from the stream's first, until the client cancels."""
         epoch = t.epoch
         try:
             while True:
                 for index in range(first, total, t.stream_count):
-                    if context.is_cancelled() or self.closing.is_set():
+                    if ended():
                         progress.state = "cancelled"
                         return
                     yield source.batch(t.split, epoch, t.rank, t.world_size, index, alloc=alloc)
