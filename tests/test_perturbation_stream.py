@@ -157,6 +157,23 @@ def test_controls_come_from_the_same_file_and_cell_type(pert_server, obs):
             assert len(set(c_names)) == len(c_names), "controls drawn with replacement from a large pool"
 
 
+def test_labels_and_one_hots_match_each_cells_obs(pert_server, obs):
+    """pert_name, cell_type, pert_idx and both one-hots say what obs says of every perturbed cell."""
+    dm = datamodule(pert_server, prefix_batches_with_file=True)
+    batches = epoch(dm.train_dataloader(), 0)
+    for b in batches:
+        cells = obs.loc[b["pert_cell_barcode"].ravel()]
+        S = b["pert_cell_barcode"].shape[1]
+        np.testing.assert_array_equal(np.repeat(b["pert_name"], S), cells.target_gene.astype(str))
+        np.testing.assert_array_equal(np.repeat(b["cell_type"], S), cells.cell_type.astype(str))
+        np.testing.assert_array_equal(np.asarray(dm.target_vocab)[b["pert_idx"].numpy().ravel()], b["pert_name"])
+        cell_types = np.asarray(dm.cell_type_vocab)[b["cell_type_onehot"].numpy().argmax(-1).ravel()]
+        np.testing.assert_array_equal(cell_types, cells.cell_type.astype(str))
+        batch_labels = np.asarray(dm.batch_vocab)[b["batch_onehot"].numpy().argmax(-1).ravel()]
+        np.testing.assert_array_equal(batch_labels, cells.file + ":" + cells.batch_var.astype(str))
+        assert (b["batch_onehot"].numpy().sum(-1) == 1).all() and (b["cell_type_onehot"].numpy().sum(-1) == 1).all()
+
+
 def test_controls_are_drawn_afresh_per_item(pert_server):
     batches = epoch(datamodule(pert_server).train_dataloader(), 0)
     sets = [frozenset(c) for b in batches for c in b["ctrl_cell_barcode"]]

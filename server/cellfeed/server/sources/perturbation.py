@@ -54,8 +54,6 @@ class PerturbationSource(Source):
         self._target_code = {t: i for i, t in enumerate(targets)}
         self._cell_type_code = {c: i for i, c in enumerate(self.cell_types)}
         batch_code = {b: i for i, b in enumerate(self.batches)}
-        # per file: layout batch code -> session batch code
-        self._batch_map = [np.array([batch_code.get(str(n), 0) for n in l.batch_names], dtype=np.int32) for l in layouts]
         self.embedding_dim = len(targets)
         self._embeddings: np.ndarray | None = None
         self.missing_embeddings: list[str] = []
@@ -80,12 +78,26 @@ class PerturbationSource(Source):
             )
             for k, split in enumerate(SPLITS)
         }
-        self._barcodes = [l.h5.obs_names() for l in layouts] if config.barcodes else None
+        # per split, each group's file, target code and cell type code; per row of the files, one
+        # after another, its session batch code (and barcode): batches look these up, no loops
+        self._group_codes = {
+            split: np.array(
+                [(g.file, self._target_code[g.target], self._cell_type_code[g.cell_type]) for g in sampler.groups],
+                dtype=np.int64,
+            ).reshape(-1, 3)
+            for split, sampler in self.samplers.items()
+        }
+        self._row_offset = np.cumsum([0] + [l.h5.n_obs for l in layouts])
+        session_batch = [np.array([batch_code.get(str(n), 0) for n in l.batch_names], dtype=np.int32) for l in layouts]
+        self._row_batch_code = np.concatenate([codes[l.row_batch] for codes, l in zip(session_batch, layouts)])
+        self._barcodes = np.concatenate([l.h5.obs_names() for l in layouts]) if config.barcodes else None
         # Controls are reused by many items per epoch: when all control rows fit in
         # control_table_max_bytes they are sent once with the session and batches carry row ids.
         control_bytes = sum(self._rows(f, *l.control_span).nbytes for f, l in enumerate(layouts))
         self.controls_by_row = control_bytes <= config.control_table_max_bytes
-        self._control_offset = np.cumsum([0] + [l.control_span[1] - l.control_span[0] for l in layouts])
+        # a file's control row r is row r + _control_base[file] of the controls table
+        table_offset = np.cumsum([0] + [l.control_span[1] - l.control_span[0] for l in layouts])
+        self._control_base = table_offset[:-1] - np.array([l.control_span[0] for l in layouts])
         self._schema = self._build_schema()
 
     @classmethod
@@ -162,16 +174,16 @@ class PerturbationSource(Source):
         order = np.argsort(blocks, kind="stable")  # items of one block together: one gather per block
         group, pert_rows, ctrl_rows, blocks = planned.group[order], planned.pert_rows[order], planned.ctrl_rows[order], blocks[order]
         S = self.config.group_size_S
-        files = np.array([sampler.groups[g].file for g in group])
+        files, target_codes, ct_codes = self._group_codes[split][group].T
 
         pert_pieces = []
-        for b in np.unique(blocks):
-            block = sampler.blocks[b]
-            pert_pieces.append((self._rows(block.file, block.start, block.stop).csr, (pert_rows[blocks == b] - block.start).ravel()))
+        bounds = np.flatnonzero(np.diff(blocks)) + 1
+        for lo, hi in zip(np.r_[0, bounds].tolist(), np.r_[bounds, len(blocks)].tolist()):
+            block = sampler.blocks[blocks[lo]]
+            pert_pieces.append((self._rows(block.file, block.start, block.stop).csr, (pert_rows[lo:hi] - block.start).ravel()))
         columns: dict[str, pa.Array] = dict(codec.csr_columns("pert", *csr.gather(pert_pieces), self.index_type))
         if self.controls_by_row:
-            spans = np.array([l.control_span[0] for l in self.layouts])
-            ctrl_index = self._control_offset[files][:, None] + ctrl_rows - spans[files][:, None]
+            ctrl_index = self._control_base[files][:, None] + ctrl_rows
             columns["ctrl_row"] = pa.array(ctrl_index.ravel().astype(np.int32))
         else:
             ctrl_pieces = []
@@ -180,27 +192,14 @@ class PerturbationSource(Source):
                 ctrl_pieces.append((self._rows(int(f), lo, hi).csr, (ctrl_rows[files == f] - lo).ravel()))
             columns.update(codec.csr_columns("ctrl", *csr.gather(ctrl_pieces), self.index_type))
 
-        target_codes = np.array([self._target_code[sampler.groups[g].target] for g in group], dtype=np.int32)
-        ct_codes = np.array([self._cell_type_code[sampler.groups[g].cell_type] for g in group], dtype=np.int32)
-        cell_files = np.repeat(files, S)
-        flat_rows = pert_rows.ravel()
-        batch_codes = np.empty(len(flat_rows), dtype=np.int32)
-        for f in np.unique(files):
-            sel = cell_files == f
-            batch_codes[sel] = self._batch_map[f][self.layouts[f].row_batch[flat_rows[sel]]]
-        columns["target"] = pa.DictionaryArray.from_arrays(np.repeat(target_codes, S), self._target_dict)
-        columns["cell_type"] = pa.DictionaryArray.from_arrays(np.repeat(ct_codes, S), self._cell_type_dict)
-        columns["batch"] = pa.DictionaryArray.from_arrays(batch_codes, self._batch_dict)
+        global_rows = (self._row_offset[files][:, None] + pert_rows).ravel()
+        columns["target"] = pa.DictionaryArray.from_arrays(np.repeat(target_codes.astype(np.int32), S), self._target_dict)
+        columns["cell_type"] = pa.DictionaryArray.from_arrays(np.repeat(ct_codes.astype(np.int32), S), self._cell_type_dict)
+        columns["batch"] = pa.DictionaryArray.from_arrays(self._row_batch_code[global_rows], self._batch_dict)
         if self._barcodes is not None:
-            flat_ctrl = ctrl_rows.ravel()
-            pert_bc = np.empty(len(flat_rows), dtype=object)
-            ctrl_bc = np.empty(len(flat_rows), dtype=object)
-            for f in np.unique(files):
-                sel = cell_files == f
-                pert_bc[sel] = self._barcodes[f][flat_rows[sel]]
-                ctrl_bc[sel] = self._barcodes[f][flat_ctrl[sel]]
-            columns["pert_barcode"] = pa.array(pert_bc, pa.string())
-            columns["ctrl_barcode"] = pa.array(ctrl_bc, pa.string())
+            ctrl_global_rows = (self._row_offset[files][:, None] + ctrl_rows).ravel()
+            columns["pert_barcode"] = pa.array(self._barcodes[global_rows], pa.string())
+            columns["ctrl_barcode"] = pa.array(self._barcodes[ctrl_global_rows], pa.string())
         return pa.RecordBatch.from_arrays(list(columns.values()), schema=self._schema)
 
     def _rows(self, file: int, start: int, stop: int) -> CSRBlock:
