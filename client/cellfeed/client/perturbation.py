@@ -93,16 +93,16 @@ class PerturbationBatchDecoder:
     def _cell_coordinates(self, indptr: np.ndarray, B: int) -> np.ndarray:
         """A [3, nnz] int64 array whose first two rows hold each value's (item, cell).
 
-        Written in place by GIL-free loops, with no temporaries: the item is the row number
-        under the items' row pointers, the cell the flat cell number modulo S."""
+        Written in place by GIL-free loops, with no temporaries: each value's flat cell number
+        (its row under the cells' row pointers) divided by S gives the item, the rest the cell."""
         S = self.S
         coords = np.empty((3, int(indptr[-1])), dtype=np.int64)
-        csr.row_numbers(indptr[::S], out=coords[0])
         csr.row_numbers(indptr, out=coords[1])
         if S & (S - 1) == 0:
+            np.right_shift(coords[1], S.bit_length() - 1, out=coords[0])
             np.bitwise_and(coords[1], S - 1, out=coords[1])
         else:
-            np.remainder(coords[1], S, out=coords[1])
+            np.divmod(coords[1], S, out=(coords[0], coords[1]))
         return coords
 
     def _coo(self, coords: np.ndarray, values: np.ndarray, B: int) -> torch.Tensor:
