@@ -70,14 +70,14 @@ class PerturbationBatchDecoder:
 
     def _pert(self, rb: pa.RecordBatch, B: int) -> torch.Tensor:
         indptr, indices, data = codec.csr_from_columns(rb, "pert")
-        coords = self._cell_coordinates(indptr, B)
+        coords = self._cell_coordinates(indptr)
         coords[2] = indices
         return self._coo(coords, data, B)
 
     def _ctrl(self, rb: pa.RecordBatch, B: int) -> torch.Tensor:
         if self.controls is None:
             indptr, indices, data = codec.csr_from_columns(rb, "ctrl")
-            coords = self._cell_coordinates(indptr, B)
+            coords = self._cell_coordinates(indptr)
             coords[2] = indices
             return self._coo(coords, data, B)
         rows = rb.column("ctrl_row").to_numpy().astype(np.int64)
@@ -85,12 +85,12 @@ class PerturbationBatchDecoder:
         counts = ctrl_indptr[rows + 1] - ctrl_indptr[rows]
         indptr = np.zeros(len(rows) + 1, dtype=np.int64)
         np.cumsum(counts, out=indptr[1:])
-        coords = self._cell_coordinates(indptr, B)
+        coords = self._cell_coordinates(indptr)
         values = np.empty(coords.shape[1], dtype=np.float32)
         csr.gather([(self.controls, rows)], out=(coords[2], values))
         return self._coo(coords, values, B)
 
-    def _cell_coordinates(self, indptr: np.ndarray, B: int) -> np.ndarray:
+    def _cell_coordinates(self, indptr: np.ndarray) -> np.ndarray:
         """A [3, nnz] int64 array whose first two rows hold each value's (item, cell).
 
         Written in place by GIL-free loops, with no temporaries: each value's flat cell number
