@@ -23,6 +23,9 @@ import h5py
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+# cellfeed.client before anndata (below), as the README advises: threads that anndata's imports
+# start would otherwise take malloc arenas of their own, which the stream threads may then share
+import cellfeed.client  # noqa: E402, F401
 from bench.common import Server, self_peak_rss_mb, write_result  # noqa: E402
 from cellfeed.server.perturbation.synthetic import PerturbationSpec, write_embeddings, write_perturbation_h5ad  # noqa: E402
 
