@@ -88,6 +88,8 @@ def _train_perturbation(flight_uri: str, root: Path) -> dict:
 
 
 def main() -> int:
+    import cellfeed.client  # noqa: F401 - before anndata (in _generate), as the README advises
+
     root = Path("demo-data").resolve()
     root.mkdir(exist_ok=True)
     _generate(root / "screens")
