@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from cellfeed.client import PerturbationDataModule
+from cellfeed.wire import shm
 from tests.conftest import TARGETS
 from tests.helpers import barcodes, datamodule, epoch, obs_table
 
@@ -91,6 +92,25 @@ def test_controls_sent_once_or_inline_give_identical_batches(pert_server):
     for a, b in zip(epoch(by_row.train_dataloader(), 1), epoch(inline.train_dataloader(), 1)):
         np.testing.assert_array_equal(a["ctrl_cell_barcode"], b["ctrl_cell_barcode"])
         assert torch.equal(a["ctrl_cell_emb"].to_dense(), b["ctrl_cell_emb"].to_dense())
+
+
+@pytest.mark.skipif(shm.shm_dir() is None, reason="no shared-memory folder on this machine")
+@pytest.mark.parametrize("inline", [False, True])
+def test_csr_rows_come_in_slots_on_the_same_host_as_grpc_sends_them(pert_server, inline):
+    """Same host: the server gathers each batch's CSR rows straight into a shared-memory slot
+    (controls too, when they travel inline); the batches equal those streamed over gRPC."""
+    opts = dict(seed=5, control_table_max_bytes=0 if inline else 256 << 20)
+    via_slots, via_grpc = datamodule(pert_server, shared_memory=True, **opts), datamodule(pert_server, shared_memory=False, **opts)
+    slots, grpc = via_slots.train_dataloader(), via_grpc.train_dataloader()
+    assert slots.slots is not None and grpc.slots is None
+    held = epoch(slots, 1)  # held batches stay intact while later ones are written
+    assert slots.slots._maps, "the stream's batches named no slot"
+    for a, b in zip(held, epoch(grpc, 1), strict=True):
+        np.testing.assert_array_equal(a["pert_cell_barcode"], b["pert_cell_barcode"])
+        for key in ("pert_cell_emb", "ctrl_cell_emb"):
+            assert torch.equal(a[key].to_dense(), b[key].to_dense())
+    via_slots.teardown("fit")
+    via_grpc.teardown("fit")
 
 
 def test_every_train_cell_is_drawn_each_epoch_and_only_last_groups_padded(pert_server, obs):

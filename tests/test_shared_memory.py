@@ -161,6 +161,31 @@ def test_resolve_refuses_refs_outside_a_slot(tmp_path):
         SlotReader(tmp_path).resolve(pa.RecordBatch.from_arrays([bad], schema=pa.schema([field])))
 
 
+def test_resolve_rebuilds_list_columns_and_refuses_broken_runs(tmp_path):
+    """A `shm_list_ref` column comes back as its list column over the slot; rows that are not one
+    contiguous run of the slot are refused."""
+    from cellfeed.client.shm import SlotReader
+
+    name = "cellfeed-1-0123456789abcdef-1"
+    values = np.arange(10, dtype=np.float32)
+    (tmp_path / name).write_bytes(bytes(shm.HEADER_BYTES) + values.tobytes())
+    field = pa.field("x_data", shm.LIST_REF_TYPE, metadata={shm.LIST_KEY: json.dumps({"dtype": "float32"})})
+
+    def refs(offsets, lengths):
+        names = pa.DictionaryArray.from_arrays(np.zeros(len(offsets), np.int32), pa.array([name]))
+        columns = [names, pa.array(offsets, pa.int64()), pa.array(lengths, pa.int32()), pa.array([0] * len(offsets), pa.uint32())]
+        return pa.RecordBatch.from_arrays([pa.StructArray.from_arrays(columns, fields=list(shm.LIST_REF_TYPE))], schema=pa.schema([field]))
+
+    start = shm.HEADER_BYTES
+    column = SlotReader(tmp_path).resolve(refs([start, start + 12, start + 12], [3, 0, 7])).column(0)
+    assert column.type == pa.list_(pa.float32())
+    assert column.to_pylist() == [[0, 1, 2], [], [3, 4, 5, 6, 7, 8, 9]]
+    with pytest.raises(ValueError, match="not one contiguous run"):
+        SlotReader(tmp_path).resolve(refs([start, start + 16], [3, 7]))
+    with pytest.raises(ValueError, match="outside the data of slot"):
+        SlotReader(tmp_path).resolve(refs([start, start + 12], [3, 8]))
+
+
 def test_slot_pool_hands_out_only_slots_the_client_is_done_with(tmp_path):
     """The header words, one writer each: the server's GEN, the client's TAKEN and DONE."""
     from cellfeed.server.serving.shm import ShmUnavailable, SlotPool

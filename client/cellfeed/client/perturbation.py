@@ -115,6 +115,8 @@ class PerturbationDataModule(RemoteDataModule):
     """Remote drop-in for protoplast's PerturbationDataModule (plus `server`, `seed`, DDP args).
 
     `num_workers` is the number of parallel Flight streams per loader, read in threads.
+    `shared_memory`: the CSR rows come in shared-memory slots rather than over gRPC when the
+    server runs on this host (None: when available; True: required; False: never).
     """
 
     kind = "perturbation"
@@ -143,6 +145,7 @@ class PerturbationDataModule(RemoteDataModule):
         window_blocks: int = 8,
         prefix_batches_with_file: bool = False,
         control_table_max_bytes: int = 256 << 20,
+        shared_memory: bool | None = None,
     ) -> None:
         super().__init__(token)
         self.save_hyperparameters(ignore=["token"])

@@ -11,6 +11,7 @@ import mmap
 import os
 import secrets
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -78,6 +79,18 @@ class _Hold:
         self.lease.drop()
 
 
+@dataclass(frozen=True)
+class _Run:
+    """A column's values in a slot: name ("" when it has none), byte offset and length, the
+    generation, and for a list column its row bounds."""
+
+    slot: str
+    offset: int
+    nbytes: int
+    generation: int
+    bounds: np.ndarray | None
+
+
 class SlotReader:
     """Maps the server's slot files (each once) and turns `shm_ref` columns into array views."""
 
@@ -87,55 +100,70 @@ class SlotReader:
         self._lock = threading.Lock()
 
     def resolve(self, batch: pa.RecordBatch) -> pa.RecordBatch:
-        """The batch with each `shm_ref` column back as the tensor column it stands for, its
-        values a view of the slot (no copy); each slot stays the client's until those views are gone."""
+        """The batch with each `shm_ref` column back as the tensor column it stands for and each
+        `shm_list_ref` column back as its list column, the values a view of the slot (no copy);
+        each slot stays the client's until those views are gone."""
         refs = [(i, f, shm.ref_info(f)) for i, f in enumerate(batch.schema) if shm.ref_info(f)]
         if not refs:
             return batch
-        located = {i: self._locate(f.name, batch.column(i), info) for i, f, info in refs}
+        located = {i: self._locate(f, batch.column(i), info) for i, f, info in refs}
         leases: dict[str, _Lease] = {}
-        for name, _, _, generation in located.values():
-            if name:
-                if name not in leases:
-                    header = np.frombuffer(self._map(name), dtype=np.uint32, count=3)
-                    if header[shm.GEN] != generation:
-                        raise SlotsUnavailable(f"slot {name} holds generation {header[shm.GEN]}, the batch names {generation}")
-                    header[shm.TAKEN] = generation
-                    leases[name] = _Lease(header, generation)
-                leases[name].count += 1
+        for run in located.values():
+            if run.slot:
+                if run.slot not in leases:
+                    header = np.frombuffer(self._map(run.slot), dtype=np.uint32, count=3)
+                    if header[shm.GEN] != run.generation:
+                        raise SlotsUnavailable(f"slot {run.slot} holds generation {header[shm.GEN]}, the batch names {run.generation}")
+                    header[shm.TAKEN] = run.generation
+                    leases[run.slot] = _Lease(header, run.generation)
+                leases[run.slot].count += 1
         fields, columns = list(batch.schema), list(batch.columns)
         for i, field, info in refs:
-            name, offset, nbytes, _ = located[i]
+            run = located[i]
             value_type = pa.from_numpy_dtype(np.dtype(info["dtype"]))
-            tensor_type = pa.fixed_shape_tensor(value_type, info["shape"])
-            if name:
-                mapped = self._map(name)
-                address = np.frombuffer(mapped, dtype=np.uint8, count=1).ctypes.data + offset
-                values = pa.foreign_buffer(address, nbytes, base=_Hold(mapped, leases[name]))
+            if run.slot:
+                mapped = self._map(run.slot)
+                address = np.frombuffer(mapped, dtype=np.uint8, count=1).ctypes.data + run.offset
+                values = pa.foreign_buffer(address, run.nbytes, base=_Hold(mapped, leases[run.slot]))
             else:
                 values = pa.py_buffer(b"")
-            width = int(np.prod(info["shape"]))
-            flat = pa.Array.from_buffers(value_type, len(batch) * width, [None, values])
-            storage = pa.FixedSizeListArray.from_arrays(flat, width)
-            columns[i] = pa.ExtensionArray.from_storage(tensor_type, storage)
-            fields[i] = pa.field(field.name, tensor_type, nullable=False)
+            flat = pa.Array.from_buffers(value_type, run.nbytes // value_type.byte_width, [None, values])
+            if run.bounds is not None:  # a list column
+                columns[i] = pa.ListArray.from_arrays(pa.array(run.bounds), flat)
+                fields[i] = pa.field(field.name, pa.list_(value_type), nullable=False)
+            else:
+                tensor_type = pa.fixed_shape_tensor(value_type, info["shape"])
+                storage = pa.FixedSizeListArray.from_arrays(flat, int(np.prod(info["shape"])))
+                columns[i] = pa.ExtensionArray.from_storage(tensor_type, storage)
+                fields[i] = pa.field(field.name, tensor_type, nullable=False)
         return pa.RecordBatch.from_arrays(columns, schema=pa.schema(fields, metadata=batch.schema.metadata))
 
-    def _locate(self, column_name: str, column: pa.StructArray, info: dict) -> tuple[str, int, int, int]:
-        """(slot name, byte offset, byte length, generation) of a column's rows; ("", 0, 0, 0) when
-        it has none."""
+    def _locate(self, field: pa.Field, column: pa.StructArray, info: dict) -> "_Run":
+        """Where a column's rows lie: they must be one contiguous run of one slot's data."""
+        width = np.dtype(info["dtype"]).itemsize
+        is_list = field.type == shm.LIST_REF_TYPE
+        bounds = np.zeros(len(column) + 1, dtype=np.int32) if is_list else None
         if len(column) == 0:
-            return "", 0, 0, 0
+            return _Run("", 0, 0, 0, bounds)
         slots = column.field("slot")
         offsets = column.field("offset").to_numpy()
-        name = slots[0].as_py()
-        row = int(np.prod(info["shape"])) * np.dtype(info["dtype"]).itemsize
-        if len(slots.unique()) != 1 or np.any(np.diff(offsets) != row):
-            raise ValueError(f"column {column_name!r}: its shm_ref rows are not one contiguous run of one slot")
-        nbytes = len(column) * row
+        if is_list:
+            np.cumsum(column.field("length").to_numpy(), out=bounds[1:])
+            row_bytes = width * bounds[:-1].astype(np.int64)
+            name = slots.dictionary[slots.indices[0].as_py()].as_py()
+            one_slot = len(slots.dictionary) == 1 or len(np.unique(slots.indices.to_numpy())) == 1
+            nbytes = width * int(bounds[-1])
+        else:
+            row = int(np.prod(info["shape"])) * width
+            row_bytes = row * np.arange(len(column), dtype=np.int64)
+            name = slots[0].as_py()
+            one_slot = len(slots.unique()) == 1
+            nbytes = len(column) * row
+        if not one_slot or np.any(offsets - offsets[0] != row_bytes):
+            raise ValueError(f"column {field.name!r}: its shm refs are not one contiguous run of one slot")
         if int(offsets[0]) < shm.HEADER_BYTES or int(offsets[0]) + nbytes > len(self._map(name)):
-            raise ValueError(f"column {column_name!r}: shm_ref rows lie outside the data of slot {name}")
-        return name, int(offsets[0]), nbytes, int(column.field("generation")[0].as_py())
+            raise ValueError(f"column {field.name!r}: shm refs lie outside the data of slot {name}")
+        return _Run(name, int(offsets[0]), nbytes, int(column.field("generation")[0].as_py()), bounds)
 
     def _map(self, name: str) -> mmap.mmap:
         if not shm.SLOT_NAME.match(name):

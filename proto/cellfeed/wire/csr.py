@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -19,12 +19,13 @@ def gather(
     pieces: Sequence[tuple[CSR, np.ndarray]],
     *,
     native: bool = True,
-    out: tuple[np.ndarray, np.ndarray] | None = None,
+    out: tuple[np.ndarray, np.ndarray] | Callable[[int], tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> CSR:
     """Concatenate rows `rows` of each (csr, rows) piece, in order, as one CSR (indptr int64).
 
     Each output byte is written once: no intermediate matrices, no vstack. `out` gives the
-    (indices, data) arrays to fill (of the right length), e.g. a row of a COO coordinate array.
+    (indices, data) arrays to fill (of the right length), e.g. a row of a COO coordinate array,
+    or makes them from the number of values (in a shared-memory slot, say).
     """
     starts = [csr[0][rows] for csr, rows in pieces]
     lengths = [csr[0][rows + 1] - s for (csr, rows), s in zip(pieces, starts)]
@@ -36,7 +37,7 @@ def gather(
         index_dtype = pieces[0][0][1].dtype if pieces else np.dtype(np.int32)
         indices, data = np.empty(total, dtype=index_dtype), np.empty(total, dtype=np.float32)
     else:
-        indices, data = out
+        indices, data = out(total) if callable(out) else out
         if len(indices) != total or len(data) != total:
             raise ValueError(f"gather: out arrays hold {len(indices)}/{len(data)} values, the rows hold {total}")
     row0 = 0

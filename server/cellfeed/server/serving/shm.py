@@ -120,7 +120,7 @@ class SlotPool:
         # a name never used before: clients keep slots mapped by name
         path = self.directory / f"cellfeed-{os.getpid()}-{secrets.token_hex(8)}-{len(self.slots)}"
         try:
-            slot = Slot(path, nbytes)
+            slot = Slot(path, _capacity(nbytes))
         except OSError as exc:
             raise ShmUnavailable(f"cannot make a {nbytes:,}-byte shared-memory slot in {self.directory}: {exc.strerror or exc}") from None
         slot.fill()
@@ -144,6 +144,12 @@ class SlotPool:
             for slot in self.slots:
                 slot.path.unlink(missing_ok=True)
             self.slots.clear()
+
+
+def _capacity(nbytes: int) -> int:
+    """A new slot's size: an eighth more than asked, in whole MiB, so that later batches a little
+    larger than this one (CSR batches vary) reuse it rather than add slot after slot."""
+    return -(-(nbytes + nbytes // 8) // (1 << 20)) * (1 << 20)
 
 
 class SlotPools:
@@ -209,28 +215,52 @@ class SlotPools:
 
 
 def to_refs(batch: pa.RecordBatch, schema: pa.Schema, pool: SlotPool, cancelled=lambda: False, taken: dict | None = None) -> pa.RecordBatch:
-    """The batch with each large tensor column as `shm_ref` rows: no copy when its buffer already
-    lies in one of the pool's slots (the source read into it), else one copy into a new slot."""
+    """The batch with each large tensor column as `shm_ref` rows and each marked list column as
+    `shm_list_ref` rows: no copy when the values already lie in one of the pool's slots (the
+    source wrote them there), else one copy into a new slot."""
     columns = []
     for ref_field, column in zip(schema, batch.columns):
-        if ref_field.type != shm.REF_TYPE:
-            columns.append(column)
-            continue
-        values = column.storage.flatten() if isinstance(column, pa.ExtensionArray) else column.flatten()
-        buffer = values.buffers()[1]
-        start = buffer.address + values.offset * values.type.bit_width // 8
-        nbytes = len(values) * values.type.bit_width // 8
-        slot = pool.locate(start, nbytes)
-        if slot is None:
-            target = pool.array((nbytes,), np.uint8, cancelled, taken)
-            target[:] = np.frombuffer(buffer, dtype=np.uint8, count=nbytes, offset=start - buffer.address)
-            slot, start = pool.locate(target.ctypes.data, nbytes), target.ctypes.data
-        row = nbytes // max(1, len(column))
-        offsets = shm.HEADER_BYTES + (start - slot.address) + row * np.arange(len(column), dtype=np.int64)
         n = len(column)
-        names, generations = pa.array([slot.name] * n, pa.string()), pa.array(np.full(n, slot.generation, np.uint32))
-        columns.append(pa.StructArray.from_arrays([names, pa.array(offsets), generations], fields=list(shm.REF_TYPE)))
+        if ref_field.type == shm.REF_TYPE:
+            values = column.storage.flatten() if isinstance(column, pa.ExtensionArray) else column.flatten()
+            slot, start = _in_slot(values, pool, cancelled, taken)
+            row = (len(values) // max(1, n)) * values.type.bit_width // 8
+            names = pa.array([slot.name] * n, pa.string())
+            offsets = pa.array(start + row * np.arange(n, dtype=np.int64))
+            columns.append(pa.StructArray.from_arrays([names, offsets, _generations(slot, n)], fields=list(shm.REF_TYPE)))
+        elif ref_field.type == shm.LIST_REF_TYPE:
+            bounds = column.offsets.to_numpy()
+            values = column.values.slice(int(bounds[0]), int(bounds[-1] - bounds[0]))
+            slot, start = _in_slot(values, pool, cancelled, taken)
+            width = values.type.bit_width // 8
+            names = pa.DictionaryArray.from_arrays(np.zeros(n, np.int32), pa.array([slot.name]))
+            offsets = pa.array(start + width * (bounds[:-1] - bounds[0]).astype(np.int64))
+            lengths = pa.array(np.diff(bounds).astype(np.int32))
+            columns.append(
+                pa.StructArray.from_arrays([names, offsets, lengths, _generations(slot, n)], fields=list(shm.LIST_REF_TYPE))
+            )
+        else:
+            columns.append(column)
     return pa.RecordBatch.from_arrays(columns, schema=schema)
+
+
+def _in_slot(values: pa.Array, pool: SlotPool, cancelled, taken: dict | None) -> tuple[Slot, int]:
+    """The slot holding a primitive array's values and their offset in the slot file, copying
+    them into a new slot when they lie in none."""
+    buffer = values.buffers()[1]
+    nbytes = len(values) * values.type.bit_width // 8
+    start = buffer.address + values.offset * values.type.bit_width // 8 if nbytes else 0
+    slot = pool.locate(start, nbytes) if nbytes else None
+    if slot is None:
+        target = pool.array((nbytes,), np.uint8, cancelled, taken)
+        if nbytes:
+            target[:] = np.frombuffer(buffer, dtype=np.uint8, count=nbytes, offset=start - buffer.address)
+        slot, start = pool.locate(target.ctypes.data, nbytes), target.ctypes.data
+    return slot, shm.HEADER_BYTES + (start - slot.address)
+
+
+def _generations(slot: Slot, n: int) -> pa.Array:
+    return pa.array(np.full(n, slot.generation, np.uint32))
 
 
 def _remove_orphans(directory: Path) -> None:

@@ -23,7 +23,7 @@ from cellfeed.server.reading.h5ad import H5ad
 from cellfeed.server.samplers.base import check_batch_index
 from cellfeed.server.samplers.perturbation import PerturbationSampler
 from cellfeed.server.sources.base import Alloc, Source
-from cellfeed.wire import codec, csr
+from cellfeed.wire import codec, csr, shm
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +181,7 @@ class PerturbationSource(Source):
         for lo, hi in zip(np.r_[0, bounds].tolist(), np.r_[bounds, len(blocks)].tolist()):
             block = sampler.blocks[blocks[lo]]
             pert_pieces.append((self._rows(block.file, block.start, block.stop).csr, (pert_rows[lo:hi] - block.start).ravel()))
-        columns: dict[str, pa.Array] = dict(codec.csr_columns("pert", *csr.gather(pert_pieces), self.index_type))
+        columns: dict[str, pa.Array] = dict(codec.csr_columns("pert", *csr.gather(pert_pieces, out=self._slot(alloc)), self.index_type))
         if self.controls_by_row:
             ctrl_index = self._control_base[files][:, None] + ctrl_rows
             columns["ctrl_row"] = pa.array(ctrl_index.ravel().astype(np.int32))
@@ -190,7 +190,7 @@ class PerturbationSource(Source):
             for f in np.unique(files):
                 lo, hi = self.layouts[f].control_span
                 ctrl_pieces.append((self._rows(int(f), lo, hi).csr, (ctrl_rows[files == f] - lo).ravel()))
-            columns.update(codec.csr_columns("ctrl", *csr.gather(ctrl_pieces), self.index_type))
+            columns.update(codec.csr_columns("ctrl", *csr.gather(ctrl_pieces, out=self._slot(alloc)), self.index_type))
 
         global_rows = (self._row_offset[files][:, None] + pert_rows).ravel()
         columns["target"] = pa.DictionaryArray.from_arrays(np.repeat(target_codes.astype(np.int32), S), self._target_dict)
@@ -201,6 +201,20 @@ class PerturbationSource(Source):
             columns["pert_barcode"] = pa.array(self._barcodes[global_rows], pa.string())
             columns["ctrl_barcode"] = pa.array(self._barcodes[ctrl_global_rows], pa.string())
         return pa.RecordBatch.from_arrays(list(columns.values()), schema=self._schema)
+
+    def _slot(self, alloc: Alloc | None):
+        """Where a gather writes a batch's CSR values: one block of `alloc` (a shared-memory slot)
+        holding the indices, then the data; or, without `alloc`, new arrays."""
+        if alloc is None:
+            return None
+        index_dtype = np.dtype(self.index_type.to_pandas_dtype())
+
+        def arrays(nnz: int) -> tuple[np.ndarray, np.ndarray]:
+            data_at = -(-nnz * index_dtype.itemsize // 64) * 64
+            block = alloc((data_at + 4 * nnz,), np.dtype(np.uint8))
+            return block[: nnz * index_dtype.itemsize].view(index_dtype), block[data_at:].view(np.float32)
+
+        return arrays
 
     def _rows(self, file: int, start: int, stop: int) -> CSRBlock:
         layout = self.layouts[file]
@@ -216,11 +230,12 @@ class PerturbationSource(Source):
         self._target_dict = pa.array(self.targets, pa.string())
         self._cell_type_dict = pa.array(self.cell_types, pa.string())
         self._batch_dict = pa.array(self.batches, pa.string())
-        fields = codec.csr_fields("pert", self.index_type)
+        in_slots = {shm.LIST_KEY: b"1"}  # the CSR rows may travel in shared-memory slots
+        fields = [f.with_metadata(in_slots) for f in codec.csr_fields("pert", self.index_type)]
         if self.controls_by_row:
             fields.append(pa.field("ctrl_row", pa.int32(), nullable=False))
         else:
-            fields += codec.csr_fields("ctrl", self.index_type)
+            fields += [f.with_metadata(in_slots) for f in codec.csr_fields("ctrl", self.index_type)]
         fields += [
             pa.field("target", pa.dictionary(pa.int32(), pa.string()), nullable=False),
             pa.field("cell_type", pa.dictionary(pa.int32(), pa.string()), nullable=False),
