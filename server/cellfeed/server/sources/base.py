@@ -73,8 +73,8 @@ class Source(ABC):
     def batch(self, split: str, epoch: int, rank: int, world_size: int, index: int, *, alloc: Alloc | None = None) -> pa.RecordBatch:
         """Rank-local batch `index` of `epoch`. Thread-safe: several streams call it at once.
 
-        `alloc(shape, dtype)`, when given, makes the arrays of large dense columns (in a
-        shared-memory slot); a source that reads into them spares the stream a copy.
+        `alloc(shape, dtype)`, when given, makes the arrays of large dense columns and of marked
+        list values (in a shared-memory slot); a source that writes into them spares a copy.
         """
 
     def close(self) -> None:
