@@ -92,7 +92,7 @@ class _Run:
 
 
 class SlotReader:
-    """Maps the server's slot files (each once) and turns `shm_ref` columns into array views."""
+    """Maps the server's slot files (each once) and turns `shm_ref`/`shm_list_ref` columns into views."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
