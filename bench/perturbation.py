@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # cellfeed.client before anndata (below), as the README advises: threads that anndata's imports
 # start would otherwise take malloc arenas of their own, which the stream threads may then share
-import cellfeed.client  # noqa: E402, F401
+from cellfeed.client import PerturbationDataModule  # noqa: E402
 from bench.common import Server, self_peak_rss_mb, write_result  # noqa: E402
 from cellfeed.server.perturbation.synthetic import PerturbationSpec, write_embeddings, write_perturbation_h5ad  # noqa: E402
 
@@ -99,7 +99,6 @@ def run(server: Server, files: list[Path], rounds: int, epochs_per_round: int, n
     after the other, so that each ratio compares like with like on this shared machine (its speed
     drifts over a run); then the same number of epochs as Arrow record batches. The ceiling of a
     round reads for as long as the round's last epochs took (at least 0.2 s)."""
-    from cellfeed.client import PerturbationDataModule
 
     def datamodule() -> PerturbationDataModule:
         return PerturbationDataModule(files=["k562.h5ad", "rpe1.h5ad"], pert_embedding_file="emb.pt", batch_size=64,
