@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from cellfeed.client import PerturbationDataModule
+from cellfeed.client import perturbation as client_perturbation
 from cellfeed.wire import shm
 from tests.conftest import TARGETS
 from tests.helpers import barcodes, datamodule, epoch, obs_table
@@ -36,11 +37,15 @@ def test_batch_schema_matches_protoplast(pert_server):
     assert batch["pert_cell_barcode"].shape == (B, S) and batch["ctrl_cell_barcode"].shape == (B, S)
 
 
-@pytest.mark.parametrize("S", [4, 3])  # the decoder splits cell numbers by shift or by divmod
-def test_expression_values_match_the_file(pert_server, pert_root, obs, S):
+# the decoder takes cell numbers mod S by mask or by remainder, in one chunk or in many
+@pytest.mark.parametrize("S", [4, 3])
+@pytest.mark.parametrize("chunk_values", [None, 16])
+def test_expression_values_match_the_file(pert_server, pert_root, obs, S, chunk_values, monkeypatch):
     """Every perturbed and control row equals the file's X row of that barcode."""
     import anndata as ad
 
+    if chunk_values is not None:
+        monkeypatch.setattr(client_perturbation, "CHUNK_VALUES", chunk_values)
     dm = datamodule(pert_server, group_size_S=S)
     X = {f: ad.read_h5ad(pert_root / f).X.toarray() for f in FILES}
     for batch in list(dm.train_dataloader())[:3]:

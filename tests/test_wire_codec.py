@@ -68,6 +68,9 @@ def test_row_numbers_give_each_value_its_row():
     out = np.full(6, -1, dtype=np.int64)
     csr.row_numbers(indptr, out=out)
     np.testing.assert_array_equal(out, np.repeat(np.arange(4), np.diff(indptr)))
+    out[:] = -1
+    csr.row_numbers(indptr[2:], out=out)  # a slice fills its own values, numbering from 0
+    np.testing.assert_array_equal(out, [-1, -1, 0, 0, 0, 1])
 
 
 def test_column_indices_are_uint16_when_the_columns_fit():

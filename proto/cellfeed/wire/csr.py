@@ -66,6 +66,8 @@ def gather(
 
 
 def row_numbers(indptr: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """Write each value's row number into `out` (int64, one per value): COO row coordinates."""
+    """Write each value's row number into `out` (int64, one per value): COO row coordinates.
+
+    Positions are indptr's own, so a slice of indptr fills its part of `out`, rows numbered from 0."""
     _expandptr(len(indptr) - 1, np.ascontiguousarray(indptr, dtype=np.int64), out)
     return out
