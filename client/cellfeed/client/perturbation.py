@@ -42,12 +42,11 @@ class PerturbationBatchDecoder:
         )
         self.cell_type_eye = np.eye(len(self.cell_types), dtype=np.float32)
         self.batch_eye = np.eye(len(info["batches"]), dtype=np.float32)
-        # controls sent once with the session: batches name their rows (`ctrl_row`). Kept with
-        # int64 indices so rows are gathered straight into the COO coordinates.
+        # controls sent once with the session: batches name their rows (`ctrl_row`). Kept as
+        # sent (narrow gene indices): each batch reads half the bytes it would as int64.
         self.controls = None
         if controls is not None:
-            indptr, indices, data = codec.csr_from_columns(controls.combine_chunks().to_batches()[0], "ctrl")
-            self.controls = (indptr.astype(np.int64), indices.astype(np.int64), data)
+            self.controls = codec.csr_from_columns(controls.combine_chunks().to_batches()[0], "ctrl")
 
     def __call__(self, rb: pa.RecordBatch) -> dict[str, Any]:
         S = self.S
@@ -82,14 +81,15 @@ class PerturbationBatchDecoder:
             coords = self._cell_coordinates(indptr)
             coords[2] = indices
             return self._coo(coords, data, B)
-        rows = rb.column("ctrl_row").to_numpy().astype(np.int64)
-        ctrl_indptr = self.controls[0]
-        counts = ctrl_indptr[rows + 1] - ctrl_indptr[rows]
+        rows = rb.column("ctrl_row").to_numpy()
+        table_indptr, table_indices, _ = self.controls
         indptr = np.zeros(len(rows) + 1, dtype=np.int64)
-        np.cumsum(counts, out=indptr[1:])
+        np.cumsum(table_indptr[rows + 1] - table_indptr[rows], out=indptr[1:])
         coords = self._cell_coordinates(indptr)
+        genes = np.empty(coords.shape[1], dtype=table_indices.dtype)
         values = np.empty(coords.shape[1], dtype=np.float32)
-        csr.gather([(self.controls, rows)], out=(coords[2], values))
+        csr.gather([(self.controls, rows)], out=(genes, values))
+        coords[2] = genes
         return self._coo(coords, values, B)
 
     def _cell_coordinates(self, indptr: np.ndarray) -> np.ndarray:
