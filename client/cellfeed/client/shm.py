@@ -91,6 +91,24 @@ class _Run:
     bounds: np.ndarray | None
 
 
+@dataclass(frozen=True)
+class _RefColumn:
+    """A ref column of a stream's schema: its place and name, the value type it stands for, and
+    the values per row of a tensor column (None for a list column)."""
+
+    index: int
+    name: str
+    value_type: pa.DataType
+    row_values: int | None
+
+
+@dataclass(frozen=True)
+class _Plan:
+    source: pa.Schema
+    refs: list[_RefColumn]
+    schema: pa.Schema  # the resolved batch's
+
+
 class SlotReader:
     """Maps the server's slot files (each once) and turns `shm_ref`/`shm_list_ref` columns into views."""
 
@@ -98,17 +116,18 @@ class SlotReader:
         self.directory = directory
         self._maps: dict[str, mmap.mmap] = {}
         self._lock = threading.Lock()
+        self._last_plan: _Plan | None = None
 
     def resolve(self, batch: pa.RecordBatch) -> pa.RecordBatch:
         """The batch with each `shm_ref` column back as the tensor column it stands for and each
         `shm_list_ref` column back as its list column, the values a view of the slot (no copy);
         each slot stays the client's until those views are gone."""
-        refs = [(i, f, shm.ref_info(f)) for i, f in enumerate(batch.schema) if shm.ref_info(f)]
-        if not refs:
+        plan = self._plan(batch.schema)
+        if not plan.refs:
             return batch
-        located = {i: self._locate(f, batch.column(i), info) for i, f, info in refs}
+        located = [self._locate(ref, batch.column(ref.index)) for ref in plan.refs]
         leases: dict[str, _Lease] = {}
-        for run in located.values():
+        for run in located:
             if run.slot:
                 if run.slot not in leases:
                     header = np.frombuffer(self._map(run.slot), dtype=np.uint32, count=3)
@@ -117,52 +136,74 @@ class SlotReader:
                     header[shm.TAKEN] = run.generation
                     leases[run.slot] = _Lease(header, run.generation)
                 leases[run.slot].count += 1
-        fields, columns = list(batch.schema), list(batch.columns)
-        for i, field, info in refs:
-            run = located[i]
-            value_type = pa.from_numpy_dtype(np.dtype(info["dtype"]))
+        columns = list(batch.columns)
+        offsets: tuple[np.ndarray, pa.Array] | None = None  # list columns of one batch share their bounds
+        for ref, run in zip(plan.refs, located):
             if run.slot:
                 mapped = self._map(run.slot)
                 address = np.frombuffer(mapped, dtype=np.uint8, count=1).ctypes.data + run.offset
                 values = pa.foreign_buffer(address, run.nbytes, base=_Hold(mapped, leases[run.slot]))
             else:
                 values = pa.py_buffer(b"")
-            flat = pa.Array.from_buffers(value_type, run.nbytes // value_type.byte_width, [None, values])
+            flat = pa.Array.from_buffers(ref.value_type, run.nbytes // ref.value_type.byte_width, [None, values])
             if run.bounds is not None:  # a list column
-                columns[i] = pa.ListArray.from_arrays(pa.array(run.bounds), flat)
+                if offsets is None or not np.array_equal(offsets[0], run.bounds):
+                    offsets = (run.bounds, pa.array(run.bounds))
+                columns[ref.index] = pa.ListArray.from_arrays(offsets[1], flat)
+            else:
+                storage = pa.FixedSizeListArray.from_arrays(flat, ref.row_values)
+                columns[ref.index] = pa.ExtensionArray.from_storage(plan.schema.field(ref.index).type, storage)
+        return pa.RecordBatch.from_arrays(columns, schema=plan.schema)
+
+    def _plan(self, schema: pa.Schema) -> "_Plan":
+        """The ref columns of a stream's schema and the schema they resolve to, made once."""
+        cached = self._last_plan
+        if cached is not None and cached.source.equals(schema, check_metadata=True):
+            return cached
+        refs, fields = [], list(schema)
+        for i, field in enumerate(schema):
+            info = shm.ref_info(field)
+            if info is None:
+                continue
+            value_type = pa.from_numpy_dtype(np.dtype(info["dtype"]))
+            if field.type == shm.LIST_REF_TYPE:
+                refs.append(_RefColumn(i, field.name, value_type, None))
                 fields[i] = pa.field(field.name, pa.list_(value_type), nullable=False)
             else:
-                tensor_type = pa.fixed_shape_tensor(value_type, info["shape"])
-                storage = pa.FixedSizeListArray.from_arrays(flat, int(np.prod(info["shape"])))
-                columns[i] = pa.ExtensionArray.from_storage(tensor_type, storage)
-                fields[i] = pa.field(field.name, tensor_type, nullable=False)
-        return pa.RecordBatch.from_arrays(columns, schema=pa.schema(fields, metadata=batch.schema.metadata))
+                refs.append(_RefColumn(i, field.name, value_type, int(np.prod(info["shape"]))))
+                fields[i] = pa.field(field.name, pa.fixed_shape_tensor(value_type, info["shape"]), nullable=False)
+        plan = _Plan(schema, refs, pa.schema(fields, metadata=schema.metadata))
+        self._last_plan = plan
+        return plan
 
-    def _locate(self, field: pa.Field, column: pa.StructArray, info: dict) -> "_Run":
+    def _locate(self, ref: "_RefColumn", column: pa.StructArray) -> "_Run":
         """Where a column's rows lie: they must be one contiguous run of one slot's data."""
-        width = np.dtype(info["dtype"]).itemsize
-        is_list = field.type == shm.LIST_REF_TYPE
-        bounds = np.zeros(len(column) + 1, dtype=np.int32) if is_list else None
-        if len(column) == 0:
+        width = ref.value_type.byte_width
+        n = len(column)
+        bounds = np.zeros(n + 1, dtype=np.int32) if ref.row_values is None else None
+        if n == 0:
             return _Run("", 0, 0, 0, bounds)
         slots = column.field("slot")
         offsets = column.field("offset").to_numpy()
-        if is_list:
+        if bounds is not None:
             np.cumsum(column.field("length").to_numpy(), out=bounds[1:])
-            row_bytes = width * bounds[:-1].astype(np.int64)
-            name = slots.dictionary[slots.indices[0].as_py()].as_py()
-            one_slot = len(slots.dictionary) == 1 or len(np.unique(slots.indices.to_numpy())) == 1
+            expected = bounds[:-1].astype(np.int64)
             nbytes = width * int(bounds[-1])
+            codes = slots.indices.to_numpy()
+            name = slots.dictionary[int(codes[0])].as_py()
+            one_slot = len(slots.dictionary) == 1 or not np.any(codes != codes[0])
         else:
-            row = int(np.prod(info["shape"])) * width
-            row_bytes = row * np.arange(len(column), dtype=np.int64)
+            expected = np.arange(n, dtype=np.int64)
+            width *= ref.row_values
+            nbytes = n * width
             name = slots[0].as_py()
             one_slot = len(slots.unique()) == 1
-            nbytes = len(column) * row
-        if not one_slot or np.any(offsets - offsets[0] != row_bytes):
-            raise ValueError(f"column {field.name!r}: its shm refs are not one contiguous run of one slot")
+        expected *= width
+        expected += offsets[0]
+        if not one_slot or not np.array_equal(offsets, expected):
+            raise ValueError(f"column {ref.name!r}: its shm refs are not one contiguous run of one slot")
         if int(offsets[0]) < shm.HEADER_BYTES or int(offsets[0]) + nbytes > len(self._map(name)):
-            raise ValueError(f"column {field.name!r}: shm refs lie outside the data of slot {name}")
+            raise ValueError(f"column {ref.name!r}: shm refs lie outside the data of slot {name}")
         return _Run(name, int(offsets[0]), nbytes, int(column.field("generation")[0].as_py()), bounds)
 
     def _map(self, name: str) -> mmap.mmap:
