@@ -187,18 +187,19 @@ class SlotReader:
         offsets = column.field("offset").to_numpy()
         if bounds is not None:
             np.cumsum(column.field("length").to_numpy(), out=bounds[1:])
-            expected = bounds[:-1].astype(np.int64)
+            expected = bounds[:-1].astype(np.int64)  # each row's byte offset from the first's
+            expected *= width
             nbytes = width * int(bounds[-1])
             codes = slots.indices.to_numpy()
             name = slots.dictionary[int(codes[0])].as_py()
             one_slot = len(slots.dictionary) == 1 or not np.any(codes != codes[0])
         else:
+            row_bytes = width * ref.row_values
             expected = np.arange(n, dtype=np.int64)
-            width *= ref.row_values
-            nbytes = n * width
+            expected *= row_bytes
+            nbytes = n * row_bytes
             name = slots[0].as_py()
             one_slot = len(slots.unique()) == 1
-        expected *= width
         expected += offsets[0]
         if not one_slot or not np.array_equal(offsets, expected):
             raise ValueError(f"column {ref.name!r}: its shm refs are not one contiguous run of one slot")
