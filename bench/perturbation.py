@@ -43,7 +43,8 @@ def generate(root: Path, cells_per_target: int, n_genes: int) -> None:
 
 def raw_h5py_rate(paths: list[Path], min_seconds: float = 0.0, block: int = 2048) -> tuple[float, float]:
     """Contiguous CSR reads of every row (indptr, indices, data slices; the datasets opened once
-    per file), pass after pass until `min_seconds` have gone: (rows per second over all passes, rows per second of the best pass)."""
+    per file), pass after pass until `min_seconds` have gone: (rows per second over all passes,
+    rows per second of the best pass)."""
     rows = 0
     best = 0.0
     t0 = time.perf_counter()
@@ -99,9 +100,10 @@ WARMUP_EPOCHS = 2
 
 
 def run(server: Server, files: list[Path], rounds: int, epochs_per_round: int, num_workers: int) -> dict:
-    """A cold first epoch, WARMUP_EPOCHS warm-up epochs, then `rounds` rounds of the raw h5py ceiling and converted epochs, one
-    after the other, so that each ratio compares like with like on this shared machine (its speed
-    drifts over a run); then the same number of epochs as Arrow record batches. The ceiling of a
+    """A cold first epoch, WARMUP_EPOCHS warm-up epochs, then `rounds` rounds of the raw h5py
+    ceiling and converted epochs, one after the other, so that each ratio compares like with like
+    on this shared machine (its speed drifts over a run); then the same number of epochs as Arrow
+    record batches. The ceiling of a
     round reads for as long as the round's last epochs took (at least 0.2 s)."""
 
     def datamodule() -> PerturbationDataModule:
