@@ -70,27 +70,12 @@ class PerturbationBatchDecoder:
         return out
 
     def _pert(self, rb: pa.RecordBatch, B: int) -> torch.Tensor:
-        indptr, indices, data = codec.csr_from_columns(rb, "pert")
-        coords = self._cell_coordinates(indptr)
-        coords[2] = indices
-        return self._coo(coords, data, B)
+        return self._coo(*codec.csr_from_columns(rb, "pert"), B)
 
     def _ctrl(self, rb: pa.RecordBatch, B: int) -> torch.Tensor:
         if self.controls is None:
-            indptr, indices, data = codec.csr_from_columns(rb, "ctrl")
-            coords = self._cell_coordinates(indptr)
-            coords[2] = indices
-            return self._coo(coords, data, B)
-        rows = rb.column("ctrl_row").to_numpy()
-        table_indptr, table_indices, _ = self.controls
-        indptr = np.zeros(len(rows) + 1, dtype=np.int64)
-        np.cumsum(table_indptr[rows + 1] - table_indptr[rows], out=indptr[1:])
-        coords = self._cell_coordinates(indptr)
-        genes = np.empty(coords.shape[1], dtype=table_indices.dtype)
-        values = np.empty(coords.shape[1], dtype=np.float32)
-        csr.gather([(self.controls, rows)], out=(genes, values))
-        coords[2] = genes
-        return self._coo(coords, values, B)
+            return self._coo(*codec.csr_from_columns(rb, "ctrl"), B)
+        return self._coo(*csr.gather([(self.controls, rb.column("ctrl_row").to_numpy())]), B)
 
     def _cell_coordinates(self, indptr: np.ndarray) -> np.ndarray:
         """A [3, nnz] int64 array whose first two rows hold each value's (item, cell).
@@ -114,7 +99,10 @@ class PerturbationBatchDecoder:
                 np.remainder(cell, S, out=cell)
         return coords
 
-    def _coo(self, coords: np.ndarray, values: np.ndarray, B: int) -> torch.Tensor:
+    def _coo(self, indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, B: int) -> torch.Tensor:
+        """The [B, S, G] sparse COO tensor of B*S CSR rows (values not copied)."""
+        coords = self._cell_coordinates(indptr)
+        coords[2] = indices
         return torch.sparse_coo_tensor(
             torch.from_numpy(coords), torch.from_numpy(values), (B, self.S, self.G), check_invariants=False
         )

@@ -67,10 +67,10 @@ def moves_to_shm(field: pa.Field) -> bool:
 
 def ref_schema(schema: pa.Schema) -> pa.Schema:
     """The schema of a slot stream: every large tensor field becomes a `shm_ref` field whose
-    metadata keeps the tensor's shape and value type."""
+    metadata keeps the tensor's shape and value type, every marked list field a `shm_list_ref`."""
     fields = []
     for field in schema:
-        if moves_to_shm(field) and LIST_KEY in (field.metadata or {}):
+        if LIST_KEY in (field.metadata or {}):
             meta = {LIST_KEY: json.dumps({"dtype": str(field.type.value_type.to_pandas_dtype().__name__)})}
             field = pa.field(field.name, LIST_REF_TYPE, nullable=False, metadata=meta)
         elif moves_to_shm(field):
@@ -82,7 +82,7 @@ def ref_schema(schema: pa.Schema) -> pa.Schema:
 
 
 def ref_info(field: pa.Field) -> dict | None:
-    """{"shape", "dtype"} of a `shm_ref` field, else None."""
+    """{"shape", "dtype"} of a `shm_ref` field, {"dtype"} of a `shm_list_ref` one, else None."""
     meta = field.metadata or {}
     raw = meta.get(REF_KEY) or meta.get(LIST_KEY)
     return json.loads(raw) if raw and field.type in (REF_TYPE, LIST_REF_TYPE) else None
