@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from importlib.metadata import PackageNotFoundError, version
 
 from cellfeed.server.settings import Settings
 from cellfeed.wire.malloc import reuse_freed_memory
@@ -32,17 +33,33 @@ def main(argv: list[str] | None = None) -> int:
 
         return preprocess_main(argv[1:])
     parser = argparse.ArgumentParser(prog="cellfeed", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"cellfeed {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
     sub.add_parser("preprocess", help="h5ad -> training-ready parquet; `cellfeed preprocess --help`")
     args = parser.parse_args(argv)
     logging.basicConfig(level=getattr(args, "log_level", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     reuse_freed_memory()  # before pyarrow.flight starts threads: their malloc arenas must be the one heap
-    from cellfeed.server.serving.server import serve
-
+    try:
+        from cellfeed.server.errors import StartupError
+        from cellfeed.server.serving.server import serve
+    except ModuleNotFoundError as exc:
+        print(f"cellfeed serve: {exc.name!r} is not installed; the server needs `pip install 'cellfeed[server]'`", file=sys.stderr)
+        return 2
     overrides = {k: v for k, v in vars(args).items() if k not in ("command", "log_level")}
-    serve(Settings.from_env(**overrides))
+    try:
+        serve(Settings.from_env(**overrides))
+    except StartupError as exc:
+        print(f"cellfeed serve: {exc}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _version() -> str:
+    try:
+        return version("cellfeed")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 if __name__ == "__main__":

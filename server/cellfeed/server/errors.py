@@ -19,6 +19,11 @@ class NotFound(CellfeedError):
     """A named thing (session, dataset, job, split) does not exist."""
 
 
+class StartupError(Exception):
+    """The server cannot start as configured (a folder it cannot write, a port taken); the
+    message says which setting is at fault."""
+
+
 Model = TypeVar("Model", bound=BaseModel)
 
 

@@ -7,9 +7,11 @@ import os
 import signal
 import threading
 
+import pyarrow as pa
 import uvicorn
 
 from cellfeed.server.context import ServerContext
+from cellfeed.server.errors import StartupError
 from cellfeed.server.serving.auth import TokenMiddlewareFactory
 from cellfeed.server.serving.flight import FlightService
 from cellfeed.server.serving.http import create_app
@@ -41,8 +43,14 @@ def serve(settings: Settings) -> None:
     """Serve until SIGINT/SIGTERM; both planes share one context (handles, caches, sessions)."""
     reuse_freed_memory()
     ctx = ServerContext.from_settings(settings)
+    _check_state_dir(settings)
     sessions = SessionRegistry(ctx)
-    flight_service, flight_uri = build_flight(ctx, sessions)
+    try:
+        flight_service, flight_uri = build_flight(ctx, sessions)
+    except OSError as exc:
+        raise StartupError(f"cannot read the TLS certificate or key: {exc}") from None
+    except pa.ArrowException as exc:
+        raise StartupError(f"cannot serve Flight on {settings.host}:{settings.flight_port} (--flight-port): {exc}") from None
     thread = threading.Thread(target=flight_service.serve, name="flight", daemon=True)
     thread.start()
     app = create_app(ctx, sessions, flight_uri)
@@ -69,6 +77,20 @@ def serve(settings: Settings) -> None:
             log.warning("streams still open after %.0f s; exiting without them", SHUTDOWN_GRACE_S)
             logging.shutdown()
             os._exit(0)
+
+
+def _check_state_dir(settings: Settings) -> None:
+    """Job records and logs live in the state folder: refuse to start if it cannot be written."""
+    try:
+        folder = settings.resolved_state_dir()
+        probe = folder / f".write-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise StartupError(
+            f"the state folder ({settings.state_dir or '<data-root>/.cellfeed'}) cannot be written: "
+            f"{exc.strerror or exc}; give --state-dir (CELLFEED_STATE_DIR) a folder this user can write"
+        ) from None
 
 
 def _exit(signum: int, frame: object) -> None:

@@ -270,12 +270,16 @@ def _remove_orphans(directory: Path) -> None:
         if not shm.SLOT_NAME.match(path.name):
             continue
         pid = int(path.name.split("-")[1])
-        if pid == os.getpid():
-            path.unlink(missing_ok=True)
-            continue
         try:
-            os.kill(pid, 0)
+            if pid != os.getpid():
+                os.kill(pid, 0)
+                continue  # a live server's
         except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # another user's live server
+        try:
             path.unlink(missing_ok=True)
         except PermissionError:
-            pass
+            # another user's dead server left it, in a sticky folder: ours are named by our pid
+            log.warning("cannot remove %s, left by a server of another user (pid %d) that is gone", path, pid)

@@ -1,0 +1,64 @@
+"""`cellfeed` at the command line: a version, and start-up failures said in one line, not a traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from importlib.metadata import version
+
+
+def _cellfeed(*args: str, prelude: str = "") -> subprocess.CompletedProcess:
+    code = f"import sys\n{prelude}\nfrom cellfeed.server.cli import main\nsys.exit(main({list(args)!r}))"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+
+
+def test_version():
+    done = _cellfeed("--version")
+    assert done.returncode == 0
+    assert done.stdout.strip() == f"cellfeed {version('cellfeed')}"
+
+
+def test_unwritable_state_dir_is_one_clear_line(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    done = _cellfeed("serve", "--data-root", str(tmp_path), "--state-dir", str(blocker / "state"), "--flight-port", "0", "--http-port", "0")
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert f"the state folder ({blocker / 'state'}) cannot be written" in done.stderr
+    assert "--state-dir" in done.stderr
+
+
+def test_client_only_install_is_told_what_to_install(tmp_path):
+    done = _cellfeed("serve", "--data-root", str(tmp_path), prelude="sys.modules['uvicorn'] = None")
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert "'uvicorn' is not installed" in done.stderr and "cellfeed[server]" in done.stderr
+
+
+def test_slot_left_by_another_users_dead_server_does_not_stop_start_up(tmp_path, monkeypatch, caplog):
+    """Root can unlink anything, so the refusal a sticky /dev/shm gives other users is played by
+    Path.unlink; everything else (the folder, the files, the pid check) is real."""
+    import pathlib
+
+    from cellfeed.server.serving.shm import SlotPools
+
+    dead_pid = 2**22 + 12345  # above pid_max's default: no such process
+    theirs = tmp_path / f"cellfeed-{dead_pid}-{'ab' * 8}-0"
+    gone = tmp_path / f"cellfeed-{dead_pid}-{'cd' * 8}-1"
+    theirs.write_bytes(b"x")
+    gone.write_bytes(b"x")
+    real_unlink = pathlib.Path.unlink
+
+    def unlink(self, missing_ok=False):
+        if self == theirs:
+            raise PermissionError(1, "Operation not permitted", str(self))
+        return real_unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(pathlib.Path, "unlink", unlink)
+    pools = SlotPools(tmp_path)
+    try:
+        assert not gone.exists()  # a dead server's slot that can be removed is
+        assert theirs.exists()
+        assert any("another user" in r.getMessage() and str(theirs) in r.getMessage() for r in caplog.records)
+    finally:
+        pools.close()
