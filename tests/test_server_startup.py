@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from importlib.metadata import version
@@ -24,8 +25,15 @@ def test_unwritable_state_dir_is_one_clear_line(tmp_path):
     done = _cellfeed("serve", "--data-root", str(tmp_path), "--state-dir", str(blocker / "state"), "--flight-port", "0", "--http-port", "0")
     assert done.returncode == 2
     assert "Traceback" not in done.stderr
-    assert f"the state folder ({blocker / 'state'}) cannot be written" in done.stderr
+    assert f"the state folder {blocker / 'state'} cannot be written by uid {os.getuid()}" in done.stderr
     assert "--state-dir" in done.stderr
+
+
+def test_missing_data_root_is_one_clear_line(tmp_path):
+    done = _cellfeed("serve", "--data-root", str(tmp_path / "nope"), "--flight-port", "0", "--http-port", "0")
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert f"the data root {tmp_path / 'nope'} is not a folder (by uid {os.getuid()})" in done.stderr
 
 
 def test_client_only_install_is_told_what_to_install(tmp_path):

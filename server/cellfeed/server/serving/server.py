@@ -42,8 +42,8 @@ def build_flight(ctx: ServerContext, sessions: SessionRegistry) -> tuple[FlightS
 def serve(settings: Settings) -> None:
     """Serve until SIGINT/SIGTERM; both planes share one context (handles, caches, sessions)."""
     reuse_freed_memory()
+    _check_folders(settings)
     ctx = ServerContext.from_settings(settings)
-    _check_state_dir(settings)
     sessions = SessionRegistry(ctx)
     try:
         flight_service, flight_uri = build_flight(ctx, sessions)
@@ -79,8 +79,13 @@ def serve(settings: Settings) -> None:
             os._exit(0)
 
 
-def _check_state_dir(settings: Settings) -> None:
-    """Job records and logs live in the state folder: refuse to start if it cannot be written."""
+def _check_folders(settings: Settings) -> None:
+    """Refuse to start on a data root this user cannot list, or a state folder (job records and
+    logs) it cannot write: one line naming the folder and the uid, not a traceback later."""
+    root = settings.data_root
+    if not os.path.isdir(root) or not os.access(root, os.R_OK | os.X_OK):
+        what = "is not a folder" if not os.path.isdir(root) else "cannot be read"
+        raise StartupError(f"the data root {root} {what} (by uid {os.getuid()}); give --data-root (CELLFEED_DATA_ROOT) a readable folder")
     try:
         folder = settings.resolved_state_dir()
         probe = folder / f".write-probe-{os.getpid()}"
@@ -88,7 +93,7 @@ def _check_state_dir(settings: Settings) -> None:
         probe.unlink()
     except OSError as exc:
         raise StartupError(
-            f"the state folder ({settings.state_dir or '<data-root>/.cellfeed'}) cannot be written: "
+            f"the state folder {settings.state_dir or os.path.join(root, '.cellfeed')} cannot be written by uid {os.getuid()}: "
             f"{exc.strerror or exc}; give --state-dir (CELLFEED_STATE_DIR) a folder this user can write"
         ) from None
 
