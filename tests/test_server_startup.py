@@ -70,3 +70,23 @@ def test_slot_left_by_another_users_dead_server_does_not_stop_start_up(tmp_path,
         assert any("another user" in r.getMessage() and str(theirs) in r.getMessage() for r in caplog.records)
     finally:
         pools.close()
+
+
+def test_no_token_on_every_interface_is_warned_about(tmp_path):
+    """Serving 0.0.0.0 without a token is allowed (a lab's closed network) but never silent."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cellfeed.server.cli", "serve", "--data-root", str(tmp_path), "--host", "0.0.0.0", "--flight-port", "0", "--http-port", "0"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        lines = []
+        for line in proc.stderr:
+            lines.append(line)
+            if "cellfeed serving" in line:
+                break
+        warned = [line for line in lines if "WARNING" in line and "no token" in line]
+        assert warned and "--token" in warned[0] and "0.0.0.0" in warned[0]
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)

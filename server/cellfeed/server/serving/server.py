@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import signal
@@ -54,6 +55,14 @@ def serve(settings: Settings) -> None:
     thread = threading.Thread(target=flight_service.serve, name="flight", daemon=True)
     thread.start()
     app = create_app(ctx, sessions, flight_uri)
+    if not settings.token and not _loopback(settings.host):
+        log.warning(
+            "no token: anyone who can reach %s (ports %s and %d) can read every dataset under the data root and run jobs; "
+            "set --token (CELLFEED_TOKEN)",
+            settings.host,
+            flight_uri.rsplit(":", 1)[1],
+            settings.http_port,
+        )
     log.info(
         "cellfeed serving %s: flight %s, http http://%s:%d, shared-memory slots %s",
         ctx.data_root.path,
@@ -77,6 +86,13 @@ def serve(settings: Settings) -> None:
             log.warning("streams still open after %.0f s; exiting without them", SHUTDOWN_GRACE_S)
             logging.shutdown()
             os._exit(0)
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def _check_folders(settings: Settings) -> None:
