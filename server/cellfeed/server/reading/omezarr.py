@@ -1,7 +1,12 @@
 """HCS OME-Zarr plates: metadata from the JSON documents, pixels through tensorstore.
 
-NGFF 0.4 (zarr v2) and 0.5 (zarr v3, sharded or not) plates, array "0" in TCZYX. Every plate a
-server reads shares one tensorstore context, so the chunk cache is bounded once, not per plate.
+Plates as iohub and ome-zarr-py write them: NGFF 0.4 on zarr v2, NGFF 0.5 on zarr v3 (sharded or
+not), and the earlier NGFF versions' layouts. Axes are identified by their `type` (time, channel,
+space) and by name in any case (iohub writes "T", "C", "Z", "Y", "X"; ome-zarr-py "t", "c", ...);
+an image lacking t, c or z is read as if that axis had length 1. The image array is the first
+(full-resolution) dataset of `multiscales[0]`, wherever it lies ("0" for iohub, "s0" for
+ome-zarr-py). Channel names are the `omero` channel labels. Every plate a server reads shares one
+tensorstore context, so the chunk cache is bounded once, not per plate.
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ import json
 import os
 import threading
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, NamedTuple, Sequence
 
 import numpy as np
@@ -21,18 +26,23 @@ from cellfeed.server.errors import CellfeedError
 NORM_LEVELS = ("dataset_statistics", "fov_statistics", "timepoint_statistics")
 NORM_STATS = ("mean", "std", "median", "iqr", "min", "max", "p1", "p5", "p95", "p99", "p95_p5", "p99_p1", "otsu_threshold")
 AXES = ("t", "c", "z", "y", "x")
+NGFF_VERSIONS = ("0.1", "0.2", "0.3", "0.4", "0.5")
+_AXIS_TYPES = {"time": "t", "channel": "c"}  # "space" axes are told apart by name: z, y, x
+_NUMERIC = ("bool", "int", "uint", "float")  # dtype prefixes that cast to float32
 
 
 @dataclass(frozen=True)
 class FOV:
-    """One field of view (plate position): its array "0" and the metadata beside it."""
+    """One field of view (plate position): its image array and the metadata beside it."""
 
     plate: Path
     name: str  # "A/1/0"
-    shape: tuple[int, int, int, int, int]  # TCZYX
+    shape: tuple[int, int, int, int, int]  # TCZYX; an axis the array lacks counts 1
     zarr_format: int
     channel_names: tuple[str, ...]
     normalization: dict[str, Any]
+    array: str = "0"  # path of the level-0 array inside the FOV: multiscales[0].datasets[0].path
+    axes: tuple[str, ...] = AXES  # the array's own axes, in its order: TCZYX or a part of it
 
     @property
     def well(self) -> str:
@@ -40,7 +50,7 @@ class FOV:
 
     @property
     def array_path(self) -> Path:
-        return self.plate / self.name / "0"
+        return self.plate / self.name / self.array
 
 
 @dataclass(frozen=True)
@@ -73,65 +83,211 @@ class PatchRequest(NamedTuple):
 
 
 def open_plate(path: Path, label: str) -> Plate:
-    """Read a plate's metadata (no pixels); a CellfeedError names what is missing or malformed."""
+    """Read a plate's metadata and check that every image can be read (no pixels are read).
+
+    A CellfeedError names the plate, the node and the field that is missing, malformed or not
+    supported, and what was expected.
+    """
     attrs, _ = _node(path, label)
-    ome = attrs.get("ome", attrs)
+    ome = _ome(attrs)
     plate = ome.get("plate")
     if not isinstance(plate, dict) or not plate.get("wells"):
-        raise CellfeedError(f"{label}: not an HCS OME-Zarr plate (no 'plate' metadata with wells)")
+        raise CellfeedError(f"{label}: not an HCS OME-Zarr plate (no 'plate' metadata with a list of 'wells')")
     version = str(ome.get("version") or plate.get("version") or "0.4")
+    if version not in NGFF_VERSIONS:
+        raise CellfeedError(f"{label}: NGFF version {version!r} is not supported (expected one of {', '.join(NGFF_VERSIONS)})")
+    if not isinstance(plate["wells"], list):
+        raise CellfeedError(f"{label}: plate.wells is {type(plate['wells']).__name__}, expected a list")
     fovs = []
-    for well in plate["wells"]:
-        well_path = str(well["path"]).strip("/")
-        well_attrs, _ = _node(path / well_path, f"{label}/{well_path}")
-        images = well_attrs.get("ome", well_attrs).get("well", {}).get("images", [])
-        for image in images:
-            name = f"{well_path}/{str(image['path']).strip('/')}"
-            fovs.append(_open_fov(path, label, name))
+    for w, well in enumerate(plate["wells"]):
+        well_path = _relative(well.get("path") if isinstance(well, dict) else None, f"{label}: plate.wells[{w}].path")
+        where = f"{label}/{well_path}"
+        well_meta = _ome(_node(path / well_path, where)[0]).get("well")
+        images = well_meta.get("images") if isinstance(well_meta, dict) else None
+        if not isinstance(images, list):
+            raise CellfeedError(f"{where}: no 'well' metadata with a list of 'images'")
+        for i, image in enumerate(images):
+            image_path = _relative(image.get("path") if isinstance(image, dict) else None, f"{where}: well.images[{i}].path")
+            fovs.append(_open_fov(path, label, f"{well_path}/{image_path}"))
     return Plate(path=path, label=label, version=version, fovs=tuple(fovs))
 
 
 def _open_fov(plate: Path, label: str, name: str) -> FOV:
     where = f"{label}/{name}"
     attrs, _ = _node(plate / name, where)
-    ome = attrs.get("ome", attrs)
-    channels = tuple(str(c.get("label", "")) for c in ome.get("omero", {}).get("channels", []))
-    axes = [a.get("name") if isinstance(a, dict) else a for a in (ome.get("multiscales") or [{}])[0].get("axes", AXES)]
-    if tuple(axes) != AXES:
-        raise CellfeedError(f"{where}: axes are {axes}, expected TCZYX")
-    array_dir = plate / name / "0"
-    meta_v3, meta_v2 = array_dir / "zarr.json", array_dir / ".zarray"
-    if meta_v3.is_file():
-        meta, zarr_format = _json(meta_v3), 3
-    elif meta_v2.is_file():
-        meta, zarr_format = _json(meta_v2), 2
+    ome = _ome(attrs)
+    multiscales = ome.get("multiscales")
+    if not isinstance(multiscales, list) or not multiscales or not isinstance(multiscales[0], dict):
+        raise CellfeedError(f"{where}: no 'multiscales' metadata (expected a list of multiscale images)")
+    axes = _axes(multiscales[0].get("axes"), where)
+    datasets = multiscales[0].get("datasets")
+    if not isinstance(datasets, list) or not datasets or not isinstance(datasets[0], dict):
+        raise CellfeedError(f"{where}: multiscales[0].datasets is empty or missing (expected the level-0 array's path)")
+    array = _relative(datasets[0].get("path"), f"{where}: multiscales[0].datasets[0].path")
+    array_where = f"{where}/{array}"
+    array_dir = plate / name / array
+    if (array_dir / "zarr.json").is_file():
+        meta, zarr_format = _json(array_dir / "zarr.json", array_where), 3
+        if meta.get("node_type") != "array":
+            raise CellfeedError(f"{array_where}: zarr.json has node_type {meta.get('node_type')!r}, expected 'array'")
+    elif (array_dir / ".zarray").is_file():
+        meta, zarr_format = _json(array_dir / ".zarray", array_where), 2
     else:
-        raise CellfeedError(f"{where}: no image array '0' (neither 0/.zarray nor 0/zarr.json exists)")
-    shape = tuple(int(s) for s in meta["shape"])
-    if len(shape) != 5:
-        raise CellfeedError(f"{where}/0: array has {len(shape)} dimensions, expected 5 (TCZYX)")
-    if channels and len(channels) != shape[1]:
-        raise CellfeedError(f"{where}: omero lists {len(channels)} channels but array '0' has {shape[1]}")
+        raise CellfeedError(
+            f"{where}: no image array {array!r} (the path in multiscales[0].datasets[0]; "
+            f"neither {array}/.zarray nor {array}/zarr.json exists)"
+        )
+    raw_shape = tuple(int(s) for s in meta.get("shape", ()))
+    if len(raw_shape) != len(axes):
+        raise CellfeedError(
+            f"{array_where}: array has {len(raw_shape)} dimensions but multiscales[0].axes names {len(axes)} "
+            f"({''.join(axes).upper()})"
+        )
+    sizes = dict(zip(axes, raw_shape))
+    shape = tuple(sizes.get(a, 1) for a in AXES)
+    channels = _channel_names(ome.get("omero"), where)
+    if len(channels) != shape[1]:
+        raise CellfeedError(f"{where}: omero.channels lists {len(channels)} channels but the array has {shape[1]}")
+    _check_array(array_dir, zarr_format, array_where)
     norm = attrs.get("normalization") or ome.get("normalization") or {}
-    return FOV(plate=plate, name=name, shape=shape, zarr_format=zarr_format, channel_names=channels, normalization=norm)  # type: ignore[arg-type]
+    return FOV(
+        plate=plate,
+        name=name,
+        shape=shape,  # type: ignore[arg-type]
+        zarr_format=zarr_format,
+        channel_names=channels,
+        normalization=norm,
+        array=array,
+        axes=axes,
+    )
+
+
+def _axes(raw: Any, where: str) -> tuple[str, ...]:
+    """The roles (t, c, z, y, x) of an image's axes, in the array's order.
+
+    NGFF 0.4 and later: dicts with a `name` and a `type`; 0.3: names only; 0.1 and 0.2: none
+    (always TCZYX). The type decides where it is time or channel; space axes and untyped axes
+    go by name, in any case. y and x are required; the order must be NGFF's (t, c, z, y, x).
+    """
+    if raw is None:
+        return AXES
+    if not isinstance(raw, list):
+        raise CellfeedError(f"{where}: multiscales[0].axes is {type(raw).__name__}, expected a list")
+    roles: list[str] = []
+    for i, axis in enumerate(raw):
+        name, kind = (axis.get("name"), axis.get("type")) if isinstance(axis, dict) else (axis, None)
+        role = _AXIS_TYPES.get(kind) if isinstance(kind, str) else None
+        if role is None:
+            role = name.lower() if isinstance(name, str) else None
+            if role not in AXES or (kind == "space" and role not in ("z", "y", "x")):
+                expected = "z, y or x" if kind == "space" else "t, c, z, y or x (or type time or channel)"
+                raise CellfeedError(
+                    f"{where}: multiscales[0].axes[{i}] is {axis!r}: cannot tell which axis it is (expected name {expected})"
+                )
+        if role in roles:
+            raise CellfeedError(f"{where}: multiscales[0].axes names the {role} axis twice ({raw!r})")
+        roles.append(role)
+    if "y" not in roles or "x" not in roles:
+        raise CellfeedError(f"{where}: multiscales[0].axes {raw!r} lack y or x (expected TCZYX or a part of it with y and x)")
+    if roles != sorted(roles, key=AXES.index):
+        raise CellfeedError(f"{where}: multiscales[0].axes are in the order {''.join(roles).upper()}, expected TCZYX order")
+    return tuple(roles)
+
+
+def _channel_names(omero: Any, where: str) -> tuple[str, ...]:
+    channels = omero.get("channels") if isinstance(omero, dict) else None
+    if not isinstance(channels, list):
+        raise CellfeedError(f"{where}: no omero.channels metadata (the channel names are read from omero.channels[].label)")
+    names = []
+    for i, channel in enumerate(channels):
+        label = channel.get("label") if isinstance(channel, dict) else None
+        if not isinstance(label, str) or not label:
+            raise CellfeedError(f"{where}: omero.channels[{i}] has no label (expected the channel's name)")
+        if label in names:
+            raise CellfeedError(f"{where}: omero.channels names {label!r} twice (channel names must be unique)")
+        names.append(label)
+    return tuple(names)
+
+
+def _check_array(array_dir: Path, zarr_format: int, where: str) -> None:
+    """Refuse an array tensorstore cannot read, or one with no chunk left on disk.
+
+    Tensorstore answers a missing chunk with the fill value, so an image whose chunk files are
+    gone would stream zeros. Writers skip chunks that hold only the fill value (zarr-python's
+    default), so a missing chunk alone proves nothing; an array without a single chunk does.
+    """
+    spec = {"driver": "zarr3" if zarr_format == 3 else "zarr", "kvstore": {"driver": "file", "path": str(array_dir)}}
+    try:
+        store = ts.open(spec, read=True, context=_CHECK_CONTEXT).result()
+    except Exception as exc:  # tensorstore raises ValueError for every kind of open failure
+        raise CellfeedError(f"{where}: cannot be read as a zarr v{zarr_format} array ({exc})") from None
+    dtype = store.dtype.name
+    if not dtype.startswith(_NUMERIC):
+        raise CellfeedError(f"{where}: data type {dtype} is not supported (expected bool, integer or floating point)")
+    if store.domain.size and not _has_chunk(array_dir):
+        raise CellfeedError(
+            f"{where}: no chunk files under {array_dir.name}/ (the array's data is missing; reading it would "
+            "give only the fill value). Restore the plate, or leave this FOV out with exclude_fovs"
+        )
+
+
+_CHECK_CONTEXT = ts.Context({"cache_pool": {"total_bytes_limit": 0}})
+
+
+def _has_chunk(array_dir: Path) -> bool:
+    """Whether any chunk (or shard) file lies under an array folder: the first one found ends it."""
+    pending = [array_dir]
+    while pending:
+        folder = pending.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue
+        for entry in entries:
+            if entry.name.startswith(".") or (folder == array_dir and entry.name == "zarr.json"):
+                continue  # metadata (.zarray, .zattrs, zarr.json) and hidden files are not chunks
+            if entry.is_file():
+                return True
+            if entry.is_dir():
+                pending.append(Path(entry.path))
+    return False
+
+
+def _relative(value: Any, where: str) -> str:
+    """A path from the metadata, checked to stay inside the node that names it."""
+    if not isinstance(value, str) or not value.strip("/"):
+        raise CellfeedError(f"{where} is {value!r}, expected a relative path")
+    parts = PurePosixPath(value.strip("/")).parts
+    if any(p in ("..", ".") for p in parts) or "\\" in value:
+        raise CellfeedError(f"{where} is {value!r}, expected a path inside the plate (no '..')")
+    return "/".join(parts)
+
+
+def _ome(attrs: dict[str, Any]) -> dict[str, Any]:
+    """NGFF metadata: under "ome" in 0.5, at the top of the attributes before."""
+    ome = attrs.get("ome")
+    return ome if isinstance(ome, dict) else attrs
 
 
 def _node(path: Path, where: str) -> tuple[dict[str, Any], int]:
     """The attributes of a zarr group (v2 .zattrs or v3 zarr.json) and its zarr format."""
     if (path / "zarr.json").is_file():
-        return dict(_json(path / "zarr.json").get("attributes") or {}), 3
+        return dict(_json(path / "zarr.json", where).get("attributes") or {}), 3
     if (path / ".zgroup").is_file() or (path / ".zattrs").is_file():
-        return (_json(path / ".zattrs") if (path / ".zattrs").is_file() else {}), 2
+        return (_json(path / ".zattrs", where) if (path / ".zattrs").is_file() else {}), 2
     if not path.exists():
         raise CellfeedError(f"{where}: does not exist")
     raise CellfeedError(f"{where}: not a zarr group (no zarr.json, .zgroup or .zattrs)")
 
 
-def _json(path: Path) -> dict[str, Any]:
+def _json(path: Path, where: str) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text())
+        doc = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        raise CellfeedError(f"{path.name}: cannot be read as JSON ({exc})") from None
+        raise CellfeedError(f"{where}/{path.name}: cannot be read as JSON ({exc})") from None
+    if not isinstance(doc, dict):
+        raise CellfeedError(f"{where}/{path.name}: is a JSON {type(doc).__name__}, expected an object")
+    return doc
 
 
 def normalization_table(fov: FOV, channels: Sequence[str], num_t: int) -> tuple[np.ndarray, np.ndarray]:
@@ -199,7 +355,9 @@ class ImageReader:
         try:
             store = ts.open(spec, context=self.context, read=True).result()
         except Exception as exc:  # tensorstore raises ValueError for every kind of open failure
-            raise CellfeedError(f"{fov.plate.name}/{fov.name}/0: cannot be opened ({exc})") from None
+            raise CellfeedError(f"{fov.plate.name}/{fov.name}/{fov.array}: cannot be opened ({exc})") from None
+        if fov.axes != AXES:  # a length-1 axis in place of each one the array lacks: always TCZYX
+            store = store[tuple(slice(None) if a in fov.axes else ts.newaxis for a in AXES)]
         with self._lock:
             return self._arrays.setdefault(key, store)
 
