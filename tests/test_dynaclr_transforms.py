@@ -28,6 +28,27 @@ def test_channel_dropout_zeroes_listed_channels_only_in_training():
     assert ChannelDropout(p=0.0)(x) is x
 
 
+def test_dropped_channels_are_exactly_zero_even_where_the_input_is_nan_or_inf():
+    """A multiplied mask leaves NaN (0 * NaN, 0 * inf) and -0.0; a dropped channel is filled with 0."""
+    x = torch.randn(64, 3, 2, 4, 4)
+    x[:, 1, 0, 0, 0] = float("nan")
+    x[:, 1, 0, 0, 1] = float("inf")
+    x[:, 1, 0, 0, 2] = float("-inf")
+    x[:, 1, 1] = -1.0  # would be -0.0 under a multiplied mask
+    x[:, 2, 0, 0, 0] = float("nan")
+    before = x.clone()
+    out = ChannelDropout(channels=[1, 2], p=0.5)(x, generator=torch.Generator().manual_seed(3))
+    dropped = (out[:, 1] == 0).flatten(1).all(1)
+    assert 0 < int(dropped.sum()) < 64  # some samples dropped, some kept
+    assert not torch.signbit(out[dropped, 1]).any()  # +0.0, not -0.0
+    kept = ~dropped
+    torch.testing.assert_close(out[kept, 1], before[kept, 1], equal_nan=True)  # kept: NaN and inf as they were
+    dropped2 = ~torch.isnan(out[:, 2, 0, 0, 0])
+    assert (out[dropped2, 2] == 0).all() and 0 < int(dropped2.sum()) < 64
+    torch.testing.assert_close(out[:, 0], before[:, 0])  # an unlisted channel is never touched
+    torch.testing.assert_close(x, before, equal_nan=True)  # the input is not written
+
+
 def test_normalize_uses_each_samples_statistics():
     x = torch.stack([torch.full((1, 2, 4, 4), 10.0), torch.full((1, 2, 4, 4), 4.0)])
     meta = {"ch_0": {"fov_statistics": {"mean": torch.tensor([8.0, 2.0]), "std": torch.tensor([2.0, 1.0])}}}

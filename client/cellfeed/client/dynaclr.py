@@ -183,13 +183,19 @@ class MultiExperimentDataModule(RemoteDataModule):
         return self.loader("predict")
 
     # -- on the device -------------------------------------------------------------------------
-    def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
-        """Normalise, augment (training only), centre-crop; then channel dropout (training only)."""
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Normalise, augment (training only), centre-crop; then channel dropout (training only).
+
+        Anything that is not a batch dict of this DataModule (a bare tensor, as Lightning's model
+        summary sends `example_input_array` through this hook) is returned untouched.
+        """
+        if not isinstance(batch, dict) or not any(f"{key}_norm_meta" in batch for key in IMAGE_KEYS):
+            return batch
         training = self.trainer is not None and self.trainer.training
         transforms = self._train_transforms if training else self._eval_transforms
         keys = self.decoder.channel_keys
         for key in IMAGE_KEYS:
-            if key not in batch:
+            if f"{key}_norm_meta" not in batch:
                 continue
             images = batch[key]
             sample: dict[str, Any] = {k: images[:, i : i + 1] for i, k in enumerate(keys)}

@@ -21,7 +21,11 @@ class ChannelDropout(nn.Module):
         self.p = float(p)
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """x: [B, C, ...]; returns a new tensor (the input is never written)."""
+        """x: [B, C, ...]; returns a new tensor (the input is never written).
+
+        A dropped channel is exactly 0, whatever it held (NaN and inf included): it is filled,
+        not multiplied by a mask.
+        """
         if not self.training or self.p == 0.0 or not self.channels:
             return x
         if max(self.channels) >= x.shape[1]:
@@ -30,5 +34,5 @@ class ChannelDropout(nn.Module):
         out = x.clone()
         shape = (x.shape[0],) + (1,) * (x.dim() - 2)
         for j, c in enumerate(self.channels):
-            out[:, c] *= keep[:, j].view(shape).to(x.dtype)
+            out[:, c].masked_fill_(~keep[:, j].view(shape), 0)
         return out
