@@ -20,9 +20,11 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from cellfeed.client.connection import INVALID, NOT_FOUND, SHM_UNAVAILABLE, Connection, Session, kind, message
+from cellfeed.client import shm
+from cellfeed.client.connection import TRANSIENT, Connection, Session, Stream
 from cellfeed.client.errors import RequestError, ServerUnavailable
 from cellfeed.client.shm import SlotReader, SlotsUnavailable
+from cellfeed.wire.errors import ErrorKind, kind_of, message_of
 from cellfeed.wire import cellfeed_pb2 as pb
 from cellfeed.wire.malloc import reuse_freed_memory
 
@@ -59,7 +61,10 @@ class RemoteLoader:
         self.prefetch = max(1, int(prefetch))
         self.fixed_epoch = fixed_epoch
         self._epoch = epoch
-        self.slots = slots  # same host: large tensors come in shared-memory slots
+        self.slots = slots  # same host: large tensors come in shared-memory slots (None: over gRPC)
+        self._slot_reader = slots  # what `slots` was given: tried again after a reconnect
+        self._slots_off_at = 0  # the client generation whose streams could not use the slots
+        self._probe_lock = threading.Lock()
         self._slot_key = secrets.token_hex(8)
         self._next = 0
         self._resume_from: int | None = None
@@ -160,6 +165,30 @@ class RemoteLoader:
         if fetcher is not None:
             fetcher.close()
 
+    def slots_off(self, generation: int) -> None:
+        """Stream over gRPC from now on: slots failed on a stream of client `generation`. They are
+        tried again once the connection has reconnected (a restarted server offers them anew)."""
+        with self._probe_lock:
+            self.slots = None
+            self._slots_off_at = max(self._slots_off_at, generation)
+
+    def slots_for_stream(self) -> SlotReader | None:
+        """The slots a new stream uses: after the connection reconnected since they failed, the
+        server is probed again (one attempt; a transport failure raises, to be retried)."""
+        if self.slots is not None or self._slot_reader is None:
+            return self.slots
+        generation = self.connection.generation
+        if generation <= self._slots_off_at:
+            return None
+        with self._probe_lock:
+            if self.slots is None and generation > self._slots_off_at:
+                if shm.probe(self.connection, retry=False) is not None:
+                    log.info("the server at %s offers shared-memory slots again", self.connection.location)
+                    self.slots = self._slot_reader
+                else:
+                    self._slots_off_at = generation
+            return self.slots
+
     def ticket(self, epoch: int, stream_index: int, first_batch: int, *, shared_memory: bool = False) -> bytes:
         return pb.Ticket(
             session_id=self.session.session_id,
@@ -187,7 +216,7 @@ class _Fetcher:
         self._lock = threading.Lock()
         self._expiry: threading.Timer | None = None
         self.queues = [queue.Queue(maxsize=loader.prefetch) for _ in range(loader.num_streams)]
-        self.readers: dict[int, flight.FlightStreamReader] = {}
+        self.readers: dict[int, Stream] = {}
         self.threads = []
         for i in range(loader.num_streams):
             first = start + (i - start) % loader.num_streams
@@ -244,18 +273,28 @@ class _Fetcher:
         return False
 
     def _run(self, i: int, epoch: int, k: int) -> None:
+        """Stream i's batches from k on, into its queue. A transport failure (the server died,
+        hung or restarted) reopens the stream from the batch it owed, after backoff, until the
+        retry budget is spent; a refusal or a decode error goes to the consumer at once."""
         loader, conn = self.loader, self.loader.connection
         step = loader.num_streams
         budget = conn.retry_seconds
         last_ok = time.monotonic()
         delay = 0.1
         while k < self.total and not self.stop.is_set():
+            stream: Stream | None = None
+            generation = conn.generation
+            slots: SlotReader | None = None
             try:
-                slots = loader.slots  # this stream's choice, whatever other streams decide meanwhile
-                reader = conn.do_get(loader.ticket(epoch, i, k, shared_memory=slots is not None))
-                self.readers[i] = reader
-                for chunk in reader:
-                    data = chunk.data if slots is None else slots.resolve(chunk.data)
+                slots = loader.slots_for_stream()  # this stream's choice, whatever other streams decide meanwhile
+                stream = conn.open_stream(loader.ticket(epoch, i, k, shared_memory=slots is not None))
+                generation = stream.generation
+                self.readers[i] = stream
+                if self.stop.is_set():  # closed while the stream opened: close() may have missed it
+                    return
+                while (data := stream.read()) is not None:
+                    if slots is not None:
+                        data = slots.resolve(data)
                     batch = loader.decode(data)
                     if not self._put(i, ((epoch, k), batch)):
                         return
@@ -269,55 +308,48 @@ class _Fetcher:
                 if self.stop.is_set():  # a closed pass: its server-side batches were given up
                     return
                 log.warning("cannot use the server's shared-memory slots (%s); streaming batches over gRPC instead", exc)
-                loader.slots = None
-                reader.cancel()
-            except flight.FlightServerError as exc:
-                info = kind(exc)
-                if info == NOT_FOUND:
+                loader.slots_off(generation)
+            except Exception as exc:  # noqa: BLE001 - sorted by kind below
+                if self.stop.is_set():
+                    return
+                what = kind_of(exc)
+                if what is ErrorKind.NOT_FOUND:  # the server restarted and forgot the session
                     try:
                         conn.reopen(loader.session)
                         continue
-                    except ServerUnavailable as exc2:
+                    except (ServerUnavailable, RequestError) as exc2:
                         self._put(i, ((epoch, k), exc2))
                         return
-                    except RequestError as exc2:
-                        self._put(i, ((epoch, k), exc2))
-                        return
-                if info == SHM_UNAVAILABLE and loader.slots is not None:
-                    log.warning("shared memory unavailable (%s); streaming batches over gRPC instead", message(exc))
-                    loader.slots = None
+                if what is ErrorKind.SHM_UNAVAILABLE and slots is not None:
+                    log.warning("shared memory unavailable (%s); streaming batches over gRPC instead", message_of(exc))
+                    loader.slots_off(generation)
                     continue
-                if info == INVALID:
-                    self._put(i, ((epoch, k), RequestError(message(exc))))
+                refusal = conn.refusal(exc) if isinstance(exc, flight.FlightError) else None
+                if refusal is not None:
+                    self._put(i, ((epoch, k), refusal))
                     return
-                if not self._backoff(last_ok, budget, delay, exc, i, epoch, k):
+                if not isinstance(exc, TRANSIENT + (OSError,)):
+                    self._put(i, ((epoch, k), exc))  # a decode error must reach the training loop
                     return
-                delay = min(delay * 2, 5.0)
-            except flight.FlightUnauthenticatedError as exc:
-                self._put(i, ((epoch, k), RequestError(message(exc))))
-                return
-            except (flight.FlightError, ConnectionError, OSError) as exc:
-                if self.stop.is_set():
-                    return
-                if not self._backoff(last_ok, budget, delay, exc, i, epoch, k):
+                if not self._backoff(last_ok, budget, delay, exc, i, epoch, k, generation):
                     return
                 delay = min(delay * 2, 5.0)
-            except Exception as exc:  # noqa: BLE001 - a decode error must reach the training loop
-                self._put(i, ((epoch, k), exc))
-                return
             finally:
                 self.readers.pop(i, None)
+                if stream is not None:
+                    stream.close()
 
-    def _backoff(self, last_ok: float, budget: float, delay: float, exc: Exception, i: int, epoch: int, k: int) -> bool:
+    def _backoff(self, last_ok: float, budget: float, delay: float, exc: Exception, i: int, epoch: int, k: int, generation: int) -> bool:
         """Sleep before a retry; past the budget, hand a clear error to the consumer instead."""
+        conn = self.loader.connection
         if time.monotonic() - last_ok > budget:
             error = ServerUnavailable(
-                f"cellfeed server at {self.loader.connection.location} failed for {budget:.0f} s while streaming "
-                f"batch {k} of {self.loader.split!r} (epoch {epoch}): {message(exc)}"
+                f"cellfeed server at {conn.location} failed for {budget:.0f} s while streaming "
+                f"batch {k} of {self.loader.split!r} (epoch {epoch}): {message_of(exc)}"
             )
             self._put(i, ((epoch, k), error))
             return False
-        self.loader.connection.reset()
+        conn.reset(generation)
         return not self.stop.wait(delay)
 
     def close(self) -> None:
@@ -326,10 +358,7 @@ class _Fetcher:
             if self._expiry is not None:
                 self._expiry.cancel()
                 self._expiry = None
-        for reader in list(self.readers.values()):
-            try:
-                reader.cancel()
-            except Exception:  # noqa: BLE001 - the reader may already be finished
-                pass
+        for stream in list(self.readers.values()):
+            stream.cancel()  # a read in progress ends; its thread closes the stream
         for thread in self.threads:
             thread.join(timeout=5)

@@ -104,6 +104,7 @@ class PerturbationBatchDecoder:
         coords = self._cell_coordinates(indptr)
         coords[2] = indices
         return torch.sparse_coo_tensor(
+        csr.check(indptr, indices, values, self.G, "perturbation batch")  # before any write by these numbers
             torch.from_numpy(coords), torch.from_numpy(values), (B, self.S, self.G), check_invariants=False
         )
 

@@ -27,8 +27,11 @@ if TYPE_CHECKING:
     from cellfeed.client.connection import Connection
 
 
-def probe(connection: "Connection") -> Path | None:
-    """This host's shared-memory folder if the server sees it too (same host or shared /dev/shm)."""
+def probe(connection: "Connection", *, retry: bool = True) -> Path | None:
+    """This host's shared-memory folder if the server sees it too (same host or shared /dev/shm).
+
+    `retry=False`: one attempt, whose transport failure is raised as is (a stream re-probing
+    after a reconnect retries by itself)."""
     directory = shm.shm_dir()
     if directory is None:
         return None
@@ -40,7 +43,7 @@ def probe(connection: "Connection") -> Path | None:
         return None
     try:
         body = json.dumps({"name": name, "content": content.hex()}).encode()
-        return directory if connection.action("shm_probe", body) == b"1" else None
+        return directory if connection.action("shm_probe", body, retry=retry) == b"1" else None
     except RequestError:  # a server without slots (an older cellfeed): the byte stream it is
         return None
     finally:

@@ -17,6 +17,7 @@ import torch
 
 from cellfeed.client.datamodule import RemoteDataModule
 from cellfeed.client.loader import RemoteLoader
+from cellfeed.wire import csr
 
 
 
@@ -41,6 +42,7 @@ def decode_table_batch(rb: pa.RecordBatch) -> dict[str, Any]:
             inner = kind.value_type
             if pa.types.is_integer(inner) or pa.types.is_floating(inner) or pa.types.is_boolean(inner):
                 offsets = column.offsets.to_numpy()
+                csr.check_offsets(offsets, len(column.values), f"table batch column {name!r}")
                 values = column.values.slice(int(offsets[0]), int(offsets[-1] - offsets[0]))
                 out[name] = _numbers(values)
                 out[f"{name}_offsets"] = torch.from_numpy((offsets - offsets[0]).astype(np.int64))

@@ -1,4 +1,5 @@
-"""Row gathers on CSR arrays, used by the server (batches from blocks) and the client (controls)."""
+"""Row gathers on CSR arrays, used by the server (batches from blocks) and the client (controls),
+and the bounds checks the client runs on every CSR batch it receives before building tensors."""
 
 from __future__ import annotations
 
@@ -27,8 +28,18 @@ def gather(
     (indices, data) arrays to fill (of the right length), e.g. a row of a COO coordinate array,
     or makes them from the number of values (in a shared-memory slot, say).
     """
+    for (src_indptr, _, _), rows in pieces:
+        # scipy's loop reads rows unchecked: a row past the end (a hostile ctrl_row) would read
+        # another object's memory
+        if len(rows) and (int(rows.min()) < 0 or int(rows.max()) >= len(src_indptr) - 1):
+            raise IndexError(f"gather: row {int(rows.max()) if int(rows.min()) >= 0 else int(rows.min())} "
+                             f"is outside the {len(src_indptr) - 1} rows of its CSR")
     starts = [csr[0][rows] for csr, rows in pieces]
     lengths = [csr[0][rows + 1] - s for (csr, rows), s in zip(pieces, starts)]
+    for ((_, src_indices, src_data), _), s, n in zip(pieces, starts, lengths):
+        # nor values outside the source's (a corrupt indptr)
+        if len(n) and (int(n.min()) < 0 or int(s.min()) < 0 or int((s + n).max()) > min(len(src_indices), len(src_data))):
+            raise ValueError(f"gather: the rows' bounds lie outside the {len(src_indices)} values of their CSR (a corrupt indptr)")
     all_lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
     indptr = np.zeros(len(all_lengths) + 1, dtype=np.int64)
     np.cumsum(all_lengths, out=indptr[1:])
@@ -71,3 +82,38 @@ def row_numbers(indptr: np.ndarray, out: np.ndarray) -> np.ndarray:
     Positions are indptr's own, so a slice of indptr fills its part of `out`, rows numbered from 0."""
     _expandptr(len(indptr) - 1, np.ascontiguousarray(indptr, dtype=np.int64), out)
     return out
+
+
+def check(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, n_cols: int, what: str = "CSR batch") -> None:
+    """Raise ValueError unless (indptr, indices, data) is a CSR the client may build tensors on:
+    indptr starts at 0, never decreases and ends at nnz; data holds nnz values; every column
+    index lies in [0, n_cols). The COO and sparse-tensor code after it reads and writes by these
+    numbers unchecked, so a buggy or hostile server could otherwise corrupt the client's memory.
+
+    One vectorised pass over indices (max; min too when they are signed) and one over indptr."""
+    if len(indptr) == 0:
+        raise ValueError(f"{what}: empty indptr (a CSR of n rows has n + 1 row pointers)")
+    nnz = len(indices)
+    first, last = int(indptr[0]), int(indptr[-1])
+    if first != 0 or last != nnz:
+        raise ValueError(f"{what}: indptr runs from {first} to {last}; it must run from 0 to nnz = {nnz}")
+    if len(data) != nnz:
+        raise ValueError(f"{what}: {len(data)} values for {nnz} column indices")
+    if len(indptr) > 1 and bool((indptr[1:] < indptr[:-1]).any()):
+        row = int(np.flatnonzero(indptr[1:] < indptr[:-1])[0])
+        raise ValueError(f"{what}: indptr decreases at row {row} ({int(indptr[row])} -> {int(indptr[row + 1])})")
+    if nnz:
+        high = int(indices.max())
+        low = int(indices.min()) if indices.dtype.kind != "u" else 0
+        if low < 0 or high >= n_cols:
+            bad = low if low < 0 else high
+            raise ValueError(f"{what}: column index {bad} is outside [0, {n_cols}) (n_vars)")
+
+
+def check_offsets(offsets: np.ndarray, n_values: int, what: str = "list column") -> None:
+    """Raise ValueError unless list offsets never decrease and stay within the n_values values."""
+    if len(offsets) == 0:
+        raise ValueError(f"{what}: no offsets")
+    first, last = int(offsets[0]), int(offsets[-1])
+    if first < 0 or last > n_values or bool((offsets[1:] < offsets[:-1]).any()):
+        raise ValueError(f"{what}: offsets {first}..{last} are not non-decreasing within its {n_values} values")

@@ -39,7 +39,7 @@ class PerturbationConfig(BaseModel):
     block_size: int = Field(2048, ge=1)
     window_blocks: int = Field(8, ge=1)
     barcodes: bool = False
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     match_controls_by_batch: bool = False
     prefix_batches_with_file: bool = False
     control_table_max_bytes: int = Field(256 << 20, ge=0)

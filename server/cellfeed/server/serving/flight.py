@@ -23,19 +23,37 @@ from cellfeed.server.serving.sessions import SessionRegistry, StreamProgress
 from cellfeed.server.serving.shm import ShmUnavailable, SlotPool, SlotPools, to_refs
 from cellfeed.wire import cellfeed_pb2 as pb
 from cellfeed.wire import codec, shm
+from cellfeed.wire.errors import ErrorKind, server_error
 
 log = logging.getLogger(__name__)
 
-NOT_FOUND = b"cellfeed:not_found"
-INVALID = b"cellfeed:invalid"
-SHM_UNAVAILABLE = b"cellfeed:shm_unavailable"
-
 
 def _client_error(exc: CellfeedError) -> flight.FlightServerError:
-    """A request's own fault, sent with its message; the kind goes in extra_info and, because
-    Flight drops extra_info from errors raised mid-stream, also at the message's end: [kind]."""
-    kind = NOT_FOUND if isinstance(exc, NotFound) else SHM_UNAVAILABLE if isinstance(exc, ShmUnavailable) else INVALID
-    return flight.FlightServerError(f"{exc} [{kind.decode()}]", extra_info=kind)
+    """A request's own fault, sent with its message and its kind (cellfeed.wire.errors)."""
+    kind = ErrorKind.NOT_FOUND if isinstance(exc, NotFound) else ErrorKind.SHM_UNAVAILABLE if isinstance(exc, ShmUnavailable) else ErrorKind.INVALID
+    return server_error(str(exc), kind)
+
+
+def _server_failure(what: str, exc: Exception) -> flight.FlightServerError:
+    """Anything else raised while serving: a server bug or a file it cannot read. Logged, and sent
+    as kind `internal`, which clients do not retry (the same request would fail the same way)."""
+    log.error("%s failed", what, exc_info=exc)
+    return server_error(f"server error in {what}: {exc!r}", ErrorKind.INTERNAL)
+
+
+def _check_stream(what: str, rank: int, world_size: int, stream_count: int, stream_index: int = 0) -> None:
+    """The same bounds for a StreamRequest (GetFlightInfo) and a Ticket (DoGet)."""
+    if world_size < 1 or rank >= world_size or stream_count < 1 or stream_index >= stream_count:
+        raise CellfeedError(
+            f"{what}: rank {rank} / world size {world_size}, stream {stream_index} / {stream_count} "
+            "(needs world_size >= 1, 0 <= rank < world_size, stream_count >= 1, 0 <= stream_index < stream_count)"
+        )
+
+
+def _check_first_batch(what: str, first_batch: int, total: int, split: str) -> None:
+    """A resume point past the end is a client's mistake, not an empty stream."""
+    if first_batch > 0 and first_batch >= total:
+        raise CellfeedError(f"{what}: first_batch {first_batch} is past the end of split {split!r} ({total} batches per rank)")
 
 
 def _parse(message_type, payload: bytes, what: str):
@@ -91,6 +109,10 @@ class FlightService(flight.FlightServerBase):
         except CellfeedError as exc:
             log.info("%s refused: %s", action.type, exc)
             raise _client_error(exc) from None
+        except flight.FlightError:
+            raise
+        except Exception as exc:
+            raise _server_failure(f"DoAction({action.type})", exc) from None
 
     def _probe(self, body: bytes) -> bool:
         try:
@@ -102,10 +124,11 @@ class FlightService(flight.FlightServerBase):
     def get_flight_info(self, context, descriptor):
         try:
             request = _parse(pb.StreamRequest, descriptor.command, "StreamRequest")
+            _check_stream("StreamRequest", request.rank, request.world_size, request.stream_count)
             source = self.sessions.get(request.session_id).source
-            world = max(1, request.world_size)
-            count = max(1, request.stream_count)
+            world, count = request.world_size, request.stream_count
             num_batches = source.num_batches(request.split, world)
+            _check_first_batch("StreamRequest", request.first_batch, num_batches, request.split)
             endpoints = []
             for index in range(count):
                 ticket = pb.Ticket(
@@ -131,24 +154,29 @@ class FlightService(flight.FlightServerBase):
             )
         except CellfeedError as exc:
             raise _client_error(exc) from None
+        except flight.FlightError:
+            raise
+        except Exception as exc:
+            raise _server_failure("GetFlightInfo", exc) from None
 
     def do_get(self, context, ticket):
         try:
             t = _parse(pb.Ticket, ticket.ticket, "ticket")
-            if t.world_size < 1 or t.stream_count < 1 or t.rank >= t.world_size or t.stream_index >= t.stream_count:
-                raise CellfeedError(
-                    f"malformed ticket: rank {t.rank} / world size {t.world_size}, "
-                    f"stream {t.stream_index} / {t.stream_count}"
-                )
+            _check_stream("malformed ticket", t.rank, t.world_size, t.stream_count, t.stream_index)
             source = self.sessions.get(t.session_id).source
             schema = source.schema(t.split)
             total = source.num_batches(t.split, t.world_size)
+            _check_first_batch("ticket", t.first_batch, total, t.split)
             pool = None
             if t.shm_pool and any(shm.moves_to_shm(f) for f in schema):
                 pool = self.pools.acquire(t.shm_pool)
                 schema = shm.ref_schema(schema)
         except CellfeedError as exc:
             raise _client_error(exc) from None
+        except flight.FlightError:
+            raise
+        except Exception as exc:
+            raise _server_failure("DoGet", exc) from None
         first = t.first_batch + (t.stream_index - t.first_batch) % t.stream_count
         progress = self.sessions.start_stream(
             StreamProgress(
@@ -192,6 +220,10 @@ class FlightService(flight.FlightServerBase):
             if ended():
                 return
             raise _client_error(exc) from None
+        except flight.FlightError:
+            raise
+        except Exception as exc:
+            raise _server_failure("writing a batch into shared-memory slots", exc) from None
         finally:
             if not finished or ended():
                 pool.give_up(taken)
@@ -200,7 +232,7 @@ class FlightService(flight.FlightServerBase):
     def _batches(self, source, t, first: int, total: int, progress: StreamProgress, ended, alloc=None) -> Iterator[pa.RecordBatch]:
         """The stream's batches of its epoch from `first`; with `continue_epochs`, then those of
         each following epoch, from the stream's first, until the client cancels."""
-        epoch = t.epoch
+        epoch, index = t.epoch, first
         try:
             while True:
                 for index in range(first, total, t.stream_count):
@@ -220,8 +252,9 @@ class FlightService(flight.FlightServerBase):
             raise _client_error(exc) from None
         except Exception as exc:
             progress.state, progress.error = "failed", repr(exc)
-            log.exception("stream of session %s failed", t.session_id)
-            raise flight.FlightServerError(f"server error while building a batch: {exc!r}") from None
+            raise _server_failure(
+                f"building batch {index} of split {t.split!r} (epoch {epoch}, rank {t.rank}/{t.world_size}) of session {t.session_id}", exc
+            ) from None
         finally:
             if progress.state == "streaming":
                 progress.state = "closed"

@@ -34,7 +34,7 @@ class TableConfig(BaseModel):
     columns: list[str] | None = Field(None, min_length=1, description="columns to stream (default: all)")
     batch_size: int = Field(64, ge=1)
     shuffle: bool = True
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     drop_last: bool = Field(False, description="drop the training split's last partial batches instead of padding")
     window: int = Field(4, ge=1, description="row groups whose rows are shuffled together")
 
