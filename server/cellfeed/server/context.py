@@ -27,6 +27,10 @@ class ServerContext:
     _image_readers: dict[int, "ImageReader"] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
+    def __post_init__(self) -> None:
+        if self.handles.root is None:  # every file opened through the handles stays inside the root
+            self.handles.root = self.data_root
+
     def image_reader(self, cache_pool_bytes: int) -> "ImageReader":
         """The tensorstore reader (one context, one chunk-cache pool) shared by every DynaCLR
         session that asks for this pool size."""

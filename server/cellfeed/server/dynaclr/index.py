@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -17,6 +18,9 @@ from cellfeed.server.dynaclr.registry import ExperimentRegistry
 from cellfeed.server.errors import CellfeedError
 from cellfeed.server.reading.omezarr import FOV, Plate
 from cellfeed.server.reading.tracks import find_tracks_csv, read_tracks
+
+if TYPE_CHECKING:
+    from cellfeed.server.paths import DataRoot
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +102,7 @@ def build_index(
     include_wells: list[str] | None = None,
     exclude_fovs: list[str] | None = None,
     tracks_label: dict[str, str] | None = None,
+    root: "DataRoot | None" = None,
 ) -> CellIndex:
     """Read every selected FOV's tracks and derive lineage, HPI, patch origins and valid anchors."""
     fovs, conditions, warnings = select_fovs(registry, plates, include_wells, exclude_fovs)
@@ -109,7 +114,7 @@ def build_index(
     for ref in fovs:
         exp = registry.experiments[ref.experiment]
         label = f"{(tracks_label or {}).get(exp.name, exp.tracks_path)}/{ref.fov.name}"
-        csv = find_tracks_csv(tracks_paths[exp.name], ref.fov.name)
+        csv = find_tracks_csv(tracks_paths[exp.name], ref.fov.name, root, label)
         if csv is None:
             warnings.append(f"experiment {exp.name!r}: no tracks CSV for FOV {ref.fov.name} (looked in {label}); skipped")
             continue

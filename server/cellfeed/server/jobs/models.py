@@ -10,6 +10,8 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
+MAX_INPUTS = 10_000  # files or folders named by one job
+
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled", "interrupted"]
 FileState = Literal["pending", "running", "succeeded", "failed", "skipped", "cancelled"]
 
@@ -47,13 +49,13 @@ class SortOptions(_Strict):
 
 class PreprocessJob(_Strict):
     kind: Literal["preprocess"]
-    inputs: list[str] = Field(min_length=1, description=".h5ad files or folders of them, inside the data root")
+    inputs: list[str] = Field(min_length=1, max_length=MAX_INPUTS, description=".h5ad files or folders of them, inside the data root")
     options: PreprocessOptions = Field(default_factory=PreprocessOptions)
 
 
 class SortJob(_Strict):
     kind: Literal["sort"]
-    inputs: list[str] = Field(min_length=1, description=".h5ad files or folders of them, inside the data root")
+    inputs: list[str] = Field(min_length=1, max_length=MAX_INPUTS, description=".h5ad files or folders of them, inside the data root")
     options: SortOptions = Field(default_factory=SortOptions)
 
 

@@ -19,13 +19,11 @@ from cellfeed.server.errors import CellfeedError, NotFound
 from cellfeed.server.jobs.executor import Executor, make_executor
 from cellfeed.server.jobs.models import Job, PreprocessJob, SortJob
 from cellfeed.server.jobs.store import JobStore
-from cellfeed.server.jobs.work import FileTask, JobLog
+from cellfeed.server.jobs.work import FileTask, JobLog, resolve_options
 from cellfeed.server.preprocess.convert import Cancelled
 from cellfeed.server.preprocess.layout import H5AD_SUFFIXES, dataset_name
 
 ACTIVE = ("queued", "running")
-DIR_OPTIONS = {"preprocess": ("output_dir", "interim_dir", "log_dir"), "sort": ("output_dir",)}
-FILE_OPTIONS = {"preprocess": ("gene_table",), "sort": ()}
 
 
 class Conflict(CellfeedError):
@@ -133,7 +131,7 @@ class JobService:
             log.event("job.failed", level="error", error=str(exc))
             return
         tasks = [
-            FileTask(job_id, f.index, job.kind, f.path, f.dataset, options, str(log.path))
+            FileTask(job_id, f.index, job.kind, f.path, f.dataset, options, str(log.path), str(self.ctx.data_root.path))
             for f in job.files
             if f.state == "pending"
         ]
@@ -166,12 +164,13 @@ class JobService:
         """Input files inside the data root (folders give their .h5ad files)."""
         files: list[Path] = []
         for name in inputs:
-            path = self.ctx.data_root.resolve(name)
+            path = self.ctx.data_root.resolve(name, what="input")
             if path.is_dir():
-                found = sorted(p for p in path.iterdir() if p.suffix in H5AD_SUFFIXES and p.is_file())
+                found = self.ctx.data_root.listdir(path, lambda p: p.suffix in H5AD_SUFFIXES, label=name)
+                found = [p for p in found if p.is_file()]
                 if not found:
                     raise CellfeedError(f"no .h5ad files in {name!r}")
-                files += [self.ctx.data_root.resolve(p) for p in found]
+                files += found
             else:
                 files.append(path)
         names = [dataset_name(p) for p in files]
@@ -181,13 +180,9 @@ class JobService:
         return files
 
     def _resolve_options(self, kind: str, options: dict[str, Any]) -> None:
-        """Turn the option paths into absolute paths inside the data root (in place)."""
-        for key in DIR_OPTIONS[kind]:
-            if options.get(key):
-                options[key] = str(self.ctx.data_root.resolve(options[key], must_exist=False))
-        for key in FILE_OPTIONS[kind]:
-            if options.get(key):
-                options[key] = str(self.ctx.data_root.resolve(options[key]))
+        """Turn the option paths into absolute paths inside the data root (in place); each file
+        of the job resolves them again when it starts (jobs.work.process)."""
+        resolve_options(self.ctx.data_root, kind, options)
 
     def _log(self, job_id: str) -> JobLog:
         return JobLog(self.folder / f"{job_id}.jsonl")

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from cellfeed.server.errors import CellfeedError
+from cellfeed.server.paths import DataRoot
 from cellfeed.server.preprocess.layout import Layout
 from cellfeed.server.preprocess.logs import FileLog
 from cellfeed.server.preprocess.pipeline import Options, run_file
@@ -36,6 +37,21 @@ class FileTask:
     dataset: str
     options: dict[str, Any]
     job_log: str
+    data_root: str | None = None  # every path is resolved inside it again when the file starts
+
+
+DIR_OPTIONS = {"preprocess": ("output_dir", "interim_dir", "log_dir"), "sort": ("output_dir",)}
+FILE_OPTIONS = {"preprocess": ("gene_table",), "sort": ()}
+
+
+def resolve_options(root: DataRoot, kind: str, options: dict[str, Any]) -> None:
+    """Turn the option paths into absolute paths inside the data root, as they are now (in place)."""
+    for key in DIR_OPTIONS[kind]:
+        if options.get(key):
+            options[key] = str(root.resolve(options[key], must_exist=False, what=key))
+    for key in FILE_OPTIONS[kind]:
+        if options.get(key):
+            options[key] = str(root.resolve(options[key], what=key))
 
 
 class JobLog:
@@ -55,23 +71,35 @@ class JobLog:
 
 
 def process(task: FileTask, progress: Callable[[int, int], None], cancelled: Callable[[], bool]) -> dict[str, Any]:
-    """Run one file; returns the outcome as FileRecord fields (state, seconds, output, message, counts)."""
+    """Run one file; returns the outcome as FileRecord fields (state, seconds, output, message, counts).
+
+    The file's paths are resolved inside the data root now, not when the job was submitted: a
+    folder swapped for a symlink out of the root meanwhile fails this file, naming it."""
     JobLog(task.job_log).event("file.assigned", dataset=task.dataset, host=socket.gethostname(), pid=os.getpid())
+    root = DataRoot(task.data_root) if task.data_root else None
+    options = dict(task.options)
+    try:
+        if root is not None:
+            resolve_options(root, task.kind, options)
+            root.contain(task.path, Path(task.path).name)
+    except CellfeedError as exc:
+        JobLog(task.job_log).event("file.failed", level="error", dataset=task.dataset, error=str(exc))
+        return {"state": "failed", "seconds": 0.0, "message": str(exc)}
     if task.kind == "preprocess":
-        return _preprocess(task, progress, cancelled)
-    return _sort(task, progress, cancelled)
+        return _preprocess(task, options, root, progress, cancelled)
+    return _sort(task, options, root, progress, cancelled)
 
 
-def _preprocess(task: FileTask, progress, cancelled) -> dict[str, Any]:
-    opts = dict(task.options)
+def _preprocess(task: FileTask, options: dict[str, Any], root: DataRoot | None, progress, cancelled) -> dict[str, Any]:
+    opts = dict(options)
     layout = Layout(Path(opts.pop("interim_dir")), Path(opts.pop("output_dir")), Path(opts.pop("log_dir")))
     options = Options(**opts, token=os.environ.get("HF_TOKEN"))
-    result = run_file(Path(task.path), layout, options, progress=progress, cancelled=cancelled, sinks=(JobLog(task.job_log),))
+    result = run_file(Path(task.path), layout, options, progress=progress, cancelled=cancelled, sinks=(JobLog(task.job_log),), root=root)
     return {"state": STATES[result.status], "seconds": result.seconds, "output": result.output, "message": result.message, "counts": result.counts}
 
 
-def _sort(task: FileTask, progress, cancelled) -> dict[str, Any]:
-    opts = dict(task.options)
+def _sort(task: FileTask, options: dict[str, Any], root: DataRoot | None, progress, cancelled) -> dict[str, Any]:
+    opts = dict(options)
     folder = opts.pop("output_dir")
     path = Path(task.path)
     output = Path(folder) / f"{path.stem}.sorted{path.suffix}" if folder else None
@@ -79,7 +107,7 @@ def _sort(task: FileTask, progress, cancelled) -> dict[str, Any]:
     started = time.time()
     log.event("sort.started", path=str(path), options=task.options)
     try:
-        done = sort_file(path, output, SortOptions(**opts), progress=progress, cancelled=cancelled)
+        done = sort_file(path, output, SortOptions(**opts), progress=progress, cancelled=cancelled, root=root)
     except CellfeedError as exc:
         log.event("sort.failed", level="error", error=str(exc))
         return {"state": "failed", "seconds": round(time.time() - started, 3), "message": str(exc)}

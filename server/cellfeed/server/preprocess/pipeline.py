@@ -13,7 +13,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -29,6 +29,9 @@ from cellfeed.server.preprocess.layout import Layout, dataset_name
 from cellfeed.server.preprocess.logs import FileLog, Sink
 from cellfeed.server.preprocess.outputs import is_done, source_stamp, write_manifest
 from cellfeed.server.preprocess.split import DONOR_COLUMNS, DROPPED, TEST, TRAIN, SplitCounter, SplitPlan
+
+if TYPE_CHECKING:
+    from cellfeed.server.paths import DataRoot
 
 Progress = Callable[[int, int], None]
 OBS_BLOCK = 65_536
@@ -159,18 +162,25 @@ def run_file(
     progress: Progress | None = None,
     cancelled: Callable[[], bool] = lambda: False,
     sinks: tuple[Sink, ...] = (),
+    root: "DataRoot | None" = None,
 ) -> FileResult:
-    """run-all on one file; its failure is reported in the result, never raised (Cancelled is)."""
+    """run-all on one file; its failure is reported in the result, never raised (Cancelled is).
+
+    The output is locked while written (another writer of it fails this file, naming it); with
+    `root`, the input and the output folder are resolved inside it now, as they are opened."""
     path = Path(path)
     name = dataset_name(path)
     final = layout.output(name)
 
     def work(log: FileLog) -> dict[str, Any] | None:
-        remove_stale(final)
+        if root is not None:
+            root.contain(path, path.name)
+            root.contain(final.parent, "output_dir")
+        remove_stale(final, root)
         if options.skip_existing and is_done(final, path):
             log.event("file.skipped", reason="output exists and was made from this file", output=str(final))
             return None
-        counts = _convert(path, name, final, layout, options, log, progress, cancelled)
+        counts = _convert(path, name, final, layout, options, log, progress, cancelled, root)
         note = _maybe_upload(final, name, options, log)
         if note:
             counts["upload"] = note
@@ -220,9 +230,9 @@ def guarded(
 
 def _convert(
     path: Path, name: str, final: Path, layout: Layout, options: Options, log: FileLog,
-    progress: Progress | None, cancelled: Callable[[], bool],
+    progress: Progress | None, cancelled: Callable[[], bool], root: "DataRoot | None" = None,
 ) -> dict[str, Any]:
-    source, symbols = open_input(path, options, log)
+    source, symbols = open_input(path if root is None else root.contain(path, path.name), options, log)
     with source:
         ages = age_source(source.obs_columns, options, source.label)
         split = not options.skip_train_test_split
@@ -237,7 +247,7 @@ def _convert(
         log.event("age.extracted", **counts.as_dict())
         if plan is not None:
             log.event("split.planned", donor_column=donor, **plan.describe())
-        with staged_dir(final) as staging, _interim(layout, name, options) as interim:
+        with staged_dir(final, root) as staging, _interim(layout, name, options, root) as interim:
             folders = {s: staging / s / "chunks" for s in ("train", "test")} if plan else {"all": staging / "chunks"}
             tasks = []
             for split_name, folder in folders.items():
@@ -278,8 +288,8 @@ def _convert(
 class _interim:
     """The interim chunk folder kept by --keep-interim (built hidden, renamed on success)."""
 
-    def __init__(self, layout: Layout, name: str, options: Options) -> None:
-        self._cm = staged_dir(layout.interim(name)) if options.keep_interim else None
+    def __init__(self, layout: Layout, name: str, options: Options, root: "DataRoot | None" = None) -> None:
+        self._cm = staged_dir(layout.interim(name), root) if options.keep_interim else None
 
     def __enter__(self) -> Path | None:
         return self._cm.__enter__() if self._cm else None

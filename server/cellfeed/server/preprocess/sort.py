@@ -12,21 +12,24 @@ spilled to bucket files by destination, then each bucket is ordered and written 
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import h5py
 import numpy as np
 from anndata.io import read_elem, write_elem
 
 from cellfeed.server.errors import CellfeedError
+from cellfeed.server.preprocess.atomic import remove_at, remove_stale_at, fd_path, output_lock
 from cellfeed.server.preprocess.convert import Cancelled
 from cellfeed.server.reading.h5ad import H5ad
+
+if TYPE_CHECKING:
+    from cellfeed.server.paths import DataRoot
 
 COPIED = ("var", "varm", "varp", "uns")
 SPARSE = ("csr_matrix", "csc_matrix")
@@ -70,12 +73,18 @@ def sort_file(
     *,
     progress: Callable[[int, int], None] | None = None,
     cancelled: Callable[[], bool] = lambda: False,
+    root: "DataRoot | None" = None,
 ) -> SortResult:
-    """Write `output` (default <stem>.sorted.h5ad) sorted; nothing is written if already sorted."""
+    """Write `output` (default <stem>.sorted.h5ad) sorted; nothing is written if already sorted.
+
+    The output is locked while it is written (OutputBusy if another process writes it), built
+    as a hidden temp file beside it (with a spill folder) through the parent's descriptor, and
+    renamed into place; leftovers of a killed earlier sort of the same output are removed first.
+    With `root`, input and output are resolved inside it as they are opened."""
     started = time.time()
     path = Path(path)
     output = Path(output) if output else default_output(path)
-    h5 = H5ad(path, path.name)
+    h5 = H5ad(path if root is None else root.contain(path, path.name), path.name)
     try:
         order = sort_order(h5, options)
         n = h5.n_obs
@@ -86,21 +95,24 @@ def sort_file(
         return SortResult(path, path, n, 0, round(time.time() - started, 3), "already sorted by target then batch; nothing written")
     if output.resolve() == path.resolve():
         raise CellfeedError(f"{path.name}: the sorted copy cannot overwrite its input; name another output")
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        tmp = output.with_name(f".{output.name}.tmp-{uuid.uuid4().hex[:8]}")
-        spill = Path(tempfile.mkdtemp(prefix=".sort-", dir=output.parent))
-    except OSError as exc:
-        raise CellfeedError(f"cannot write to {str(output.parent)!r}: {exc.strerror or exc}") from None
-    try:
-        with h5py.File(path, "r") as src, h5py.File(tmp, "w") as dst:
-            _Rewriter(src, dst, order, options, spill, progress, cancelled).run()
-        os.replace(tmp, output)
-    except (OSError, KeyError, ValueError) as exc:
-        raise CellfeedError(f"{path.name}: cannot sort ({type(exc).__name__}: {exc})") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-        shutil.rmtree(spill, ignore_errors=True)
+    with output_lock(output, root) as parent:  # one writer per output, across processes
+        remove_stale_at(parent, output.name)  # what a killed earlier sort left: temp file, spill folder
+        tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp, spill_name = f".{output.name}.tmp-{tag}", f".{output.name}.spill-{tag}"
+        try:
+            os.mkdir(spill_name, 0o700, dir_fd=parent)
+        except OSError as exc:
+            raise CellfeedError(f"cannot write to {output.parent.name!r}: {exc.strerror or exc}") from None
+        here = fd_path(parent, output.parent)
+        try:
+            with h5py.File(path if root is None else root.contain(path), "r") as src, h5py.File(here / tmp, "w") as dst:
+                _Rewriter(src, dst, order, options, here / spill_name, progress, cancelled).run()
+            os.replace(tmp, output.name, src_dir_fd=parent, dst_dir_fd=parent)
+        except (OSError, KeyError, ValueError) as exc:
+            raise CellfeedError(f"{path.name}: cannot sort ({type(exc).__name__}: {exc})") from None
+        finally:
+            remove_at(parent, tmp)
+            remove_at(parent, spill_name)
     return SortResult(path, output, n, moved, round(time.time() - started, 3), f"{moved:,} of {n:,} rows moved")
 
 

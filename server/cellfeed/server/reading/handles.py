@@ -11,7 +11,12 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from cellfeed.server.errors import CellfeedError
+
+if TYPE_CHECKING:
+    from cellfeed.server.paths import DataRoot
 
 Version = tuple[int, int]  # (size, or 0 for a folder; mtime in ns)
 
@@ -32,20 +37,31 @@ class HandleCache:
     many threads) owns them rather than each training job's loader workers.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, root: "DataRoot | None" = None) -> None:
+        self.root = root  # when set, every path is contained in it at the moment it is opened
         self._handles: dict[tuple[Path, str], tuple[Version | None, Any]] = {}
         self._lock = threading.Lock()
         self._recorders = threading.local()
 
     def get(self, path: Path, opener: Callable[[Path], Any], name: str | None = None) -> Any:
-        """The handle of the current version of `path` (opened now if it changed or is new)."""
-        resolved = Path(path).resolve()
+        """The handle of the current version of `path` (opened now if it changed or is new).
+
+        With a data root, `path` is resolved through every symlink now and refused if it lands
+        outside (a link in a dataset folder, a split folder that is a link), and checked again
+        once opened."""
+        resolved = self.root.contain(path) if self.root is not None else Path(path).resolve()
         key = (resolved, name or getattr(opener, "__qualname__", repr(opener)))
         version = version_of(resolved)
         with self._lock:
             entry = self._handles.get(key)
             if entry is None or entry[0] != version:
-                entry = (version, opener(resolved))
+                handle = opener(resolved)
+                if self.root is not None and self.root.contain(path) != resolved:
+                    close = getattr(handle, "close", None)
+                    if callable(close):
+                        close()
+                    raise CellfeedError(f"{self.root.relative_unresolved(Path(path))}: changed while being opened (a symlink swapped in?); refused")
+                entry = (version, handle)
                 self._handles[key] = entry
         for used in getattr(self._recorders, "stack", []):
             used[resolved] = version

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -15,22 +16,28 @@ import pyarrow.parquet as pq
 
 from cellfeed.server.errors import CellfeedError
 
+if TYPE_CHECKING:
+    from cellfeed.server.paths import DataRoot
+
 
 class ParquetFolder:
     """The chunk_*.parquet (or *.parquet) files of one folder, in name order; thread-safe."""
 
-    def __init__(self, folder: Path, label: str) -> None:
+    def __init__(self, folder: Path, label: str, root: "DataRoot | None" = None) -> None:
+        """With `root`, each chunk is resolved inside it as it is opened (a chunk that is a
+        symlink out of the root is refused, naming it)."""
         self.folder = folder
         self.label = label
         files = sorted(folder.glob("chunk_*.parquet")) or sorted(folder.glob("*.parquet"))
         if not files:
             raise CellfeedError(f"{label}: no parquet files")
+        opened = [root.contain(p, f"{label}/{p.name}") if root is not None else p for p in files]
         self.files: list[pq.ParquetFile] = []
         self._locks: list[threading.Lock] = []
         groups: list[tuple[int, int, int]] = []  # (file, row group, rows)
-        for i, path in enumerate(files):
+        for i, (path, real) in enumerate(zip(files, opened)):
             try:
-                pf = pq.ParquetFile(path)
+                pf = pq.ParquetFile(real)
             except (pa.ArrowInvalid, OSError) as exc:
                 raise CellfeedError(f"{label}: {path.name} is not a readable parquet file ({exc})") from None
             if self.files and not pf.schema_arrow.equals(self.files[0].schema_arrow):

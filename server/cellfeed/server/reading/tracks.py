@@ -7,6 +7,7 @@ The FOV comes from the directory, not from a column.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -15,18 +16,32 @@ import pyarrow.csv as pacsv
 
 from cellfeed.server.errors import CellfeedError
 
+if TYPE_CHECKING:
+    from cellfeed.server.paths import DataRoot
+
 REQUIRED = ("track_id", "t", "y", "x")
 OPTIONAL_INT = ("id",)
 OPTIONAL_FLOAT = ("parent_track_id", "parent_id", "z")
 
 
-def find_tracks_csv(tracks_path: Path, fov_name: str) -> Path | None:
-    """The FOV's tracking CSV (the first `*.csv` in name order), or None if there is none."""
+def find_tracks_csv(tracks_path: Path, fov_name: str, root: "DataRoot | None" = None, label: str | None = None) -> Path | None:
+    """The FOV's tracking CSV, or None if there is none; more than one is an error naming them.
+
+    With `root`, the folder and the CSV are resolved inside it now (a CSV or folder that is a
+    symlink out of the root is refused, naming it). `label` names the FOV folder in messages."""
     folder = tracks_path / fov_name
+    shown = label or f"{tracks_path.name}/{fov_name}"
+    if root is not None and folder.exists():
+        folder = root.contain(folder, shown)
     if not folder.is_dir():
         return None
-    found = sorted(folder.glob("*.csv"))
-    return found[0] if found else None
+    found = sorted(p for p in folder.glob("*.csv") if not p.name.startswith("."))
+    if len(found) > 1:
+        names = ", ".join(p.name for p in found)
+        raise CellfeedError(f"{shown}: {len(found)} tracking CSVs ({names}); a FOV folder holds one, so remove or rename the others")
+    if not found:
+        return None
+    return root.contain(found[0], f"{shown}/{found[0].name}") if root is not None else found[0]
 
 
 def read_tracks(path: Path, label: str) -> dict[str, np.ndarray]:

@@ -7,9 +7,12 @@ from pathlib import Path
 
 from fastapi import Depends, FastAPI
 from pydantic import BaseModel, Field
+from starlette.responses import JSONResponse
 
 from cellfeed.server.context import ServerContext
+from cellfeed.server.errors import CellfeedError
 from cellfeed.server.jobs.api import make_router
+from cellfeed.server.limits import MAX_JSON_BYTES, check_json
 from cellfeed.server.serving.auth import require_token
 from cellfeed.server.serving.sessions import SessionRegistry
 
@@ -19,7 +22,6 @@ DATASET_SUFFIXES = {".h5ad": "h5ad", ".h5": "h5ad", ".zarr": "ome-zarr", ".parqu
 class Health(BaseModel):
     status: str
     flight_uri: str
-    data_root: str
     sessions: int
     open_files: int
     cache_bytes: int = Field(description="decoded blocks held in the block cache")
@@ -35,8 +37,10 @@ class Dataset(BaseModel):
 
 
 def create_app(ctx: ServerContext, sessions: SessionRegistry, flight_uri: str) -> FastAPI:
-    """The HTTP app. /healthz is open (liveness probes); every /v1 route needs the token if set."""
+    """The HTTP app. /healthz is open (liveness probes) and shows no paths; every /v1 route needs
+    the token if set. Request bodies are bounded (MAX_JSON_BYTES, MAX_JSON_DEPTH)."""
     app = FastAPI(title="cellfeed", version="0.1.0", description="cellfeed control plane")
+    app.add_middleware(BoundedBody)
     app.state.ctx = ctx
     app.state.sessions = sessions
     guarded = [Depends(require_token)]
@@ -46,7 +50,6 @@ def create_app(ctx: ServerContext, sessions: SessionRegistry, flight_uri: str) -
         return Health(
             status="ok",
             flight_uri=flight_uri,
-            data_root=str(ctx.data_root.path),
             sessions=len(sessions),
             open_files=len(ctx.handles.paths()),
             cache_bytes=ctx.blocks.nbytes,
@@ -67,24 +70,92 @@ def create_app(ctx: ServerContext, sessions: SessionRegistry, flight_uri: str) -
 
 
 def _list_datasets(ctx: ServerContext) -> list[Dataset]:
-    """Files and stores under the data root that cellfeed can serve (state dir excluded)."""
-    root = ctx.data_root.path
+    """Files and stores under the data root that cellfeed can serve (hidden entries and the state
+    dir excluded). A symlink is listed only when it resolves inside the root; its size is its
+    target's. Nothing outside the root is listed or measured."""
+    root = ctx.data_root
     open_paths = set(ctx.handles.paths())
     found: list[Dataset] = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, dirnames, filenames in os.walk(root.path):
         here = Path(dirpath)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for d in list(dirnames):
             if d.endswith(".zarr"):
                 dirnames.remove(d)
-                found.append(Dataset(path=str((here / d).relative_to(root)), format="ome-zarr", bytes=_du(here / d), open=here / d in open_paths))
+                real = _inside(root, here / d)
+                if real is not None:
+                    found.append(Dataset(path=str((here / d).relative_to(root.path)), format="ome-zarr", bytes=_du(root, real), open=real in open_paths))
         for f in sorted(filenames):
             kind = DATASET_SUFFIXES.get(Path(f).suffix)
-            if kind and kind != "ome-zarr":
-                p = here / f
-                found.append(Dataset(path=str(p.relative_to(root)), format=kind, bytes=p.stat().st_size, open=p in open_paths))
+            if kind and kind != "ome-zarr" and not f.startswith("."):
+                real = _inside(root, here / f)
+                if real is not None and real.is_file():
+                    found.append(Dataset(path=str((here / f).relative_to(root.path)), format=kind, bytes=real.stat().st_size, open=real in open_paths))
     return found
 
 
-def _du(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+def _inside(root, path: Path) -> Path | None:
+    try:
+        return root.contain(path)
+    except CellfeedError:
+        return None
+
+
+def _du(root, path: Path) -> int:
+    """Bytes of the files under a store, counting only those that resolve inside the root."""
+    total = 0
+    for dirpath, _, filenames in os.walk(path):
+        for f in filenames:
+            real = _inside(root, Path(dirpath) / f)
+            if real is not None and real.is_file():
+                total += real.stat().st_size
+    return total
+
+
+class BoundedBody:
+    """ASGI middleware: a request body over MAX_JSON_BYTES is refused (413), and a JSON body
+    nested deeper than MAX_JSON_DEPTH (400), before any route parses it."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > MAX_JSON_BYTES:
+            await _refuse(scope, receive, send, 413, f"request body of {int(length):,} bytes; at most {MAX_JSON_BYTES:,} are accepted")
+            return
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False)
+            if size > MAX_JSON_BYTES:
+                await _refuse(scope, receive, send, 413, f"request body over {MAX_JSON_BYTES:,} bytes; at most {MAX_JSON_BYTES:,} are accepted")
+                return
+        body = b"".join(chunks)
+        if b"json" in dict(scope.get("headers") or []).get(b"content-type", b"json"):
+            try:
+                check_json(body, "request body")
+            except CellfeedError as exc:
+                await _refuse(scope, receive, send, 400, str(exc))
+                return
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+async def _refuse(scope, receive, send, code: int, detail: str) -> None:
+    await JSONResponse({"detail": detail}, status_code=code)(scope, receive, send)

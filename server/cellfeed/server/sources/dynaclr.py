@@ -147,6 +147,7 @@ class DynaCLRSource(Source):
             include_wells=cfg.include_wells,
             exclude_fovs=cfg.exclude_fovs,
             tracks_label={name: ctx.data_root.relative(tracks) for name, (_, tracks) in paths.items()},
+            root=ctx.data_root,
         )
         return cls(cfg, registry, index, ctx.image_reader(cfg.cache_pool_bytes))
 

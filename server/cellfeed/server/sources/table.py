@@ -80,7 +80,7 @@ class TableSource(Source):
         if not path.is_dir():
             raise CellfeedError(f"{label}: a table dataset is a folder (output/<name> of the pipeline, or a folder of parquet files)")
         dirs = chunk_dirs(path) or {"all": path}
-        folders = {name: ctx.handles.get(folder, lambda p, name=name: ParquetFolder(p, f"{label}:{name}"), name="parquet") for name, folder in dirs.items()}
+        folders = {name: ctx.handles.get(folder, lambda p, name=name: ParquetFolder(p, f"{label}:{name}", ctx.data_root), name="parquet") for name, folder in dirs.items()}
         schemas = {name: f.schema for name, f in folders.items()}
         first_name, first_schema = next(iter(schemas.items()))
         for name, schema in schemas.items():
