@@ -2,6 +2,10 @@
 
 Subclasses name their stream `kind`, give `session_config()` and `on_session()` (which builds
 the decoder), and may change how many streams and how much prefetch a loader gets.
+
+A module pickles at any point (Lightning's ddp_spawn, multiprocessing, a deep copy): the Flight
+connection, the loaders and the shared-memory reader stay behind; the session's facts and each
+loader's position travel, and the copy reconnects when it next needs the server.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ class RemoteDataModule(pl.LightningDataModule):
         self._loaders: dict[str, RemoteLoader] = {}
         self._pending_state: dict[str, Any] = {}
         self._slots: SlotReader | None = None
+        self._slots_probed = False
 
     # -- what subclasses decide ----------------------------------------------------------------
     def session_config(self) -> dict[str, Any]:
@@ -58,11 +63,41 @@ class RemoteDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         """Open the session once (every stage shares it) and find this process's rank."""
         if self.session is None:
-            self._connection = Connection(self.hparams.server, self.token)
-            self.session = self._connection.open_session(self.kind, self.session_config())
+            connection = self._connect()
+            self.session = connection.open_session(self.kind, self.session_config())
             self.on_session(self.session)
-            self._slots = self._shared_memory(self._connection)
+        self._connect_slots()
         self.rank, self.world_size = resolve_rank(self.trainer, self.hparams.rank, self.hparams.world_size)
+
+    def _connect(self) -> Connection:
+        """The connection to the server, made on first need (again after unpickling)."""
+        if self._connection is None:
+            self._connection = Connection(self.hparams.server, self.token)
+            self._slots_probed = False
+        return self._connection
+
+    def _connect_slots(self) -> None:
+        """Probe once per connection for shared-memory slots (after the session is open)."""
+        connection = self._connect()
+        if not getattr(self, "_slots_probed", False):
+            self._slots = self._shared_memory(connection)
+            self._slots_probed = True
+
+    # -- pickling ------------------------------------------------------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        pending = dict(self._pending_state)
+        for split, loader in self._loaders.items():
+            pending[split] = loader.state_dict()  # the copy goes on where this one stands
+        state["_pending_state"] = pending
+        state["_connection"] = None
+        state["_loaders"] = {}
+        state["_slots"] = None
+        state["_slots_probed"] = False
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
 
     def _shared_memory(self, connection: Connection) -> SlotReader | None:
         """Slots when the module asks for them (`shared_memory`: None = when the server shares
@@ -88,10 +123,12 @@ class RemoteDataModule(pl.LightningDataModule):
     def loader(self, split: str) -> RemoteLoader:
         """The loader of one split, created once and kept (so resume state and epochs persist)."""
         if split not in self._loaders:
-            if self.session is None or self._connection is None:
+            if self.session is None:
                 raise RuntimeError("call setup() before asking for a dataloader")
+            connection = self._connect()
+            self._connect_slots()
             loader = RemoteLoader(
-                self._connection,
+                connection,
                 self.session,
                 split,
                 self.decoder,

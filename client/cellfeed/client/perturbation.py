@@ -8,6 +8,7 @@ Batches follow protoplast's collated schema: `pert_cell_emb`/`ctrl_cell_emb` spa
 from __future__ import annotations
 
 import tomllib
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,8 @@ class PerturbationBatchDecoder:
             "cell_type_onehot": torch.from_numpy(self.cell_type_eye[cell_type].reshape(B, S, -1)),
             "batch_onehot": torch.from_numpy(self.batch_eye[batch].reshape(B, S, -1)),
             "pert_idx": torch.from_numpy(target.reshape(B, 1)),
+            # True: a real cell of this pass; False: padding (a repeat that fills the [B, S] shape)
+            "cell_mask": torch.from_numpy(rb.column("cell_mask").to_numpy(zero_copy_only=False).reshape(B, S)),
         }
         if "pert_barcode" in rb.schema.names:
             out["pert_cell_barcode"] = np.asarray(rb.column("pert_barcode").to_numpy(zero_copy_only=False), dtype=str).reshape(B, S)
@@ -101,10 +104,10 @@ class PerturbationBatchDecoder:
 
     def _coo(self, indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, B: int) -> torch.Tensor:
         """The [B, S, G] sparse COO tensor of B*S CSR rows (values not copied)."""
+        csr.check(indptr, indices, values, self.G, "perturbation batch")  # before any write by these numbers
         coords = self._cell_coordinates(indptr)
         coords[2] = indices
         return torch.sparse_coo_tensor(
-        csr.check(indptr, indices, values, self.G, "perturbation batch")  # before any write by these numbers
             torch.from_numpy(coords), torch.from_numpy(values), (B, self.S, self.G), check_invariants=False
         )
 
@@ -112,9 +115,18 @@ class PerturbationBatchDecoder:
 class PerturbationDataModule(RemoteDataModule):
     """Remote drop-in for protoplast's PerturbationDataModule (plus `server`, `seed`, DDP args).
 
-    `num_workers` is the number of parallel Flight streams per loader, read in threads.
-    `shared_memory`: the CSR rows come in shared-memory slots rather than over gRPC when the
-    server runs on this host (None: when available; True: required; False: never).
+    The arguments are protoplast's, in its order, then cellfeed's. `num_workers` is the number of
+    parallel Flight streams per loader, read in threads. `shared_memory`: the CSR rows come in
+    shared-memory slots rather than over gRPC when the server runs on this host (None: when
+    available; True: required; False: never).
+
+    Controls matched by batch: `match_controls_by_batch=True`, or protoplast's `use_batches=True`,
+    or cell-load's `basal_mapping_strategy="batch"` (any one; given together they must agree).
+    `hvg_file` must be None (protoplast accepts it and never applies it): cellfeed serves every
+    gene of the files. `toml_schema`: how `config_path` is read ("auto": cell-load's schema if
+    the TOML has a [training] table, else protoplast's; see docs/protocol/perturbation.md).
+    Other keyword arguments (protoplast's `sparse_key`, `pin_memory`, ...) have no effect here:
+    each is warned about and listed in `ignored_kwargs`.
     """
 
     kind = "perturbation"
@@ -123,6 +135,7 @@ class PerturbationDataModule(RemoteDataModule):
         self,
         files: list[str] | None = None,
         pert_embedding_file: str | None = None,
+        hvg_file: str | None = None,
         config_path: str | None = None,
         num_workers: int | None = None,
         prefetch_factor: int = 2,
@@ -130,6 +143,7 @@ class PerturbationDataModule(RemoteDataModule):
         target_label: str = "target_gene",
         control_label: str = "non-targeting",
         batch_label: str = "batch_var",
+        use_batches: bool | None = None,
         group_size_S: int = 32,
         barcodes: bool = False,
         block_size: int = 2048,
@@ -137,15 +151,45 @@ class PerturbationDataModule(RemoteDataModule):
         server: str = "grpc://127.0.0.1:8815",
         token: str | None = None,
         seed: int = 0,
-        match_controls_by_batch: bool = False,
+        match_controls_by_batch: bool | None = None,
         rank: int | None = None,
         world_size: int | None = None,
         window_blocks: int = 8,
         prefix_batches_with_file: bool = False,
         control_table_max_bytes: int = 256 << 20,
         shared_memory: bool | None = None,
+        basal_mapping_strategy: str | None = None,
+        toml_schema: str = "auto",
+        **kwargs: Any,
     ) -> None:
         super().__init__(token)
+        if hvg_file is not None:
+            raise ValueError(
+                f"hvg_file={hvg_file!r}: cellfeed serves every gene of the files and cannot restrict them to an HVG list "
+                "(protoplast accepts hvg_file but never applies it); write the files restricted to the HVGs instead, "
+                "e.g. adata[:, hvg_genes].write_h5ad(...), then `cellfeed preprocess sort`"
+            )
+        if basal_mapping_strategy not in (None, "batch", "random"):
+            raise ValueError(f"basal_mapping_strategy={basal_mapping_strategy!r}: use 'batch' or 'random'")
+        asked = {
+            name: value
+            for name, value in (
+                ("match_controls_by_batch", match_controls_by_batch),
+                ("use_batches", use_batches),
+                ("basal_mapping_strategy", None if basal_mapping_strategy is None else basal_mapping_strategy == "batch"),
+            )
+            if value is not None
+        }
+        if len(set(asked.values())) > 1:
+            raise ValueError(f"batch matching asked both ways: {', '.join(f'{k}={v}' for k, v in asked.items())}")
+        self.controls_by_batch = bool(next(iter(asked.values()), False))
+        self.ignored_kwargs = sorted(kwargs)
+        if kwargs:
+            warnings.warn(
+                f"PerturbationDataModule: {', '.join(self.ignored_kwargs)} ha{'s' if len(kwargs) == 1 else 've'} no effect "
+                "with a cellfeed server (listed in dm.ignored_kwargs)",
+                stacklevel=2,
+            )
         self.save_hyperparameters(ignore=["token"])
         self._loader_opts: dict[str, Any] = {}
 
@@ -166,9 +210,10 @@ class PerturbationDataModule(RemoteDataModule):
             "window_blocks": hp.window_blocks,
             "barcodes": hp.barcodes,
             "seed": hp.seed,
-            "match_controls_by_batch": hp.match_controls_by_batch,
+            "match_controls_by_batch": self.controls_by_batch,
             "prefix_batches_with_file": hp.prefix_batches_with_file,
             "control_table_max_bytes": hp.control_table_max_bytes,
+            "toml_schema": hp.toml_schema,
         }
         if hp.config_path is not None:
             text = Path(hp.config_path).read_text()
@@ -231,11 +276,25 @@ class PerturbationDataModule(RemoteDataModule):
         }
 
     # -- loaders (train_dataloader and checkpoints: RemoteDataModule) --------------------------
+    # val, test and predict serve every cell exactly once per pass (`cell_mask` marks padding)
     def val_dataloader(self) -> RemoteLoader | list:
-        return self.loader_if_any("val")
+        """The val split; the test split when there is no val split (as cell-load); else []."""
+        loader = self.loader_if_any("val")
+        return self.loader_if_any("test") if isinstance(loader, list) else loader
 
     def test_dataloader(self) -> RemoteLoader | list:
         return self.loader_if_any("test")
 
     def predict_dataloader(self) -> RemoteLoader | list:
         return self.loader_if_any("test")
+
+    # -- pickling: the decoder is rebuilt from the session's facts, not carried ---------------
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.pop("decoder", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if self.session is not None:
+            self.on_session(self.session)

@@ -1,8 +1,19 @@
 """Perturbation session config: the DataModule's arguments plus protoplast/cell-load TOML.
 
-The TOML schema accepted is the union of protoplast's and cell-load's: [datasets] (brace
-patterns, globs, directories or files), [training], [zeroshot], [fewshot."dataset.celltype"],
-[dataset_opts] and [loader]. Dataset paths are server-side, inside the data root.
+Both TOML schemas share [datasets] (brace patterns, globs, directories or files), [zeroshot] and
+[fewshot."dataset.celltype"]; they differ in what the rules mean, so each keeps its own meaning:
+
+- cell-load's (recognised by a [training] table, or `toml_schema = "cell-load"`): only datasets
+  named in [training], [zeroshot] or [fewshot] are loaded; a cell type that no rule names is
+  trained on only when its dataset's [training] value is "train" (any other value drops it); a
+  [zeroshot] cell type goes whole to its split; a [fewshot] target listed under both val and test
+  is in both; rules naming cell types or targets the files lack are accepted, with a warning.
+- protoplast's (no [training] table, or `toml_schema = "protoplast"`): every dataset is loaded and
+  trained on; [training] is ignored; a [fewshot] target listed twice goes to the later split;
+  rules naming unknown cell types are refused.
+
+[dataset_opts] and [loader] (protoplast's) are read under either. Paths are server-side, inside
+the data root.
 """
 
 from __future__ import annotations
@@ -10,7 +21,7 @@ from __future__ import annotations
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from braceexpand import braceexpand
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -19,6 +30,8 @@ from cellfeed.server.errors import CellfeedError
 from cellfeed.server.paths import DataRoot
 
 SPLITS = ("train", "val", "test")
+PROTOPLAST = "protoplast"
+CELL_LOAD = "cell-load"
 H5AD_SUFFIXES = (".h5ad", ".h5")
 
 
@@ -43,6 +56,7 @@ class PerturbationConfig(BaseModel):
     match_controls_by_batch: bool = False
     prefix_batches_with_file: bool = False
     control_table_max_bytes: int = Field(256 << 20, ge=0)
+    toml_schema: Literal["auto", "protoplast", "cell-load"] = "auto"
 
     @classmethod
     def parse(cls, raw: dict[str, Any]) -> "PerturbationConfig":
@@ -64,9 +78,12 @@ class FileSpec:
     dataset: str
     path: Path
     label: str  # as clients name it: relative to the data root
-    split: str = "train"
+    # the split of cell types no rule names; None (cell-load, [training] not "train"): not loaded
+    split: str | None = "train"
     zeroshot: dict[str, str] = field(default_factory=dict)  # cell type (or file stem) -> split
-    fewshot: dict[str, dict[str, str]] = field(default_factory=dict)  # cell type -> target -> split
+    # cell type -> target -> its split (protoplast), or the tuple of its splits (cell-load)
+    fewshot: dict[str, dict[str, str | tuple[str, ...]]] = field(default_factory=dict)
+    schema: str = PROTOPLAST
 
     @property
     def stem(self) -> str:
@@ -77,6 +94,8 @@ class FileSpec:
 class DatasetLayout:
     files: list[FileSpec]
     dataset_opts: dict[str, Any]
+    schema: str | None = None  # None: explicit `files`
+    warnings: list[str] = field(default_factory=list)
 
 
 def resolve_files(config: PerturbationConfig, root: DataRoot) -> DatasetLayout:
@@ -90,10 +109,10 @@ def resolve_files(config: PerturbationConfig, root: DataRoot) -> DatasetLayout:
             specs.append(FileSpec(dataset=path.stem, path=path, label=root.relative(path)))
         return DatasetLayout(files=specs, dataset_opts={})
     assert config.toml is not None
-    return _from_toml(config.toml, root)
+    return _from_toml(config.toml, root, config.toml_schema)
 
 
-def _from_toml(text: str, root: DataRoot) -> DatasetLayout:
+def _from_toml(text: str, root: DataRoot, schema: str = "auto") -> DatasetLayout:
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -112,10 +131,21 @@ def _from_toml(text: str, root: DataRoot) -> DatasetLayout:
         if not isinstance(table, dict):
             raise CellfeedError(f"TOML config: [{name}] must be a table")
 
+    if schema == "auto":
+        schema = CELL_LOAD if "training" in doc else PROTOPLAST
+    cell_load = schema == CELL_LOAD
+    warnings: list[str] = []
     for name, split in training.items():
         if name not in datasets:
             raise CellfeedError(f"TOML config: [training] names dataset {name!r}, which [datasets] does not define")
         _check_split(split, f"[training] {name}")
+        if cell_load and split != "train":
+            warnings.append(
+                f"[training] {name} = {split!r}: as in cell-load, only \"train\" has an effect; the cell types of "
+                f"{name!r} that no [zeroshot]/[fewshot] rule names are not loaded (use [zeroshot] to hold out a cell type)"
+            )
+    if not cell_load and training:
+        warnings.append("[training] is ignored under protoplast's schema (toml_schema = \"protoplast\")")
     zeroshot_rules: dict[str, dict[str, str]] = {}
     for key, split in zeroshot.items():
         dataset, celltype = _split_key(key, "zeroshot", datasets)
@@ -126,21 +156,24 @@ def _from_toml(text: str, root: DataRoot) -> DatasetLayout:
         dataset, celltype = _split_key(key, "fewshot", datasets)
         if not isinstance(table, dict):
             raise CellfeedError(f"TOML config: [fewshot.{key!r}] must be a table of split = [targets]")
-        targets: dict[str, str] = {}
+        targets: dict[str, Any] = {}
         for split, names in table.items():
             if split not in ("val", "test"):
                 raise CellfeedError(f"TOML config: [fewshot.{key!r}] has unknown split {split!r} (use val or test)")
             if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
                 raise CellfeedError(f"TOML config: [fewshot.{key!r}] {split} must be a list of target names")
             for target in names:
-                targets[target] = split  # listed in both: the later table wins, as in protoplast
+                if cell_load:  # listed under val and test: in both, as in cell-load
+                    targets[target] = tuple(s for s in ("val", "test") if s == split or s in targets.get(target, ()))
+                else:  # listed in both: the later table wins, as in protoplast
+                    targets[target] = split
         fewshot_rules.setdefault(dataset, {})[celltype] = targets
 
     # cell-load loads only datasets named in [training], [zeroshot] or [fewshot]; protoplast loads all.
     named = set(training) | set(zeroshot_rules) | set(fewshot_rules)
     specs: list[FileSpec] = []
     for dataset, pattern in datasets.items():
-        if named and dataset not in named:
+        if cell_load and dataset not in named:
             continue
         if not isinstance(pattern, str) or not pattern:
             raise CellfeedError(f"TOML config: [datasets] {dataset} must be a path pattern string")
@@ -151,15 +184,17 @@ def _from_toml(text: str, root: DataRoot) -> DatasetLayout:
                     dataset=dataset,
                     path=path,
                     label=root.relative(path),
-                    split=training.get(dataset, "train"),
+                    split=("train" if training.get(dataset) == "train" else None) if cell_load else "train",
                     zeroshot=zeroshot_rules.get(dataset, {}),
                     fewshot=fewshot_rules.get(dataset, {}),
+                    schema=schema,
                 )
             )
     if not specs:
-        raise CellfeedError("TOML config: no dataset files selected")
+        hint = " (under cell-load's schema only datasets named in [training], [zeroshot] or [fewshot] are loaded)" if cell_load else ""
+        raise CellfeedError(f"TOML config: no dataset files selected{hint}")
     opts = doc.get("dataset_opts", {}) or {}
-    return DatasetLayout(files=specs, dataset_opts=opts)
+    return DatasetLayout(files=specs, dataset_opts=opts, schema=schema, warnings=warnings)
 
 
 def _check_split(split: object, where: str) -> None:

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from cellfeed.server.errors import CellfeedError
-from cellfeed.server.perturbation.config import FileSpec
+from cellfeed.server.perturbation.config import CELL_LOAD, FileSpec
 from cellfeed.server.reading.h5ad import H5ad
 
 SORT_HINT = "rewrite it sorted with `cellfeed preprocess sort` (or POST /v1/jobs with kind \"sort\")"
@@ -52,6 +52,12 @@ class FileLayout:
     batch_names: np.ndarray = field(default_factory=lambda: np.zeros(0, str))  # code -> batch label
     cell_types: set[str] = field(default_factory=set)
     batches: set[str] = field(default_factory=set)
+    # every perturbed target of each cell type, loaded or not (vocabularies, rule checks)
+    targets_by_cell_type: dict[str, set[str]] = field(default_factory=dict)
+
+    @property
+    def targets(self) -> set[str]:
+        return set().union(*self.targets_by_cell_type.values()) if self.targets_by_cell_type else set()
 
 
 def read_layout(
@@ -64,8 +70,14 @@ def read_layout(
     batch_label: str,
     file_index: int,
     batch_prefix: str = "",
+    split_by_batch: bool = False,
 ) -> FileLayout:
-    """Read obs columns, check the sort order, and build groups and control pools."""
+    """Read obs columns, check the sort order, and build groups and control pools.
+
+    A group is one (cell type, target) of the file, or with `split_by_batch` one (cell type,
+    target, batch), so that its items' controls all come from one batch. A group the split rules
+    put in two splits (cell-load's fewshot val and test) appears once per split; one they put in
+    none (cell-load: a cell type of a dataset not trained on) does not appear."""
     n = h5.n_obs
     if n == 0:
         raise CellfeedError(f"{spec.label}: the file has no cells")
@@ -108,6 +120,7 @@ def read_layout(
     row_batches = batch_names[row_batch]
 
     groups: list[Group] = []
+    targets_by_cell_type: dict[str, set[str]] = {}
     control_span = (0, 0)
     stops = np.append(starts[1:], n)
     for start, stop, value in zip(starts.tolist(), stops.tolist(), values.tolist()):
@@ -119,16 +132,24 @@ def read_layout(
             rows = start + np.flatnonzero(run_ct == ct)
             cell_type = str(ct_names[ct]) if ct >= 0 else "nan"
             target = str(target_names[value])
-            groups.append(
-                Group(
-                    file=file_index,
-                    cell_type=cell_type,
-                    target=target,
-                    rows=rows.astype(np.int64),
-                    batches=row_batches[rows],
-                    split=_split_for(spec, cell_type, target),
-                )
-            )
+            targets_by_cell_type.setdefault(cell_type, set()).add(target)
+            if split_by_batch:
+                run_batch = row_batch[rows]
+                parts = [rows[run_batch == b] for b in np.unique(run_batch)]
+            else:
+                parts = [rows]
+            for split in _splits_for(spec, cell_type, target):
+                for part in parts:
+                    groups.append(
+                        Group(
+                            file=file_index,
+                            cell_type=cell_type,
+                            target=target,
+                            rows=part.astype(np.int64),
+                            batches=row_batches[part],
+                            split=split,
+                        )
+                    )
 
     lo, hi = control_span
     ctrl_ct = ct_codes[lo:hi]
@@ -157,18 +178,34 @@ def read_layout(
         batches={str(b) for b in np.unique(row_batches)},
         row_batch=row_batch,
         batch_names=batch_names,
+        targets_by_cell_type=targets_by_cell_type,
     )
 
 
-def _split_for(spec: FileSpec, cell_type: str, target: str) -> str:
-    """fewshot (per target) beats zeroshot (whole cell type) beats the dataset's split."""
+def _splits_for(spec: FileSpec, cell_type: str, target: str) -> tuple[str, ...]:
+    """The splits a (cell type, target) of this file is served in (see perturbation/config.py).
+
+    cell-load: a zeroshot cell type goes whole to its split; else a fewshot cell type's targets go
+    to the splits that list them (both val and test if both do), its other targets to train; else
+    the cell type is trained on if its dataset's [training] value is "train", and dropped if not.
+    Cell types are matched on the obs value only.
+    protoplast: fewshot (per target) beats zeroshot (whole cell type or file) beats train; cell
+    types are matched on the obs value or the file stem."""
+    if spec.schema == CELL_LOAD:
+        if cell_type in spec.zeroshot:
+            return (spec.zeroshot[cell_type],)
+        if cell_type in spec.fewshot:
+            listed = spec.fewshot[cell_type].get(target, ())
+            return (listed,) if isinstance(listed, str) else (tuple(listed) or ("train",))
+        return (spec.split,) if spec.split is not None else ()
     for key in (cell_type, spec.stem):
         if key in spec.fewshot and target in spec.fewshot[key]:
-            return spec.fewshot[key][target]
+            split = spec.fewshot[key][target]
+            return (split,) if isinstance(split, str) else tuple(split)
     for key in (cell_type, spec.stem):
         if key in spec.zeroshot:
-            return spec.zeroshot[key]
-    return spec.split
+            return (spec.zeroshot[key],)
+    return (spec.split or "train",)
 
 
 def _runs(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

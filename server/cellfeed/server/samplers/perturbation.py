@@ -4,12 +4,19 @@ Each epoch (seeded by seed, split and epoch) shuffles cells within every target,
 groups of S (padding only a target's last partial group, with replacement), and shuffles the
 groups across a window of contiguous row blocks so that batches mix targets and cell types while
 every read stays a contiguous slice. Every cell of the split is drawn at least once per epoch.
+
+Training (`once=False`) pads the epoch's last batch by wrapping around to its first items, and
+the batch count to a multiple of the world size the same way. Evaluation (`once=True`: val, test,
+predict) serves every cell exactly once per pass: the last batch holds only the items left, and
+a rank whose share runs out gets batches of one item that is all padding. Each item says how many
+of its S cells are real (`n_real`, the first ones); the others are padding.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -31,6 +38,7 @@ class Block:
 class EpochPlan:
     group: np.ndarray  # [n_items] group index of each item
     rows: np.ndarray  # [n_items, S] file rows of each item's perturbed cells
+    n_real: np.ndarray  # [n_items] how many of the item's rows (the first ones) are not padding
 
 
 @dataclass
@@ -41,6 +49,7 @@ class PerturbationBatch:
     pert_rows: np.ndarray  # [B, S]
     ctrl_rows: np.ndarray  # [B, S]
     global_index: int
+    n_real: np.ndarray  # [B] real cells of each item (its first n_real rows); 0 for a padding item
 
 
 class PerturbationSampler(Sampler):
@@ -58,6 +67,7 @@ class PerturbationSampler(Sampler):
         seed: int,
         stream_key: int,
         match_controls_by_batch: bool,
+        once: bool = False,
     ) -> None:
         self.groups = groups
         self.layouts = layouts
@@ -67,12 +77,13 @@ class PerturbationSampler(Sampler):
         self.seed = seed
         self.stream_key = stream_key
         self.match_controls_by_batch = match_controls_by_batch
+        self.once = once
         self.blocks, self.block_of_group = _blocks(groups, block_size)
         self.groups_of_block: list[list[int]] = [[] for _ in self.blocks]
         for g, b in enumerate(self.block_of_group):
             self.groups_of_block[b].append(g)
         self.num_items = sum(math.ceil(len(g.rows) / group_size) for g in groups)
-        self.pools = _ControlPools(groups, layouts)
+        self.pools = _ControlPools(groups, layouts, by_batch=match_controls_by_batch)
         self._plans: EpochPlans[EpochPlan] = EpochPlans(self._build_plan)
 
     def num_batches(self, world_size: int) -> int:
@@ -84,71 +95,93 @@ class PerturbationSampler(Sampler):
     def batch(self, epoch: int, rank: int, world_size: int, index: int) -> PerturbationBatch:
         plan = self.plan(epoch)
         j = global_batch(index, rank, world_size)
-        items = np.arange(j * self.B, (j + 1) * self.B) % self.num_items  # wrap-around = declared padding
+        if self.once:
+            # every item once: the last batch is short, batches past the end one padding item
+            lo = j * self.B
+            items = np.arange(lo, min(lo + self.B, self.num_items)) if lo < self.num_items else np.zeros(1, np.int64)
+            n_real = plan.n_real[items] if lo < self.num_items else np.zeros(1, np.int64)
+        else:
+            flat = np.arange(j * self.B, (j + 1) * self.B)
+            items = flat % self.num_items  # wrap-around = declared padding
+            n_real = np.where(flat < self.num_items, plan.n_real[items], 0)
         group = plan.group[items]
         pert_rows = plan.rows[items]
         rng = np.random.default_rng([self.seed, self.stream_key, epoch, j, 1])
-        if self.match_controls_by_batch:
-            ctrl_rows = np.stack([self._controls_by_batch(rng, self.groups[g], rows) for g, rows in zip(group, pert_rows)])
-        else:
-            ctrl_rows = self.pools.draw(rng, group, self.S)
-        return PerturbationBatch(group=group, pert_rows=pert_rows, ctrl_rows=ctrl_rows, global_index=j)
+        ctrl_rows = self.pools.draw(rng, group, self.S)
+        return PerturbationBatch(group=group, pert_rows=pert_rows, ctrl_rows=ctrl_rows, global_index=j, n_real=n_real)
 
     def _build_plan(self, epoch: int) -> EpochPlan:
         rng = np.random.default_rng([self.seed, self.stream_key, epoch])
         order = rng.permutation(len(self.blocks))
         item_groups: list[np.ndarray] = []
         item_rows: list[np.ndarray] = []
+        item_real: list[np.ndarray] = []
         S = self.S
         for w in range(0, len(order), self.window_blocks):
             w_groups: list[np.ndarray] = []
             w_rows: list[np.ndarray] = []
+            w_real: list[np.ndarray] = []
             for b in order[w : w + self.window_blocks]:
                 for g in self.groups_of_block[b]:
                     rows = rng.permutation(self.groups[g].rows)
-                    short = (-len(rows)) % S
+                    n = len(rows)
+                    short = (-n) % S
                     if short:
                         rows = np.concatenate([rows, rng.choice(self.groups[g].rows, short, replace=True)])
                     chunks = rows.reshape(-1, S)
+                    real = np.full(len(chunks), S, dtype=np.int64)
+                    real[-1] = n - (len(chunks) - 1) * S
                     w_rows.append(chunks)
                     w_groups.append(np.full(len(chunks), g, dtype=np.int32))
+                    w_real.append(real)
             if not w_rows:
                 continue
             perm = rng.permutation(sum(len(c) for c in w_rows))
             item_rows.append(np.concatenate(w_rows)[perm])
             item_groups.append(np.concatenate(w_groups)[perm])
+            item_real.append(np.concatenate(w_real)[perm])
         if not item_rows:
-            return EpochPlan(group=np.zeros(0, np.int32), rows=np.zeros((0, S), np.int64))
-        return EpochPlan(group=np.concatenate(item_groups), rows=np.concatenate(item_rows))
+            return EpochPlan(group=np.zeros(0, np.int32), rows=np.zeros((0, S), np.int64), n_real=np.zeros(0, np.int64))
+        return EpochPlan(group=np.concatenate(item_groups), rows=np.concatenate(item_rows), n_real=np.concatenate(item_real))
 
-    def _controls_by_batch(self, rng: np.random.Generator, group: Group, pert_rows: np.ndarray) -> np.ndarray:
-        """S control rows from the same file, cell type and batch (the cell type alone when the
-        batch has too few)."""
-        layout = self.layouts[group.file]
-        pool = layout.control_rows[group.cell_type]
-        out = np.empty(self.S, dtype=np.int64)
-        local = np.searchsorted(group.rows, pert_rows)
-        cell_batches = group.batches[local]
-        for b in np.unique(cell_batches):
-            where = np.flatnonzero(cell_batches == b)
-            same = layout.control_rows_by_batch.get((group.cell_type, str(b)))
-            source = same if same is not None and len(same) >= len(where) else pool
-            out[where] = _draw(rng, source, len(where))
-        return out
+    def control_fallbacks(self) -> dict[str, Any]:
+        """Under batch matching: the groups whose batch has no controls of their cell type, so
+        that their controls come from the whole cell type (file and cell type) instead."""
+        fallback = self.pools.fallback
+        return {
+            "groups": int(fallback.sum()),
+            "cells": int(sum(len(self.groups[g].rows) for g in np.flatnonzero(fallback))),
+            "batches": sorted({f"{self.groups[g].cell_type}/{self.groups[g].batches[0]}" for g in np.flatnonzero(fallback)}),
+        }
 
 
 class _ControlPools:
-    """The control rows of every (file, cell type), concatenated, for vectorised draws."""
+    """The control rows of every pool, concatenated, for vectorised draws.
 
-    def __init__(self, groups: list[Group], layouts: list[FileLayout]) -> None:
-        keys: dict[tuple[int, str], int] = {}
+    A group's pool is its file and cell type's controls; with `by_batch` (every group then lies
+    in one batch) the controls of its file, cell type and batch, or the cell type's when that
+    batch has none (`fallback`)."""
+
+    def __init__(self, groups: list[Group], layouts: list[FileLayout], *, by_batch: bool = False) -> None:
+        keys: dict[tuple, int] = {}
         arrays: list[np.ndarray] = []
         self.pool_of_group = np.zeros(len(groups), dtype=np.int64)
+        self.fallback = np.zeros(len(groups), dtype=bool)
         for g, group in enumerate(groups):
-            key = (group.file, group.cell_type)
+            layout = layouts[group.file]
+            key: tuple = (group.file, group.cell_type)
+            rows = None
+            if by_batch:
+                batch = str(group.batches[0])
+                rows = layout.control_rows_by_batch.get((group.cell_type, batch))
+                if rows is not None and len(rows):
+                    key = (group.file, group.cell_type, batch)
+                else:
+                    rows = None
+                    self.fallback[g] = True
             if key not in keys:
                 keys[key] = len(arrays)
-                arrays.append(layouts[group.file].control_rows[group.cell_type])
+                arrays.append(rows if rows is not None else layout.control_rows[group.cell_type])
             self.pool_of_group[g] = keys[key]
         self.pools = arrays
         self.size = np.array([len(a) for a in arrays], dtype=np.int64)

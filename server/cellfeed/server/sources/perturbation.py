@@ -15,7 +15,7 @@ import pyarrow as pa
 
 from cellfeed.server.context import ServerContext
 from cellfeed.server.errors import CellfeedError
-from cellfeed.server.perturbation.config import SPLITS, PerturbationConfig, resolve_files
+from cellfeed.server.perturbation.config import CELL_LOAD, SPLITS, PerturbationConfig, resolve_files
 from cellfeed.server.perturbation.embeddings import load_embeddings
 from cellfeed.server.perturbation.layout import FileLayout, read_layout
 from cellfeed.server.reading.blocks import CSRBlock
@@ -35,21 +35,34 @@ _DATASET_OPTS = {
     "batch_label": "batch_label",
     "n_basal_samples": "group_size_S",
     "group_size_S": "group_size_S",
+    "use_batches": "match_controls_by_batch",
 }
 
 
 class PerturbationSource(Source):
     kind = "perturbation"
 
-    def __init__(self, config: PerturbationConfig, layouts: list[FileLayout], ctx: ServerContext) -> None:
+    def __init__(
+        self,
+        config: PerturbationConfig,
+        layouts: list[FileLayout],
+        ctx: ServerContext,
+        *,
+        toml_schema: str | None = None,
+        warnings: list[str] | None = None,
+        unknown_rules: list[dict[str, str]] | None = None,
+    ) -> None:
         self.config = config
         self.layouts = layouts
         self.ctx = ctx
+        self.toml_schema = toml_schema
+        self.warnings = list(warnings or [])
+        self.unknown_rules = list(unknown_rules or [])
         self.var_names = layouts[0].h5.var_names()
         self.index_type = codec.index_type(len(self.var_names))
         self.cell_types = sorted(set().union(*(l.cell_types for l in layouts)))
         self.batches = sorted(set().union(*(l.batches for l in layouts)))
-        targets = sorted({g.target for l in layouts for g in l.groups} | {config.control_label})
+        targets = sorted(set().union(*(l.targets for l in layouts)) | {config.control_label})
         self.targets = targets
         self._target_code = {t: i for i, t in enumerate(targets)}
         self._cell_type_code = {c: i for i, c in enumerate(self.cell_types)}
@@ -75,6 +88,7 @@ class PerturbationSource(Source):
                 seed=config.seed,
                 stream_key=k,
                 match_controls_by_batch=config.match_controls_by_batch,
+                once=split != "train",
             )
             for k, split in enumerate(SPLITS)
         }
@@ -105,6 +119,7 @@ class PerturbationSource(Source):
         cfg = PerturbationConfig.parse(config)
         files = resolve_files(cfg, ctx.data_root)
         updates = {_DATASET_OPTS[k]: v for k, v in files.dataset_opts.items() if k in _DATASET_OPTS}
+        warnings = list(files.warnings)
         if updates:
             cfg = PerturbationConfig.parse({**cfg.model_dump(), **updates})
         layouts = []
@@ -120,11 +135,19 @@ class PerturbationSource(Source):
                     batch_label=cfg.batch_label,
                     file_index=i,
                     batch_prefix=f"{spec.stem}:" if cfg.prefix_batches_with_file else "",
+                    split_by_batch=cfg.match_controls_by_batch,
                 )
             )
         _check_same_genes(layouts)
-        _check_rules(layouts)
-        return cls(cfg, layouts, ctx)
+        unknown = _check_rules(layouts)
+        for rule in unknown:
+            warnings.append(
+                f"[{rule['table']}] {rule['key']!r}: {rule['kind']} {rule['name']!r} is not in the files of dataset "
+                f"{rule['dataset']!r}; accepted as cell-load does (it selects no cells)"
+            )
+        for warning in warnings:
+            log.warning("perturbation session: %s", warning)
+        return cls(cfg, layouts, ctx, toml_schema=files.schema, warnings=warnings, unknown_rules=unknown)
 
     def info(self) -> dict[str, Any]:
         return {
@@ -142,7 +165,21 @@ class PerturbationSource(Source):
             "barcodes": self.config.barcodes,
             "controls": "table" if self.controls_by_row else "inline",
             "files": [l.spec.label for l in self.layouts],
-            "splits": {s: {"items": self.samplers[s].num_items, "groups": len(self.samplers[s].groups)} for s in SPLITS},
+            "splits": {
+                s: {
+                    "items": self.samplers[s].num_items,
+                    "groups": len(self.samplers[s].groups),
+                    "cells": int(sum(len(g.rows) for g in self.samplers[s].groups)),
+                }
+                for s in SPLITS
+            },
+            "toml_schema": self.toml_schema,
+            "match_controls_by_batch": self.config.match_controls_by_batch,
+            "control_fallbacks": (
+                {s: self.samplers[s].control_fallbacks() for s in SPLITS} if self.config.match_controls_by_batch else None
+            ),
+            "unknown_rules": self.unknown_rules,
+            "warnings": self.warnings,
         }
 
     def tables(self) -> dict[str, pa.Table]:
@@ -174,6 +211,7 @@ class PerturbationSource(Source):
         order = np.argsort(blocks, kind="stable")  # items of one block together: one gather per block
         group, pert_rows, ctrl_rows, blocks = planned.group[order], planned.pert_rows[order], planned.ctrl_rows[order], blocks[order]
         S = self.config.group_size_S
+        cell_mask = (np.arange(S)[None, :] < planned.n_real[order][:, None]).ravel()
         files, target_codes, ct_codes = self._group_codes[split][group].T
 
         pert_pieces = []
@@ -196,6 +234,7 @@ class PerturbationSource(Source):
         columns["target"] = pa.DictionaryArray.from_arrays(np.repeat(target_codes.astype(np.int32), S), self._target_dict)
         columns["cell_type"] = pa.DictionaryArray.from_arrays(np.repeat(ct_codes.astype(np.int32), S), self._cell_type_dict)
         columns["batch"] = pa.DictionaryArray.from_arrays(self._row_batch_code[global_rows], self._batch_dict)
+        columns["cell_mask"] = pa.array(cell_mask, pa.bool_())
         if self._barcodes is not None:
             ctrl_global_rows = (self._row_offset[files][:, None] + ctrl_rows).ravel()
             columns["pert_barcode"] = pa.array(self._barcodes[global_rows], pa.string())
@@ -240,6 +279,7 @@ class PerturbationSource(Source):
             pa.field("target", pa.dictionary(pa.int32(), pa.string()), nullable=False),
             pa.field("cell_type", pa.dictionary(pa.int32(), pa.string()), nullable=False),
             pa.field("batch", pa.dictionary(pa.int32(), pa.string()), nullable=False),
+            pa.field("cell_mask", pa.bool_(), nullable=False),
         ]
         if self.config.barcodes:
             fields += [pa.field("pert_barcode", pa.string(), nullable=False), pa.field("ctrl_barcode", pa.string(), nullable=False)]
@@ -258,17 +298,54 @@ def _check_same_genes(layouts: list[FileLayout]) -> None:
             )
 
 
-def _check_rules(layouts: list[FileLayout]) -> None:
-    """Every zeroshot/fewshot key must name a cell type (or file stem) of its dataset."""
-    seen: dict[str, set[str]] = {}
+def _check_rules(layouts: list[FileLayout]) -> list[dict[str, str]]:
+    """The zeroshot/fewshot rules that name a cell type (or, under protoplast's schema, file stem)
+    or a fewshot target absent from their dataset's files.
+
+    protoplast's schema: an unknown cell type or target is refused. cell-load's: accepted (cell-load
+    selects no cells for it), and returned, to be warned about and listed in the session info."""
+    cell_types: dict[str, set[str]] = {}
+    stems: dict[str, set[str]] = {}
+    targets: dict[tuple[str, str], set[str]] = {}
     for layout in layouts:
-        seen.setdefault(layout.spec.dataset, set()).update(layout.cell_types | {layout.spec.stem})
+        dataset = layout.spec.dataset
+        cell_types.setdefault(dataset, set()).update(layout.cell_types)
+        stems.setdefault(dataset, set()).add(layout.spec.stem)
+        for ct, names in layout.targets_by_cell_type.items():
+            targets.setdefault((dataset, ct), set()).update(names)
+        targets.setdefault((dataset, layout.spec.stem), set()).update(layout.targets)
+    unknown: list[dict[str, str]] = []
+    seen_rules: set[tuple] = set()
     for layout in layouts:
-        for table, rules in (("zeroshot", layout.spec.zeroshot), ("fewshot", layout.spec.fewshot)):
+        spec = layout.spec
+        dataset = spec.dataset
+        strict = spec.schema != CELL_LOAD
+        known = cell_types[dataset] | (stems[dataset] if strict else set())
+        for table, rules in (("zeroshot", spec.zeroshot), ("fewshot", spec.fewshot)):
             for celltype in rules:
-                if celltype not in seen[layout.spec.dataset]:
-                    known = ", ".join(sorted(seen[layout.spec.dataset]))
-                    raise CellfeedError(
-                        f"TOML config: [{table}] key {layout.spec.dataset + '.' + celltype!r} names no cell type or "
-                        f"file of dataset {layout.spec.dataset!r} (have: {known})"
-                    )
+                key = f"{dataset}.{celltype}"
+                if celltype not in known:
+                    if strict:
+                        raise CellfeedError(
+                            f"TOML config: [{table}] key {key!r} names no cell type or "
+                            f"file of dataset {dataset!r} (have: {', '.join(sorted(known))})"
+                        )
+                    rule = {"table": table, "key": key, "dataset": dataset, "kind": "cell type", "name": celltype}
+                    if (table, key, celltype) not in seen_rules:
+                        seen_rules.add((table, key, celltype))
+                        unknown.append(rule)
+                    continue
+                if table != "fewshot":
+                    continue
+                have = targets.get((dataset, celltype), set())
+                for target in rules[celltype]:
+                    if target in have or (table, key, target) in seen_rules:
+                        continue
+                    if strict:
+                        raise CellfeedError(
+                            f"TOML config: [fewshot.{key!r}] lists target {target!r}, which no perturbed cell of "
+                            f"{key!r} has (its targets: {', '.join(sorted(have)) or 'none'})"
+                        )
+                    seen_rules.add((table, key, target))
+                    unknown.append({"table": table, "key": key, "dataset": dataset, "kind": "target", "name": target})
+    return unknown
