@@ -90,3 +90,26 @@ def test_no_token_on_every_interface_is_warned_about(tmp_path):
     finally:
         proc.kill()
         proc.wait(timeout=30)
+
+
+def test_json_logs_are_one_object_a_line(tmp_path):
+    import json
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cellfeed.server.cli", "serve", "--data-root", str(tmp_path), "--flight-port", "0", "--http-port", "0", "--log-format", "json"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        for line in proc.stderr:
+            record = json.loads(line)  # every line, the third-party ones too
+            assert set(record) >= {"time", "level", "logger", "message"}
+            if record["message"].startswith("cellfeed serving"):
+                assert record["level"] == "INFO" and record["logger"] == "cellfeed"
+                assert record["time"].endswith("+00:00")
+                break
+        else:
+            raise AssertionError("the server never logged that it serves")
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)

@@ -3,12 +3,32 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+from datetime import datetime, timezone
 import sys
 from importlib.metadata import PackageNotFoundError, version
 
 from cellfeed.server.settings import Settings
 from cellfeed.wire.malloc import reuse_freed_memory
+
+
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line: ISO 8601 UTC time, level, logger, message (and the traceback)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = {
+            "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line)
 
 
 def _serve_parser(sub: argparse._SubParsersAction) -> None:
@@ -23,7 +43,8 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tls-cert", help="PEM certificate: serve Flight over TLS [CELLFEED_TLS_CERT]")
     p.add_argument("--tls-key", help="PEM private key for --tls-cert [CELLFEED_TLS_KEY]")
     p.add_argument("--cache-bytes", type=int, help="bytes of decoded row blocks kept [CELLFEED_CACHE_BYTES, 1 GiB]")
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR [INFO]")
+    p.add_argument("--log-format", choices=("text", "json"), default="text", help="json: one JSON object a line, for log collectors [text]")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,7 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     _serve_parser(sub)
     sub.add_parser("preprocess", help="h5ad -> training-ready parquet; `cellfeed preprocess --help`")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=getattr(args, "log_level", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter() if getattr(args, "log_format", "text") == "json" else logging.Formatter(TEXT_FORMAT))
+    logging.basicConfig(level=getattr(args, "log_level", "INFO").upper(), handlers=[handler])
     reuse_freed_memory()  # before pyarrow.flight starts threads: their malloc arenas must be the one heap
     try:
         from cellfeed.server.errors import StartupError
@@ -46,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     except ModuleNotFoundError as exc:
         print(f"cellfeed serve: {exc.name!r} is not installed; the server needs `pip install 'cellfeed[server]'`", file=sys.stderr)
         return 2
-    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "log_level")}
+    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "log_level", "log_format")}
     try:
         serve(Settings.from_env(**overrides))
     except StartupError as exc:
