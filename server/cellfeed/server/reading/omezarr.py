@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -220,7 +221,7 @@ def _check_array(array_dir: Path, zarr_format: int, where: str) -> None:
     try:
         store = ts.open(spec, read=True, context=_CHECK_CONTEXT).result()
     except Exception as exc:  # tensorstore raises ValueError for every kind of open failure
-        raise CellfeedError(f"{where}: cannot be read as a zarr v{zarr_format} array ({exc})") from None
+        raise CellfeedError(f"{where}: cannot be read as a zarr v{zarr_format} array ({_ts_message(exc)})") from None
     dtype = store.dtype.name
     if not dtype.startswith(_NUMERIC):
         raise CellfeedError(f"{where}: data type {dtype} is not supported (expected bool, integer or floating point)")
@@ -232,6 +233,11 @@ def _check_array(array_dir: Path, zarr_format: int, where: str) -> None:
 
 
 _CHECK_CONTEXT = ts.Context({"cache_pool": {"total_bytes_limit": 0}})
+
+
+def _ts_message(exc: Exception) -> str:
+    """A tensorstore error without the spec it appends (the path is in our message already)."""
+    return re.sub(r"\s*\[tensorstore_spec=.*\]\s*$", "", str(exc), flags=re.S)
 
 
 def _has_chunk(array_dir: Path) -> bool:
@@ -355,7 +361,7 @@ class ImageReader:
         try:
             store = ts.open(spec, context=self.context, read=True).result()
         except Exception as exc:  # tensorstore raises ValueError for every kind of open failure
-            raise CellfeedError(f"{fov.plate.name}/{fov.name}/{fov.array}: cannot be opened ({exc})") from None
+            raise CellfeedError(f"{fov.plate.name}/{fov.name}/{fov.array}: cannot be opened ({_ts_message(exc)})") from None
         if fov.axes != AXES:  # a length-1 axis in place of each one the array lacks: always TCZYX
             store = store[tuple(slice(None) if a in fov.axes else ts.newaxis for a in AXES)]
         with self._lock:
