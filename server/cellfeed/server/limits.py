@@ -2,8 +2,9 @@
 
 - JSON bodies and session configs: at most MAX_JSON_BYTES, nested at most MAX_JSON_DEPTH deep
   (a deeper document would hit Python's recursion limit while being parsed).
-- Batches: at most Settings.max_batch_size rows (cells, groups or patches) per batch, checked
-  when a session opens, before anything is allocated.
+- Batches: at most Settings.max_batch_size (CELLFEED_MAX_BATCH_SIZE, 65,536) rows (cells,
+  groups or patches) per batch, and groups x cells at most 16 times that, checked when a session
+  opens, before anything is allocated.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 from cellfeed.server.errors import CellfeedError
 
 MAX_JSON_BYTES = 1 << 20
+CELLS_PER_ROW_CAP = 16  # groups x cells per batch: at most this many times the batch cap
 MAX_JSON_DEPTH = 32
 _STRINGS = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
 
@@ -72,7 +74,7 @@ def check_batch_size(config: dict[str, Any], cap: int, where: str) -> None:
         if isinstance(value, float) and value.is_integer():
             value = int(value)
         if isinstance(value, int) and value > cap:
-            raise CellfeedError(f"{where}: {key}={value:,} is more than this server serves in one batch (at most {cap:,}; --max-batch-size)")
+            raise CellfeedError(f"{where}: {key}={value:,} is more than this server serves in one batch (at most {cap:,}; the server's CELLFEED_MAX_BATCH_SIZE)")
     batch, group = config.get("batch_size"), config.get("group_size_S")
-    if isinstance(batch, int) and isinstance(group, int) and not isinstance(batch, bool) and batch * group > cap * 64:
-        raise CellfeedError(f"{where}: batch_size x group_size_S = {batch * group:,} cells per batch; at most {cap * 64:,}")
+    if isinstance(batch, int) and isinstance(group, int) and not isinstance(batch, bool) and batch * group > cap * CELLS_PER_ROW_CAP:
+        raise CellfeedError(f"{where}: batch_size x group_size_S = {batch * group:,} cells per batch; at most {cap * CELLS_PER_ROW_CAP:,}")

@@ -71,11 +71,12 @@ class DataRoot:
         text = check_name(name, what)
         raw = Path(text)
         candidate = raw if raw.is_absolute() else self.path / raw
-        resolved = self._realpath(candidate, text)
+        shown = _short(self.relative_unresolved(raw) if self.inside(Path(os.path.normpath(candidate))) else text)
+        resolved = self._realpath(candidate, shown)
         if not self.inside(resolved):
-            raise CellfeedError(f"{what} {_short(text)!r} is outside the server's data root")
+            raise CellfeedError(f"{what} {shown!r} is outside the server's data root")
         if must_exist and not resolved.exists():
-            raise CellfeedError(f"file not found: {_short(text)!r} (looked in the data root at {self.relative(resolved)!r})")
+            raise CellfeedError(f"file not found: {shown!r} (looked in the data root at {self.relative(resolved)!r})")
         return resolved
 
     # paths the server found ------------------------------------------------------------------

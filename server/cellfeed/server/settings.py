@@ -21,6 +21,7 @@ class Settings:
     tls_cert: str | None = None
     tls_key: str | None = None
     cache_bytes: int = 1 << 30  # decoded rows kept between batches, across sessions
+    max_batch_size: int = 1 << 16  # rows (cells, groups, patches) one batch may ask for
 
     @classmethod
     def from_env(cls, **overrides: object) -> "Settings":

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from cellfeed.server.context import ServerContext
-from cellfeed.server.errors import NotFound
+from cellfeed.server.errors import CellfeedError, NotFound
+from cellfeed.server.limits import MAX_JSON_DEPTH, check_batch_size, object_depth
 from cellfeed.server.reading.handles import Version, version_of
 from cellfeed.server.sources import source_class
 from cellfeed.server.sources.base import Source
@@ -79,7 +80,13 @@ class SessionRegistry:
 
         When a file changed since the config's session opened (a job rewrote it), a new session
         opens under a new id; the old one keeps serving its streams from the old version.
+        A config nested too deep or asking for a batch over the server's cap is refused first.
         """
+        if not isinstance(config, dict):
+            raise CellfeedError(f"{kind} config must be a JSON object, got {type(config).__name__}")
+        if object_depth(config) > MAX_JSON_DEPTH:
+            raise CellfeedError(f"{kind} config: nested more than {MAX_JSON_DEPTH} levels deep")
+        check_batch_size(config, self.ctx.settings.max_batch_size, f"{kind} config")
         key = session_id(kind, config)
         with self._lock:
             latest = self._latest.get(key)
