@@ -1,0 +1,543 @@
+"""cell-load 0.10.4's `PerturbationDataModule`, fed by a cellfeed server.
+
+A cell-load user changes one import and adds `server=`:
+
+    from cellfeed.client.cell_load.data_modules import PerturbationDataModule
+    dm = PerturbationDataModule(toml_config_path="exp.toml", server="grpc://feeder:8815", ...)
+
+The constructor takes cell-load's arguments, names and defaults. It is built on cellfeed's own
+perturbation client (`cellfeed.client.perturbation.PerturbationDataModule`): the arguments are
+mapped onto that session config, and each decoded batch is turned into the batch that cell-load's
+`PerturbationDataset.collate_fn` gives, flat over the batch's `batch_size * cell_sentence_len`
+cells:
+
+| key | cell-load | here |
+|---|---|---|
+| `pert_cell_emb`, `ctrl_cell_emb` | float32 [B*S, G] dense X rows | same |
+| `pert_emb` | float32 [B*S, D] (one-hot or `perturbation_features_file`) | same |
+| `cell_type_onehot`, `batch` | float32 [B*S, C] / [B*S, NB] one-hots | same |
+| `pert_name`, `cell_type`, `batch_name`, `dataset_name` | list[str] of B*S | same |
+| `pert_cell_barcode`, `ctrl_cell_barcode` | list[str] (barcode=True) | same |
+
+`test_dataloader()` / `predict_dataloader()` give one unpadded sentence per batch, as cell-load
+does (batch size 1, no padding); train and val give B padded sentences.
+
+Arguments that need what the server cannot do yet are refused with a message naming them
+(docs/cell-load.md lists each, and the server change it needs); arguments that have no effect in
+cell-load either (with what is supported) are accepted.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tomllib
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+
+from cellfeed.client.connection import Connection, Session
+from cellfeed.client.loader import RemoteLoader
+from cellfeed.client.perturbation import PerturbationDataModule as _CellfeedPerturbationDataModule
+from cellfeed.wire import codec
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SERVER = "grpc://127.0.0.1:8815"
+
+# cell-load's **kwargs that it reads (perturbation_dataloader.py), with their defaults
+_CELL_LOAD_KWARGS = {
+    "perturbation_features_file": None,
+    "barcode": False,
+    "store_raw_basal": False,
+    "exp_counts": False,
+    "map_controls": True,
+    "normalize_counts": False,
+}
+
+_SERVER_CHANGE = "not supported by cellfeed yet"
+
+
+class NotSupportedYet(ValueError):
+    """A cell-load argument whose behaviour the cellfeed server does not offer yet."""
+
+
+def _refuse(argument: str, value: Any, why: str, instead: str) -> NotSupportedYet:
+    return NotSupportedYet(f"{argument}={value!r} is {_SERVER_CHANGE}: {why}. {instead}")
+
+
+def _loaded_datasets(toml_text: str, path: str) -> list[str]:
+    """The datasets cell-load loads: those named in [training], [zeroshot] or [fewshot]."""
+    try:
+        doc = tomllib.loads(toml_text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{path}: invalid TOML: {exc}") from None
+    names = set((doc.get("training") or {}).keys())
+    for table in ("zeroshot", "fewshot"):
+        names |= {str(key).split(".")[0] for key in (doc.get(table) or {})}
+    return sorted(names)
+
+
+class _Stream(_CellfeedPerturbationDataModule):
+    """cellfeed's perturbation module whose decoder gives cell-load's flat batches.
+
+    Built on the protoplast-format decoder of the parent (its documented output), so the wire
+    handling (controls table, shared memory, CSR checks) stays in one place."""
+
+    dataset_name: str = ""
+
+    def on_session(self, session: Session) -> None:
+        super().on_session(session)
+        self.decoder = CellLoadBatchDecoder(self.decoder, session.info, self.dataset_name)
+
+
+class CellLoadBatchDecoder:
+    """protoplast-format batch dict (cellfeed's decoder) -> cell-load's collated batch, plus
+    `cell_mask` [B*S] (True: a real cell of the pass; False: padding), which the loaders take off."""
+
+    def __init__(self, inner: Any, info: dict[str, Any], dataset_name: str) -> None:
+        self.inner = inner
+        self.S = int(info["group_size_S"])
+        self.G = int(info["n_vars"])
+        self.batches = np.asarray(info["batches"], dtype=object)
+        self.dataset_name = dataset_name
+
+    def __call__(self, rb: Any) -> dict[str, Any]:
+        d = self.inner(rb)
+        S, G = self.S, self.G
+        B = len(d["pert_name"])
+        n = B * S
+        batch_onehot = d["batch_onehot"].reshape(n, -1)
+        out: dict[str, Any] = {
+            "pert_cell_emb": self._dense(d["pert_cell_emb"], n, G),
+            "ctrl_cell_emb": self._dense(d["ctrl_cell_emb"], n, G),
+            "pert_emb": torch.from_numpy(np.repeat(d["pert_emb"].numpy(), S, axis=0)),
+            "pert_name": np.repeat(d["pert_name"], S).tolist(),
+            "cell_type": np.repeat(d["cell_type"], S).tolist(),
+            "cell_type_onehot": d["cell_type_onehot"].reshape(n, -1),
+            "batch": batch_onehot,
+            "batch_name": self.batches[batch_onehot.numpy().argmax(axis=1)].astype(str).tolist(),
+            "dataset_name": [self.dataset_name] * n,
+            "cell_mask": d["cell_mask"].reshape(n),
+        }
+        if "pert_cell_barcode" in d:
+            out["pert_cell_barcode"] = d["pert_cell_barcode"].reshape(n).tolist()
+            out["ctrl_cell_barcode"] = d["ctrl_cell_barcode"].reshape(n).tolist()
+        return out
+
+    @staticmethod
+    def _dense(coo: torch.Tensor, n: int, G: int) -> torch.Tensor:
+        """[B, S, G] sparse COO (uncoalesced, no duplicates) -> dense float32 [B*S, G], in numpy
+        (one pass; torch's intra-op threads would compete with the server on small hosts)."""
+        idx = coo._indices().numpy()
+        S = coo.shape[1]
+        flat = (idx[0] * S + idx[1]) * G + idx[2]
+        dense = np.zeros(n * G, dtype=np.float32)
+        dense[flat] = coo._values().numpy()
+        return torch.from_numpy(dense.reshape(n, G))
+
+
+class CellLoadLoader:
+    """A split's RemoteLoader seen as cell-load's DataLoader.
+
+    `sentences=False` (train, val): B sentences of S cells a batch, as sent (padding included:
+    cell-load pads short sentences by resampling too). `sentences=True` (test, predict): one
+    sentence a batch with its padding removed, as cell-load's batch-size-1 test loader."""
+
+    def __init__(
+        self, inner: RemoteLoader, *, batch_size: int, num_workers: int, group_size: int, sentences: bool, n_sentences: int | None = None
+    ) -> None:
+        self.inner = inner
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.group_size = group_size
+        self.sentences = sentences
+        self._n_sentences = n_sentences
+        self.drop_last = False
+
+    # what Lightning and STATE read of a DataLoader
+    @property
+    def sampler(self) -> Any:
+        return self.inner.sampler
+
+    @property
+    def batch_sampler(self) -> None:
+        return None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.inner.set_epoch(epoch)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.inner.load_state_dict(state)
+
+    def __len__(self) -> int:
+        if not self.sentences:
+            return len(self.inner)
+        if self._n_sentences is None:
+            raise TypeError("the number of test sentences per rank is known only after a pass (world_size > 1)")
+        return self._n_sentences
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for batch in self.inner:
+            mask = batch.pop("cell_mask")
+            if not self.sentences:
+                yield batch
+                continue
+            yield from sentences(batch, mask.numpy(), self.group_size)
+
+
+def sentences(batch: dict[str, Any], mask: np.ndarray, S: int) -> Iterator[dict[str, Any]]:
+    """One batch dict per item (S rows) of a flat batch, its real cells only; all-padding items skipped."""
+    for b in range(len(mask) // S):
+        keep = np.flatnonzero(mask[b * S : (b + 1) * S]) + b * S
+        if not len(keep):
+            continue
+        rows = torch.from_numpy(keep)
+        picked = keep.tolist()
+        yield {
+            key: value.index_select(0, rows) if torch.is_tensor(value) else [value[i] for i in picked]
+            for key, value in batch.items()
+        }
+
+
+
+class PerturbationDataModule(pl.LightningDataModule):
+    """cell-load 0.10.4's PerturbationDataModule (its arguments, names and defaults) fed by cellfeed.
+
+    Extra arguments: `server` (default: env CELLFEED_SERVER, else grpc://127.0.0.1:8815) and
+    `token` (default: env CELLFEED_TOKEN). Paths inside the TOML and `perturbation_features_file`
+    are the server's, inside its data root; the TOML file itself is read here and sent.
+    `num_workers` is the number of parallel Flight streams (0 counts as 1).
+    """
+
+    def __init__(
+        self,
+        toml_config_path: str,
+        batch_size: int = 128,
+        num_workers: int = 8,
+        random_seed: int = 42,
+        pert_col: str = "gene",
+        batch_col: str = "gem_group",
+        cell_type_key: str = "cell_type",
+        control_pert: str = "non-targeting",
+        embed_key: Literal["X_hvg", "X_state"] | None = None,
+        output_space: Literal["gene", "all", "embedding"] = "gene",
+        downsample: float | None = None,
+        downsample_cells: int | None = None,
+        is_log1p: bool = True,
+        basal_mapping_strategy: Literal["batch", "random"] = "random",
+        n_basal_samples: int = 1,
+        should_yield_control_cells: bool = True,
+        cell_sentence_len: int = 512,
+        cache_perturbation_control_pairs: bool = False,
+        drop_last: bool = False,
+        val_subsample_fraction: float | None = None,
+        additional_obs: list[str] | None = None,
+        use_consecutive_loading: bool = False,
+        h5_open_kwargs: dict | None = None,
+        server: str | None = None,
+        token: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__()
+        self.toml_config_path = toml_config_path
+        self.batch_size = int(batch_size)
+        self.num_workers = int(num_workers)
+        self.random_seed = random_seed
+        self.pert_col = pert_col
+        self.batch_col = batch_col
+        self.cell_type_key = cell_type_key
+        self.control_pert = control_pert
+        self.embed_key = embed_key
+        self.output_space = output_space
+        self.downsample = downsample
+        self.downsample_cells = downsample_cells
+        self.is_log1p = bool(is_log1p)
+        self.basal_mapping_strategy = basal_mapping_strategy
+        self.n_basal_samples = n_basal_samples
+        self.should_yield_control_cells = should_yield_control_cells
+        self.cell_sentence_len = int(cell_sentence_len)
+        self.cache_perturbation_control_pairs = cache_perturbation_control_pairs
+        self.drop_last = drop_last
+        self.val_subsample_fraction = val_subsample_fraction
+        self.additional_obs = additional_obs
+        self.use_consecutive_loading = use_consecutive_loading
+        self.h5_open_kwargs = h5_open_kwargs
+        self.server = server or os.environ.get("CELLFEED_SERVER") or DEFAULT_SERVER
+        token = token if token is not None else os.environ.get("CELLFEED_TOKEN")
+        opts = {k: kwargs.pop(k, default) for k, default in _CELL_LOAD_KWARGS.items()}
+        self.perturbation_features_file = opts["perturbation_features_file"]
+        self.barcode = bool(opts["barcode"])
+        self.store_raw_basal = bool(opts["store_raw_basal"])
+        self.exp_counts = bool(opts["exp_counts"])
+        self.map_controls = opts["map_controls"]
+        self.normalize_counts = opts["normalize_counts"]
+        # keys cell-load takes in **kwargs and never reads (STATE passes pert_rep, basal_rep, ...)
+        self.ignored_kwargs = sorted(kwargs)
+        if kwargs:
+            warnings.warn(
+                f"PerturbationDataModule: {', '.join(self.ignored_kwargs)} ha{'s' if len(kwargs) == 1 else 've'} no effect "
+                "(cell-load does not read them either; listed in dm.ignored_kwargs)",
+                stacklevel=2,
+            )
+        self._check_supported()
+        text = Path(toml_config_path).read_text()
+        datasets = _loaded_datasets(text, toml_config_path)
+        if len(datasets) > 1:
+            raise NotSupportedYet(
+                f"{toml_config_path}: the TOML loads {len(datasets)} datasets ({', '.join(datasets)}); cellfeed's perturbation "
+                "stream does not say which dataset each cell comes from yet, so `dataset_name` cannot be filled. "
+                "Load one dataset per DataModule for now (docs/cell-load.md)"
+            )
+        self._stream = _Stream(
+            config_path=toml_config_path,
+            pert_embedding_file=self.perturbation_features_file,
+            num_workers=max(1, self.num_workers),
+            cell_type_label=cell_type_key,
+            target_label=pert_col,
+            control_label=control_pert,
+            batch_label=batch_col,
+            group_size_S=self.cell_sentence_len,
+            barcodes=self.barcode,
+            batch_size=self.batch_size,
+            server=self.server,
+            token=token,
+            seed=int(random_seed),
+            basal_mapping_strategy=basal_mapping_strategy,
+            toml_schema="cell-load",
+        )
+        self._stream.dataset_name = datasets[0] if datasets else ""
+        self._shared: set[str] | None = None
+
+    def _check_supported(self) -> None:
+        """Refuse what the server cannot do yet (each names the argument), accept what has no effect."""
+        if self.basal_mapping_strategy not in ("random", "batch"):
+            raise ValueError(f"basal_mapping_strategy={self.basal_mapping_strategy!r}: use 'random' or 'batch' (as cell-load)")
+        if self.output_space not in ("gene", "all", "embedding"):
+            raise ValueError(f"output_space must be one of 'gene', 'all', or 'embedding'; got {self.output_space!r}")
+        if self.embed_key:
+            raise _refuse(
+                "embed_key", self.embed_key, "the server streams X rows, not obsm matrices",
+                "Use embed_key=None (cells as X rows), or write the embedding into X of a copy of the files",
+            )
+        if self.should_yield_control_cells:
+            raise _refuse(
+                "should_yield_control_cells", True,
+                "cellfeed serves control cells only as the matched controls of perturbed cells, not as items of their own",
+                "Pass should_yield_control_cells=False (in STATE: data.kwargs.should_yield_control_cells=false)",
+            )
+        if self.downsample not in (None, 1.0) and self.output_space == "all":
+            raise _refuse("downsample", self.downsample, "the server does not downsample counts", "Use downsample=None")
+        if self.downsample_cells is not None:
+            raise _refuse(
+                "downsample_cells", self.downsample_cells, "the server does not cap cells per (cell type, perturbation) group",
+                "Use downsample_cells=None",
+            )
+        if self.additional_obs:
+            raise _refuse(
+                "additional_obs", self.additional_obs, "the stream carries no obs columns besides target, cell type and batch",
+                "Use additional_obs=None",
+            )
+        if self.cache_perturbation_control_pairs:
+            raise _refuse(
+                "cache_perturbation_control_pairs", True, "controls are drawn afresh for every batch",
+                "Use cache_perturbation_control_pairs=False",
+            )
+        if self.drop_last:
+            raise _refuse("drop_last", True, "short sentences are always padded (by resampling their group's cells)", "Use drop_last=False")
+        if self.val_subsample_fraction not in (None, 1.0, 1):
+            raise _refuse(
+                "val_subsample_fraction", self.val_subsample_fraction, "every val subset is served",
+                "Use val_subsample_fraction=None",
+            )
+        if self.store_raw_basal:
+            raise _refuse(
+                "store_raw_basal", True, "ctrl_cell_counts needs obsm['X_hvg'] or a second copy of X rows, which the stream lacks",
+                "Use store_raw_basal=False",
+            )
+
+    # -- set-up ----------------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        """Opens the session once (cell-load too builds everything once, whatever the stage)."""
+        self._stream.trainer = self.trainer
+        self._stream.setup(stage)
+
+    def teardown(self, stage: str) -> None:
+        self._stream.teardown(stage)
+
+    @property
+    def info(self) -> dict[str, Any]:
+        return self._stream.info
+
+    # -- loaders ---------------------------------------------------------------------------------
+    def _loader(self, split: str, *, sentences: bool, batch_size: int) -> CellLoadLoader:
+        inner = self._stream.loader(split)
+        n = None
+        if sentences and self._stream.world_size == 1:
+            n = int(self.info["splits"][split]["items"])
+        return CellLoadLoader(
+            inner, batch_size=batch_size, num_workers=self.num_workers, group_size=self.cell_sentence_len, sentences=sentences, n_sentences=n
+        )
+
+    def _has(self, split: str) -> bool:
+        return int(self.info["splits"][split]["items"]) > 0
+
+    def train_dataloader(self, test: bool = False) -> CellLoadLoader:
+        if self._stream.session is None:
+            raise ValueError("No training datasets available. Please call setup() first.")
+        if not self._has("train"):
+            raise ValueError("No training datasets available: the TOML puts no perturbed cell in train")
+        return self._loader("train", sentences=test, batch_size=1 if test else self.batch_size)
+
+    def val_dataloader(self) -> CellLoadLoader | list:
+        """The val split; the test split when there is no val split; else [] (as cell-load)."""
+        for split in ("val", "test"):
+            if self._has(split):
+                return self._loader(split, sentences=False, batch_size=self.batch_size)
+        return []
+
+    def test_dataloader(self) -> CellLoadLoader | list:
+        return self._loader("test", sentences=True, batch_size=1) if self._has("test") else []
+
+    def predict_dataloader(self) -> CellLoadLoader | list:
+        return self._loader("test", sentences=True, batch_size=1) if self._has("test") else []
+
+    # -- facts about the data (cell-load's methods) ------------------------------------------------
+    def get_var_names(self) -> list[str]:
+        """The files' var_names (cell-load reads var/gene_name when there is one, see docs/cell-load.md)."""
+        return list(self.info["var_names"])
+
+    def get_var_dims(self) -> dict[str, Any]:
+        G = int(self.info["n_vars"])
+        return {
+            "input_dim": G,
+            "gene_dim": G,
+            # cell-load: the width of obsm["X_hvg"], 0 without one; the server does not read obsm
+            "hvg_dim": 0,
+            "output_dim": G,
+            "pert_dim": int(self.info["embedding_dim"]),
+            "gene_names": self.get_var_names(),
+            "batch_dim": len(self.info["batches"]),
+            "pert_names": list(self.pert_onehot_map),
+        }
+
+    def get_control_pert(self) -> str:
+        return self.control_pert
+
+    def get_shared_perturbations(self) -> set[str]:
+        """Perturbations with cells in train and in test (as cell-load, without control cells).
+
+        The session does not list each split's perturbations, so this reads one pass of the
+        train and test splits (their `target` column) the first time it is called."""
+        if self._shared is None:
+            self._shared = self._split_targets("train") & self._split_targets("test")
+        return set(self._shared)
+
+    def _split_targets(self, split: str) -> set[str]:
+        if not self._has(split):
+            return set()
+        session = self._stream.session
+        targets = np.asarray(self.info["targets"], dtype=object)
+
+        def codes(rb: Any) -> np.ndarray:
+            return np.unique(rb.column("target").indices.to_numpy()[rb.column("cell_mask").to_numpy(zero_copy_only=False)])
+
+        connection = Connection(self.server, self._stream.token)
+        try:
+            loader = RemoteLoader(connection, session, split, codes, num_streams=max(1, self.num_workers), fixed_epoch=True)
+            seen = np.unique(np.concatenate([c for c in loader] or [np.zeros(0, np.int64)])).astype(np.int64)
+        finally:
+            connection.close()
+        return {str(t) for t in targets[seen]}
+
+    # -- one-hot maps (STATE saves them with its checkpoints) -------------------------------------
+    @property
+    def pert_onehot_map(self) -> dict[str, torch.Tensor]:
+        targets = self.info["targets"]
+        table = self._stream.session.tables.get("pert_emb") if self._stream.session is not None else None
+        if table is not None:
+            emb = codec.tensor_from_column(table.column("embedding"))
+            names = table.column("target").to_pylist()
+            return {str(t): torch.from_numpy(np.array(emb[i], dtype=np.float32)) for i, t in enumerate(names)}
+        eye = torch.eye(len(targets))
+        return {str(t): eye[i].clone() for i, t in enumerate(targets)}
+
+    @property
+    def batch_onehot_map(self) -> dict[str, torch.Tensor]:
+        return _onehots(self.info["batches"])
+
+    @property
+    def cell_type_onehot_map(self) -> dict[str, torch.Tensor]:
+        return _onehots(self.info["cell_types"])
+
+    celltype_onehot_map = cell_type_onehot_map
+
+    # -- configuration files (cell-load's semantics: the arguments, not the splits) -----------------
+    def _saved(self) -> dict[str, Any]:
+        return {
+            "toml_config_path": self.toml_config_path,
+            "batch_size": self.batch_size,
+            "num_workers": self.num_workers,
+            "random_seed": self.random_seed,
+            "pert_col": self.pert_col,
+            "batch_col": self.batch_col,
+            "cell_type_key": self.cell_type_key,
+            "control_pert": self.control_pert,
+            "embed_key": self.embed_key,
+            "output_space": self.output_space,
+            "downsample": self.downsample,
+            "downsample_cells": self.downsample_cells,
+            "is_log1p": self.is_log1p,
+            "basal_mapping_strategy": self.basal_mapping_strategy,
+            "n_basal_samples": self.n_basal_samples,
+            "should_yield_control_cells": self.should_yield_control_cells,
+            "cell_sentence_len": self.cell_sentence_len,
+            "cache_perturbation_control_pairs": self.cache_perturbation_control_pairs,
+            "map_controls": self.map_controls,
+            "perturbation_features_file": self.perturbation_features_file,
+            "exp_counts": self.exp_counts,
+            "normalize_counts": self.normalize_counts,
+            "store_raw_basal": self.store_raw_basal,
+            "barcode": self.barcode,
+            "val_subsample_fraction": self.val_subsample_fraction,
+            "additional_obs": self.additional_obs,
+            "use_consecutive_loading": self.use_consecutive_loading,
+            "h5_open_kwargs": self.h5_open_kwargs,
+            "server": self.server,  # cellfeed's; the token is never written
+        }
+
+    def save_state(self, filepath: Any) -> None:
+        """cell-load's save_state: the constructor arguments (plus `server`), with torch.save."""
+        torch.save(self._saved(), filepath)
+
+    @classmethod
+    def load_state(cls, filepath: Any, server: str | None = None, token: str | None = None) -> "PerturbationDataModule":
+        """A new module from save_state's file (cell-load's or this one's); call setup() after.
+        `server` overrides the saved one; the token comes from `token` or CELLFEED_TOKEN."""
+        saved = dict(torch.load(filepath, map_location="cpu", weights_only=False))
+        if not Path(saved["toml_config_path"]).exists():
+            log.warning("TOML config file not found at %s", saved["toml_config_path"])
+        saved.setdefault("barcode", True)  # cell-load's load_state default
+        if server is not None or "server" not in saved:
+            saved["server"] = server
+        return cls(**saved, token=token)
+
+    # -- checkpoints: where the train loader stands ----------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return self._stream.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._stream.load_state_dict(state_dict)
+
+
+def _onehots(names: list[str]) -> dict[str, torch.Tensor]:
+    eye = torch.eye(len(names))
+    return {str(n): eye[i].clone() for i, n in enumerate(names)}
