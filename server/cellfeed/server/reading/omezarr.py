@@ -95,7 +95,7 @@ def open_plate(path: Path, label: str) -> Plate:
     if not isinstance(plate, dict) or not plate.get("wells"):
         raise CellfeedError(f"{label}: not an HCS OME-Zarr plate (no 'plate' metadata with a list of 'wells')")
     version = str(ome.get("version") or plate.get("version") or "0.4")
-    if version not in NGFF_VERSIONS:
+    if not re.fullmatch(r"0\.[1-5]([.-].*)?", version):  # "0.4", "0.5", also "0.5-dev1" and the like
         raise CellfeedError(f"{label}: NGFF version {version!r} is not supported (expected one of {', '.join(NGFF_VERSIONS)})")
     if not isinstance(plate["wells"], list):
         raise CellfeedError(f"{label}: plate.wells is {type(plate['wells']).__name__}, expected a list")
