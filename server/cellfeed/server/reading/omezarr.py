@@ -110,6 +110,9 @@ def open_plate(path: Path, label: str) -> Plate:
         for i, image in enumerate(images):
             image_path = _relative(image.get("path") if isinstance(image, dict) else None, f"{where}: well.images[{i}].path")
             fovs.append(_open_fov(path, label, f"{well_path}/{image_path}"))
+    opening = [(fov, ts.open(_spec(fov), read=True, context=_CHECK_CONTEXT)) for fov in fovs]  # all at once
+    for fov, future in opening:
+        _check_array(fov, future, f"{label}/{fov.name}/{fov.array}")
     return Plate(path=path, label=label, version=version, fovs=tuple(fovs))
 
 
@@ -149,7 +152,6 @@ def _open_fov(plate: Path, label: str, name: str) -> FOV:
     channels = _channel_names(ome.get("omero"), where)
     if len(channels) != shape[1]:
         raise CellfeedError(f"{where}: omero.channels lists {len(channels)} channels but the array has {shape[1]}")
-    _check_array(array_dir, zarr_format, array_where)
     norm = attrs.get("normalization") or ome.get("normalization") or {}
     return FOV(
         plate=plate,
@@ -210,25 +212,29 @@ def _channel_names(omero: Any, where: str) -> tuple[str, ...]:
     return tuple(names)
 
 
-def _check_array(array_dir: Path, zarr_format: int, where: str) -> None:
+def _spec(fov: FOV) -> dict[str, Any]:
+    driver = "zarr3" if fov.zarr_format == 3 else "zarr"
+    return {"driver": driver, "kvstore": {"driver": "file", "path": str(fov.array_path)}}
+
+
+def _check_array(fov: FOV, opening: ts.Future, where: str) -> None:
     """Refuse an array tensorstore cannot read, or one with no chunk left on disk.
 
     Tensorstore answers a missing chunk with the fill value, so an image whose chunk files are
     gone would stream zeros. Writers skip chunks that hold only the fill value (zarr-python's
     default), so a missing chunk alone proves nothing; an array without a single chunk does.
     """
-    spec = {"driver": "zarr3" if zarr_format == 3 else "zarr", "kvstore": {"driver": "file", "path": str(array_dir)}}
     try:
-        store = ts.open(spec, read=True, context=_CHECK_CONTEXT).result()
+        store = opening.result()
     except Exception as exc:  # tensorstore raises ValueError for every kind of open failure
-        raise CellfeedError(f"{where}: cannot be read as a zarr v{zarr_format} array ({_ts_message(exc)})") from None
+        raise CellfeedError(f"{where}: cannot be read as a zarr v{fov.zarr_format} array ({_ts_message(exc)})") from None
     dtype = store.dtype.name
     if not dtype.startswith(_NUMERIC):
         raise CellfeedError(f"{where}: data type {dtype} is not supported (expected bool, integer or floating point)")
-    if store.domain.size and not _has_chunk(array_dir):
+    if store.domain.size and not _has_chunk(fov.array_path):
         raise CellfeedError(
-            f"{where}: no chunk files under {array_dir.name}/ (the array's data is missing; reading it would "
-            "give only the fill value). Restore the plate, or leave this FOV out with exclude_fovs"
+            f"{where}: no chunk files under {fov.array}/ (the array's data is missing; reading it would "
+            "give only the fill value); restore its chunk files, or remove the position from the well's images"
         )
 
 
@@ -352,12 +358,7 @@ class ImageReader:
             found = self._arrays.get(key)
         if found is not None:
             return found
-        spec = {
-            "driver": "zarr3" if fov.zarr_format == 3 else "zarr",
-            "kvstore": {"driver": "file", "path": str(fov.array_path)},
-            "recheck_cached_data": False,
-            "recheck_cached_metadata": False,
-        }
+        spec = {**_spec(fov), "recheck_cached_data": False, "recheck_cached_metadata": False}
         try:
             store = ts.open(spec, context=self.context, read=True).result()
         except Exception as exc:  # tensorstore raises ValueError for every kind of open failure
