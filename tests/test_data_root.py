@@ -8,8 +8,10 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
+import h5py
 import httpx
 import numpy as np
 import pytest
@@ -199,3 +201,29 @@ def test_a_killed_sort_leaves_temp_file_and_spill_folder_that_the_next_sort_remo
 
     assert ad.read_h5ad(out).n_obs == adata.n_obs
     assert np.isfinite(result.seconds)
+
+
+def test_a_server_killed_during_a_sort_job_cleans_its_leftovers_when_it_starts_again(serve, tmp_path):
+    root = tmp_path / "data"
+    root.mkdir()
+    shuffled(root / "screen.h5ad")
+    with h5py.File(root / "screen.h5ad", "r+") as f:  # a big dense layer: the sort takes a while
+        n = f["obs"][f["obs"].attrs["_index"]].shape[0]
+        layer = f["layers"].create_dataset("big", shape=(n, 200_000), dtype="float32", fillvalue=1.0)
+        layer.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
+    server = serve(root)
+    reply = httpx.post(f"{server.http_url}/v1/jobs", json={"kind": "sort", "inputs": ["screen.h5ad"], "options": {"output_dir": "sorted"}})
+    assert reply.status_code == 202, reply.text
+    deadline = time.monotonic() + 60
+    while not any(".tmp-" in p.name for p in (root / "sorted").glob(".*")):
+        assert time.monotonic() < deadline, "the sort never started writing"
+        time.sleep(0.01)
+    server.kill()
+    left = sorted(p.name for p in (root / "sorted").iterdir())
+    assert any(".tmp-" in n for n in left) and any(".spill-" in n for n in left), left
+    server.start()
+    job = httpx.get(f"{server.http_url}/v1/jobs/{reply.json()['id']}").json()
+    assert job["state"] == "interrupted"
+    assert list((root / "sorted").iterdir()) == []  # temp file, spill folder and lock: gone
+    logs = httpx.get(f"{server.http_url}/v1/jobs/{job['id']}/logs").json()["entries"]
+    assert any(e["event"] == "job.cleaned" for e in logs), logs

@@ -19,7 +19,7 @@ from cellfeed.server.errors import CellfeedError, NotFound
 from cellfeed.server.jobs.executor import Executor, make_executor
 from cellfeed.server.jobs.models import Job, PreprocessJob, SortJob
 from cellfeed.server.jobs.store import JobStore
-from cellfeed.server.jobs.work import FileTask, JobLog, resolve_options
+from cellfeed.server.jobs.work import FileTask, JobLog, clean_after_kill, resolve_options
 from cellfeed.server.preprocess.convert import Cancelled
 from cellfeed.server.preprocess.layout import H5AD_SUFFIXES, dataset_name
 
@@ -40,6 +40,7 @@ class JobService:
         self.store = JobStore(self.folder / "jobs.sqlite")
         for job_id in self.store.mark_interrupted():
             self._log(job_id).event("job.interrupted", level="warning", reason="the server stopped while the job was queued or running")
+            self._clean_after_kill(job_id)
         self.executor = executor or make_executor(ctx.settings)
         self._cancel: set[str] = set()
         self._queue: queue.Queue[str | None] = queue.Queue()
@@ -183,6 +184,17 @@ class JobService:
         """Turn the option paths into absolute paths inside the data root (in place); each file
         of the job resolves them again when it starts (jobs.work.process)."""
         resolve_options(self.ctx.data_root, kind, options)
+
+    def _clean_after_kill(self, job_id: str) -> None:
+        """Leftovers of the interrupted job's files (staging, temp and spill files) go now."""
+        job = self.get(job_id)
+        for f in job.files:
+            try:
+                gone = clean_after_kill(self.ctx.data_root, job.kind, f.path, f.dataset, job.options)
+            except (CellfeedError, OSError, KeyError):
+                continue
+            if gone:
+                self._log(job_id).event("job.cleaned", dataset=f.dataset, removed=gone)
 
     def _log(self, job_id: str) -> JobLog:
         return JobLog(self.folder / f"{job_id}.jsonl")

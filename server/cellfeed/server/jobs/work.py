@@ -18,6 +18,7 @@ from typing import Any
 
 from cellfeed.server.errors import CellfeedError
 from cellfeed.server.paths import DataRoot
+from cellfeed.server.preprocess.atomic import remove_stale
 from cellfeed.server.preprocess.layout import Layout
 from cellfeed.server.preprocess.logs import FileLog
 from cellfeed.server.preprocess.pipeline import Options, run_file
@@ -68,6 +69,31 @@ class JobLog:
     def event(self, event: str, level: str = "info", **fields: Any) -> None:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + "Z"
         self({"time": stamp, "level": level, "dataset": fields.pop("dataset", None), "event": event, **fields})
+
+
+def outputs_of(kind: str, path: str, dataset: str, options: dict[str, Any]) -> list[Path]:
+    """Where one file of a job writes (its staging and temp files lie beside these)."""
+    if kind == "preprocess":
+        out = [Path(options["output_dir"]) / dataset]
+        if options.get("keep_interim"):
+            out.append(Layout(Path(options["interim_dir"]), Path(options["output_dir"]), Path(options["log_dir"])).interim(dataset))
+        return out
+    source = Path(path)
+    folder = Path(options["output_dir"]) if options.get("output_dir") else source.parent
+    return [folder / f"{source.stem}.sorted{source.suffix}"]
+
+
+def clean_after_kill(root: DataRoot, kind: str, path: str, dataset: str, options: dict[str, Any]) -> list[str]:
+    """Remove what a killed run of this file left beside its outputs (staging folders, temp
+    files, spill folders), each under its output's lock (skipped while another writer holds it)."""
+    gone: list[str] = []
+    for output in outputs_of(kind, path, dataset, options):
+        try:
+            folder = root.contain(output.parent)
+        except CellfeedError:
+            continue
+        gone += remove_stale(folder / output.name, root)
+    return gone
 
 
 def process(task: FileTask, progress: Callable[[int, int], None], cancelled: Callable[[], bool]) -> dict[str, Any]:
