@@ -172,6 +172,8 @@ def test_lightningcli_fit_two_epochs_with_validation(serve, tmp_path):
     assert dm.hparams.server == server.flight_uri and dm.normalizations[0].level == "fov_statistics"
     # The model summary ran the example input (a bare tensor) through the DataModule's hook.
     assert model.forward_shapes[0] == (2, len(SOURCE), Z_RANGE[1] - Z_RANGE[0], *FINAL)
+    bare, other = torch.zeros(2, 3), {"x": torch.ones(1)}
+    assert dm.on_after_batch_transfer(bare, 0) is bare and dm.on_after_batch_transfer(other, 0) is other
     batches = model.forward_shapes[1:]
     assert batches and all(s == (BATCH, len(SOURCE), Z_RANGE[1] - Z_RANGE[0], *FINAL) for s in batches)
     assert len(model.train_losses) == 8
