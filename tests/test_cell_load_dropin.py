@@ -1,0 +1,276 @@
+"""cellfeed's cell-load drop-in against cell-load 0.10.4 itself, on the same files and TOML.
+
+Real h5ad files written by anndata with a screen's obs columns (`gene`, `cell_type`,
+`gem_group`, "non-targeting" controls, categorical), one real server on loopback, and cell-load's
+own PerturbationDataModule run locally on the same files. Compared: batch keys, dtypes and shapes
+of train / val / test batches, var dims and names, shared perturbations, the control, one-hot
+maps; the served values are checked against the files. cell-load's `should_yield_control_cells`
+(default True) is not supported by cellfeed yet (docs/cell-load.md): both run with False. The
+TOML has no [zeroshot] rule: cell-load 0.10.4 with should_yield_control_cells=False fails on one
+(the control-only train subset it adds is empty, and its sampler takes the max of no codes).
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections import Counter
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import torch
+
+from cellfeed.client.cell_load.data_modules import PerturbationDataModule
+from cellfeed.client.cell_load.data_modules.perturbation_dataloader import NotSupportedYet
+from tests.conftest import ServerProcess
+
+cell_load_dm = pytest.importorskip("cell_load.data_modules")
+
+CONTROL = "non-targeting"
+TARGETS = [f"G{i:03d}" for i in range(6)]
+N_GENES = 24
+S = 4  # cell_sentence_len
+B = 3  # batch_size
+FILES = {"k562": ["k562"], "rpe1": ["rpe1", "hepg2"]}  # file stem -> cell types in it
+TOML = """
+[datasets]
+replogle = "{root}/{{k562,rpe1}}.h5ad"
+[training]
+replogle = "train"
+[zeroshot]
+[fewshot."replogle.rpe1"]
+val = ["G000"]
+test = ["G001", "G002"]
+"""
+
+
+def write_screen(path: Path, cell_types: list[str], seed: int) -> None:
+    """Sorted by gene then gem_group (cellfeed's requirement), controls contiguous, categoricals."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for target in TARGETS + [CONTROL]:
+        for ct in cell_types:
+            n = int(rng.integers(5, 14)) if target != CONTROL else 40
+            rows += [(target, ct, f"gem{int(b)}") for b in rng.integers(1, 3, n)]
+    obs = pd.DataFrame(rows, columns=["gene", "cell_type", "gem_group"])
+    obs = obs.sort_values(["gene", "gem_group"], kind="stable").reset_index(drop=True)
+    for col in obs:
+        obs[col] = pd.Categorical(obs[col])
+    obs.index = [f"{path.stem}_{i:05d}" for i in range(len(obs))]
+    X = sp.random(len(obs), N_GENES, density=0.3, format="csr", dtype=np.float32, random_state=rng)
+    X.data = np.round(X.data * 10, 2).astype(np.float32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=[f"gene{j}" for j in range(N_GENES)])).write_h5ad(path)
+
+
+@pytest.fixture(scope="module")
+def screen(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cell_load_dropin") / "data"
+    for seed, (stem, cts) in enumerate(FILES.items()):
+        write_screen(root / f"{stem}.h5ad", cts, seed)
+    features = {t: torch.arange(5, dtype=torch.float32) + i for i, t in enumerate(TARGETS[:-1] + [CONTROL])}
+    torch.save(features, root / "features.pt")  # TARGETS[-1] missing: zeros in both
+    toml = root.parent / "replogle.toml"
+    toml.write_text(TOML.format(root=root))
+    cells = pd.concat([ad.read_h5ad(root / f"{stem}.h5ad").to_df().join(ad.read_h5ad(root / f"{stem}.h5ad").obs) for stem in FILES])
+    server = ServerProcess(root)
+    server.start()
+    yield root, toml, server, cells
+    server.stop()
+
+
+COMMON = dict(pert_col="gene", batch_col="gem_group", cell_type_key="cell_type", control_pert=CONTROL,
+              batch_size=B, cell_sentence_len=S, should_yield_control_cells=False)
+
+
+def both(screen, **kwargs):
+    root, toml, server, _ = screen
+    theirs = cell_load_dm.PerturbationDataModule(toml_config_path=str(toml), num_workers=0, **COMMON, **kwargs)
+    theirs.setup()
+    ours = PerturbationDataModule(toml_config_path=str(toml), num_workers=2, server=server.flight_uri, **COMMON, **kwargs)
+    ours.setup("fit")
+    return theirs, ours
+
+
+def describe(batch: dict) -> dict:
+    """key -> (dtype, shape) for tensors, ("list[str]", len) for lists of strings."""
+    out = {}
+    for key, value in batch.items():
+        if torch.is_tensor(value):
+            out[key] = (value.dtype, tuple(value.shape))
+        else:
+            assert isinstance(value, list) and all(isinstance(v, str) for v in value), key
+            out[key] = ("list[str]", len(value))
+    return out
+
+
+@pytest.mark.parametrize("extra", [{}, {"barcode": True}, {"output_space": "all", "barcode": True}])
+def test_batches_have_cell_loads_keys_dtypes_and_shapes(screen, extra):
+    theirs, ours = both(screen, **extra)
+    for name in ("train_dataloader", "val_dataloader"):
+        expected = describe(next(iter(getattr(theirs, name)())))
+        got = describe(next(iter(getattr(ours, name)())))
+        assert got == expected, name
+        assert got["pert_cell_emb"] == (torch.float32, (B * S, N_GENES))
+    expected = describe(next(iter(theirs.test_dataloader())))
+    got = describe(next(iter(ours.test_dataloader())))
+    assert got.keys() == expected.keys()
+    for key in got:  # one unpadded sentence a batch: its length (at most S) is that sentence's
+        assert got[key][0] == expected[key][0], key
+        if got[key][0] != "list[str]":
+            assert got[key][1][1:] == expected[key][1][1:], key
+            assert 1 <= got[key][1][0] <= S
+
+
+def test_facts_equal_cell_loads(screen):
+    theirs, ours = both(screen)
+    assert ours.get_var_dims() == theirs.get_var_dims()
+    assert ours.get_var_names() == theirs.get_var_names()
+    assert ours.get_control_pert() == theirs.get_control_pert() == CONTROL
+    shared = theirs.get_shared_perturbations()
+    assert shared == {"G001", "G002"}  # rpe1's test targets, trained on in k562 and hepg2
+    assert ours.get_shared_perturbations() == shared
+    for name in ("pert_onehot_map", "batch_onehot_map", "cell_type_onehot_map"):
+        mine, cl = getattr(ours, name), getattr(theirs, name)
+        assert list(mine) == list(cl), name
+        assert all(torch.equal(mine[k], cl[k]) for k in cl), name
+
+
+def test_perturbation_features_file_as_cell_load(screen):
+    root = screen[0]
+    theirs, ours = both(screen, perturbation_features_file=str(root / "features.pt"))
+    assert ours.get_var_dims()["pert_dim"] == theirs.get_var_dims()["pert_dim"] == 5
+    features = torch.load(root / "features.pt")
+    seen = set()
+    for batch in ours.train_dataloader():  # one epoch: every train target, the missing one included
+        for name, row in zip(batch["pert_name"], batch["pert_emb"]):
+            assert torch.equal(row, features.get(name, torch.zeros(5))), name
+            seen.add(name)
+    assert TARGETS[-1] in seen  # not in the file: zeros, as cell-load
+    assert torch.equal(ours.pert_onehot_map[TARGETS[-1]], theirs.pert_onehot_map[TARGETS[-1]])
+
+
+def test_served_cells_are_the_files_cells(screen):
+    """Rows are the barcoded cells' X rows; controls share the perturbed cell's cell type; one-hots
+    and names agree with obs; sentences are one (perturbation, cell type)."""
+    cells = screen[3]
+    _, ours = both(screen, barcode=True)
+    genes = [f"gene{j}" for j in range(N_GENES)]
+    for batch in [next(iter(ours.train_dataloader())), next(iter(ours.val_dataloader()))]:
+        pert = cells.loc[batch["pert_cell_barcode"]]
+        ctrl = cells.loc[batch["ctrl_cell_barcode"]]
+        np.testing.assert_array_equal(batch["pert_cell_emb"].numpy(), pert[genes].to_numpy(np.float32))
+        np.testing.assert_array_equal(batch["ctrl_cell_emb"].numpy(), ctrl[genes].to_numpy(np.float32))
+        assert list(pert.gene.astype(str)) == batch["pert_name"]
+        assert list(pert.cell_type.astype(str)) == batch["cell_type"]
+        assert list(pert.gem_group.astype(str)) == batch["batch_name"]
+        assert (ctrl.gene == CONTROL).all() and list(ctrl.cell_type.astype(str)) == batch["cell_type"]
+        assert set(batch["dataset_name"]) == {"replogle"}
+        batch_names = list(ours.batch_onehot_map)
+        assert [batch_names[i] for i in batch["batch"].argmax(1).tolist()] == batch["batch_name"]
+        for b in range(B):
+            assert len(set(batch["pert_name"][b * S : (b + 1) * S])) == 1
+            assert len(set(batch["cell_type"][b * S : (b + 1) * S])) == 1
+
+
+def test_test_loader_gives_cell_loads_sentences(screen):
+    """Batch size 1, unpadded: the same number of sentences, the same lengths, each test cell once."""
+    theirs, ours = both(screen, barcode=True)
+    expected = list(theirs.test_dataloader())
+    got = list(ours.test_dataloader())
+    assert len(ours.test_dataloader()) == len(got) == len(expected) == len(theirs.test_dataloader())
+    assert sorted(len(b["pert_name"]) for b in got) == sorted(len(b["pert_name"]) for b in expected)
+    mine = Counter(c for b in got for c in b["pert_cell_barcode"])
+    assert set(mine.values()) == {1}
+    assert set(mine) == {c for b in expected for c in b["pert_cell_barcode"]}
+    for b in got:
+        assert len(set(b["pert_name"])) == 1 and len(set(b["cell_type"])) == 1
+    assert len(list(ours.predict_dataloader())) == len(list(theirs.predict_dataloader()))
+
+
+def test_batch_mapping_keeps_sentences_in_one_batch(screen):
+    """basal_mapping_strategy="batch": cell-load groups sentences by batch too, and STATE checks it."""
+    cells = screen[3]
+    theirs, ours = both(screen, basal_mapping_strategy="batch", barcode=True)
+    for dm in (theirs, ours):
+        batch = next(iter(dm.train_dataloader()))
+        for b in range(B):
+            assert len(set(batch["batch_name"][b * S : (b + 1) * S])) == 1
+    batch = next(iter(ours.train_dataloader()))
+    ctrl = cells.loc[batch["ctrl_cell_barcode"]]
+    assert list(ctrl.gem_group.astype(str)) == batch["batch_name"]  # 40 controls a cell type: pools suffice
+
+
+def test_loader_looks_like_a_dataloader_to_state(screen):
+    _, ours = both(screen)
+    dl = ours.train_dataloader()
+    assert (dl.num_workers, dl.batch_size) == (2, B)
+    assert len(dl) == len(list(dl))
+
+
+REFUSED = [
+    ("embed_key", "X_hvg"),
+    ("should_yield_control_cells", True),
+    ("downsample_cells", 10),
+    ("additional_obs", ["guide_id"]),
+    ("cache_perturbation_control_pairs", True),
+    ("drop_last", True),
+    ("val_subsample_fraction", 0.5),
+    ("store_raw_basal", True),
+]
+
+
+@pytest.mark.parametrize("name,value", REFUSED)
+def test_unsupported_arguments_are_refused_by_name(screen, name, value):
+    root, toml, server, _ = screen
+    kwargs = {**COMMON, name: value}
+    with pytest.raises(NotSupportedYet, match=name):
+        PerturbationDataModule(toml_config_path=str(toml), server=server.flight_uri, **kwargs)
+
+
+def test_downsample_is_refused_where_cell_load_applies_it(screen):
+    root, toml, server, _ = screen
+    with pytest.raises(NotSupportedYet, match="downsample"):
+        PerturbationDataModule(toml_config_path=str(toml), server=server.flight_uri, output_space="all", downsample=0.5, **COMMON)
+    # cell-load downsamples only in output_space="all": elsewhere it has no effect, in either
+    PerturbationDataModule(toml_config_path=str(toml), server=server.flight_uri, output_space="gene", downsample=0.5, **COMMON)
+
+
+def test_cell_load_defaults_refuse_control_items(screen):
+    """cellfeed differs on purpose (docs/cell-load.md): with cell-load's defaults it refuses."""
+    root, toml, server, _ = screen
+    with pytest.raises(NotSupportedYet, match="should_yield_control_cells=False"):
+        PerturbationDataModule(toml_config_path=str(toml), server=server.flight_uri)
+
+
+def test_two_datasets_are_refused(screen, tmp_path):
+    root, _, server, _ = screen
+    toml = tmp_path / "two.toml"
+    toml.write_text(f'[datasets]\na = "{root}/k562.h5ad"\nb = "{root}/rpe1.h5ad"\n[training]\na = "train"\nb = "train"\n')
+    with pytest.raises(NotSupportedYet, match="dataset"):
+        PerturbationDataModule(toml_config_path=str(toml), server=server.flight_uri, **COMMON)
+
+
+def test_save_state_and_load_state(screen, tmp_path):
+    theirs, ours = both(screen, barcode=True)
+    ours.save_state(tmp_path / "ours.torch")
+    saved = torch.load(tmp_path / "ours.torch", weights_only=False)
+    theirs.save_state(tmp_path / "theirs.torch")
+    assert set(saved) - set(torch.load(tmp_path / "theirs.torch", weights_only=False)) == {"server"}
+    again = PerturbationDataModule.load_state(tmp_path / "ours.torch")
+    again.setup()
+    assert again.get_var_dims() == ours.get_var_dims() and again.barcode
+    # a file cell-load wrote, pointed at a server
+    from_cl = PerturbationDataModule.load_state(tmp_path / "theirs.torch", server=screen[2].flight_uri)
+    from_cl.setup()
+    assert from_cl.get_var_dims() == theirs.get_var_dims()
+
+
+def test_pickles_after_setup(screen):
+    _, ours = both(screen)
+    copy = pickle.loads(pickle.dumps(ours))
+    first = next(iter(copy.train_dataloader()))
+    assert describe(first) == describe(next(iter(ours.train_dataloader())))
