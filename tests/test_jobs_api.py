@@ -37,7 +37,7 @@ def finished(http: httpx.Client, job_id: str) -> dict:
 
 
 def no_staging(folder: Path) -> bool:
-    return not [p for p in folder.rglob(".*") if ".tmp-" in p.name or ".old-" in p.name or p.name.startswith(".sort-")]
+    return not [p for p in folder.rglob(".*") if any(k in p.name for k in (".tmp-", ".old-", ".spill-", ".lock")) or p.name.startswith(".sort-")]
 
 
 OPTIONS = {"output_dir": "out", "interim_dir": "interim", "log_dir": "logs", "chunk_size": 150}
@@ -219,3 +219,26 @@ def test_cancel_and_resume_on_a_dask_cluster(serve, tmp_path):
             job = finished(http, job_id)
             assert job["state"] == "succeeded" and all(f["state"] == "succeeded" for f in job["files"]), job
             assert no_staging(root)
+
+
+def test_a_job_whose_output_another_process_is_writing_fails_clearly_then_resumes(serve, tmp_path):
+    """Another server (or the CLI) on the same data root holds out/a: this server's job must not
+    delete its staging nor write beside it; once it is done, resume writes the output."""
+    from cellfeed.server.preprocess.atomic import staged_dir
+
+    root = tmp_path / "root"
+    write_cellxgene_like(root / "in/a.h5ad", n_cells=300, seed=31)
+    server = serve(root)
+    with client(server) as http, staged_dir(root / "out" / "a") as theirs:
+        (theirs / "theirs").write_text("being built elsewhere")
+        job = finished(http, http.post("/v1/jobs", json={"kind": "preprocess", "inputs": ["in/a.h5ad"], "options": OPTIONS}).json()["id"])
+        assert job["state"] == "failed"
+        message = job["files"][0]["message"]
+        assert "output 'out/a' is being written by another job" in message and "pid" in message, message
+        assert (theirs / "theirs").read_text() == "being built elsewhere"  # their staging is intact
+    assert (root / "out/a/theirs").exists()  # ...and was published by its owner
+    with client(server) as http:
+        assert http.post(f"/v1/jobs/{job['id']}/resume").status_code == 202
+        job = finished(http, job["id"])
+        assert job["state"] == "succeeded", job
+    assert not (root / "out/a/theirs").exists() and (root / "out/a/train/chunks").is_dir() and no_staging(root)

@@ -39,7 +39,8 @@ class ParquetFolder:
             try:
                 pf = pq.ParquetFile(real)
             except (pa.ArrowInvalid, OSError) as exc:
-                raise CellfeedError(f"{label}: {path.name} is not a readable parquet file ({exc})") from None
+                said = str(exc).replace(str(real), path.name).replace(str(path), path.name)  # no server paths
+                raise CellfeedError(f"{label}: {path.name} is not a readable parquet file ({said})") from None
             if self.files and not pf.schema_arrow.equals(self.files[0].schema_arrow):
                 raise CellfeedError(f"{label}: {path.name} has a different schema from {files[0].name}")
             self.files.append(pf)
