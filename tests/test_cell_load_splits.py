@@ -216,3 +216,13 @@ def test_toml_schema_can_be_named(screens, tmp_path):
     assert cl.info["splits"]["train"]["cells"] == 0 < pp.info["splits"]["train"]["cells"]
     assert cl.info["splits"]["test"]["cells"] == pp.info["splits"]["test"]["cells"] > 0
     assert {f.split("/")[0] for f in cl.info["files"]} == {"screen_a"}
+
+
+def test_protoplast_schema_refuses_unknown_targets(screens, tmp_path):
+    root, server = screens
+    toml = tmp_path / "strict.toml"
+    toml.write_text(_datasets(root) + '[fewshot."screen_a.rpe1"]\nval = ["G999"]\n')
+    dm = PerturbationDataModule(config_path=str(toml), target_label="gene", batch_label="gem_group",
+                                control_label=CONTROL, server=server.flight_uri)
+    with pytest.raises(Exception, match=r"lists target 'G999', which no perturbed cell of 'screen_a.rpe1' has"):
+        dm.setup()

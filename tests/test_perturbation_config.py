@@ -73,3 +73,35 @@ def test_config_errors_name_the_key(root, toml, message):
 def test_exactly_one_of_files_or_toml():
     with pytest.raises(CellfeedError, match="exactly one of `files` or a TOML config"):
         PerturbationConfig.parse({})
+
+
+def test_a_training_table_selects_cell_loads_schema(root):
+    assert files(root, '[datasets]\nx = "a/k562.h5ad"\n[training]\nx = "train"\n').schema == "cell-load"
+    assert files(root, '[datasets]\nx = "a/k562.h5ad"\n').schema == "protoplast"
+    forced = resolve_files(
+        PerturbationConfig.parse({"toml": '[datasets]\nx = "a/k562.h5ad"\n[training]\nx = "val"\n', "toml_schema": "protoplast"}), root
+    )
+    assert forced.schema == "protoplast" and forced.files[0].split == "train"  # protoplast ignores [training]
+    assert any("[training] is ignored" in w for w in forced.warnings)
+
+
+def test_cell_load_fewshot_lists_may_overlap(root):
+    layout = files(
+        root,
+        '[datasets]\nx = "a/{k562,rpe1}.h5ad"\n[training]\nx = "train"\n'
+        '[fewshot."x.rpe1"]\nval = ["G1", "G3"]\ntest = ["G2", "G1"]\n',
+    )
+    assert layout.files[0].fewshot == {"rpe1": {"G1": ("val", "test"), "G2": ("test",), "G3": ("val",)}}
+
+
+def test_cell_load_training_other_than_train_drops_unnamed_cell_types(root):
+    layout = files(root, '[datasets]\nx = "a/k562.h5ad"\ny = "b"\n[training]\nx = "val"\ny = "train"\n')
+    split = {f.dataset: f.split for f in layout.files}
+    assert split == {"x": None, "y": "train"}
+    assert any("[training] x = 'val'" in w for w in layout.warnings)
+
+
+def test_cell_load_loads_datasets_named_only_by_rules(root):
+    layout = files(root, '[datasets]\nx = "a/k562.h5ad"\ny = "b"\n[training]\ny = "train"\n[zeroshot]\n"x.k562" = "test"\n')
+    split = {f.dataset: f.split for f in layout.files}
+    assert split == {"x": None, "y": "train"}  # x is loaded for its rule; its other cell types are not
