@@ -7,9 +7,9 @@ import json
 import logging
 from datetime import datetime, timezone
 import sys
-from importlib.metadata import PackageNotFoundError, version
 
 from cellfeed.server.settings import Settings
+from cellfeed.server.version import VERSION
 from cellfeed.wire.malloc import reuse_freed_memory
 
 
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return preprocess_main(argv[1:])
     parser = argparse.ArgumentParser(prog="cellfeed", description=__doc__)
-    parser.add_argument("--version", action="version", version=f"cellfeed {_version()}")
+    parser.add_argument("--version", action="version", version=f"cellfeed {VERSION}")
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
     sub.add_parser("preprocess", help="h5ad -> training-ready parquet; `cellfeed preprocess --help`")
@@ -76,13 +76,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cellfeed serve: {exc}", file=sys.stderr)
         return 2
     return 0
-
-
-def _version() -> str:
-    try:
-        return version("cellfeed")
-    except PackageNotFoundError:
-        return "unknown (not installed)"
 
 
 if __name__ == "__main__":

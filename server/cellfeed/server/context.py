@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from cellfeed.server.paths import DataRoot
 from cellfeed.server.reading.blocks import BlockCache
 from cellfeed.server.reading.handles import HandleCache
+from cellfeed.server.serving.metrics import Metrics
 from cellfeed.server.settings import Settings
 
 if TYPE_CHECKING:
@@ -24,6 +25,7 @@ class ServerContext:
     data_root: DataRoot
     handles: HandleCache = field(default_factory=HandleCache)
     blocks: BlockCache = field(default_factory=lambda: BlockCache(1 << 30))
+    metrics: Metrics = field(default_factory=Metrics)
     _image_readers: dict[int, "ImageReader"] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 

@@ -71,6 +71,7 @@ class FlightService(flight.FlightServerBase):
     def __init__(self, location: str, sessions: SessionRegistry, pools: SlotPools | None = None, **kwargs) -> None:
         super().__init__(location, **kwargs)
         self.sessions = sessions
+        self.metrics = sessions.ctx.metrics
         self.pools = pools or SlotPools(None)
         self.closing = threading.Event()  # set on shutdown: streams end at their next batch
 
@@ -163,7 +164,8 @@ class FlightService(flight.FlightServerBase):
         try:
             t = _parse(pb.Ticket, ticket.ticket, "ticket")
             _check_stream("malformed ticket", t.rank, t.world_size, t.stream_count, t.stream_index)
-            source = self.sessions.get(t.session_id).source
+            session = self.sessions.get(t.session_id)
+            source = session.source
             schema = source.schema(t.split)
             total = source.num_batches(t.split, t.world_size)
             _check_first_batch("ticket", t.first_batch, total, t.split)
@@ -197,6 +199,12 @@ class FlightService(flight.FlightServerBase):
             """The client went away, or the server is shutting down."""
             return context.is_cancelled() or self.closing.is_set()
 
+        log.info(
+            "stream started: %s, session %s (%s), split %r epoch %d, rank %d/%d, stream %d/%d from batch %d, %s",
+            progress.peer, t.session_id, session.kind, t.split, t.epoch, t.rank, t.world_size, t.stream_index, t.stream_count,
+            t.first_batch, "shared memory" if pool is not None else "gRPC",
+        )
+        progress.kind, progress.transport = session.kind, "shm" if pool is not None else "grpc"
         if pool is None:
             batches = self._batches(source, t, first, total, progress, ended)
         else:
@@ -239,7 +247,10 @@ class FlightService(flight.FlightServerBase):
                     if ended():
                         progress.state = "cancelled"
                         return
-                    yield source.batch(t.split, epoch, t.rank, t.world_size, index, alloc=alloc)
+                    t0 = time.perf_counter()
+                    batch = source.batch(t.split, epoch, t.rank, t.world_size, index, alloc=alloc)
+                    self.metrics.served(progress.kind, progress.transport, batch.nbytes, time.perf_counter() - t0)
+                    yield batch
                     progress.sent += 1
                     progress.updated_at = time.time()
                 if not t.continue_epochs or t.stream_index >= total:
@@ -248,6 +259,11 @@ class FlightService(flight.FlightServerBase):
                 progress.epoch, progress.sent, progress.total_batches = epoch, 0, len(range(first, total, t.stream_count))
             progress.state = "done"
         except CellfeedError as exc:
+            if isinstance(exc, ShmUnavailable) and ended():
+                # the slot wait ended because the client left or the server is stopping: no
+                # refusal (a client told shm_unavailable would stream over gRPC for good)
+                progress.state = "cancelled"
+                return
             progress.state, progress.error = "failed", str(exc)
             raise _client_error(exc) from None
         except Exception as exc:
@@ -258,3 +274,9 @@ class FlightService(flight.FlightServerBase):
         finally:
             if progress.state == "streaming":
                 progress.state = "closed"
+            self.metrics.streams_ended.labels(progress.kind, progress.state).inc()
+            log.info(
+                "stream ended (%s): %s, session %s, split %r, rank %d/%d, stream %d/%d, at epoch %d after %d batches of it, %.1f s",
+                progress.state, progress.peer, t.session_id, t.split, t.rank, t.world_size, t.stream_index, t.stream_count,
+                progress.epoch, progress.sent, time.time() - progress.started_at,
+            )

@@ -3,24 +3,29 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from fastapi import Depends, FastAPI
 from pydantic import BaseModel, Field
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from cellfeed.server.context import ServerContext
 from cellfeed.server.errors import CellfeedError
 from cellfeed.server.jobs.api import make_router
 from cellfeed.server.limits import MAX_JSON_BYTES, check_json
 from cellfeed.server.serving.auth import require_token
+from cellfeed.server.serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from cellfeed.server.serving.sessions import SessionRegistry
+from cellfeed.server.serving.shm import SlotPools
+from cellfeed.server.version import VERSION
 
 DATASET_SUFFIXES = {".h5ad": "h5ad", ".h5": "h5ad", ".zarr": "ome-zarr", ".parquet": "parquet", ".pt": "embeddings"}
 
 
 class Health(BaseModel):
     status: str
+    version: str = Field(description="the cellfeed version serving")
     flight_uri: str
     sessions: int
     open_files: int
@@ -36,10 +41,22 @@ class Dataset(BaseModel):
     open: bool
 
 
-def create_app(ctx: ServerContext, sessions: SessionRegistry, flight_uri: str) -> FastAPI:
-    """The HTTP app. /healthz is open (liveness probes) and shows no paths; every /v1 route needs
-    the token if set. Request bodies are bounded (MAX_JSON_BYTES, MAX_JSON_DEPTH)."""
-    app = FastAPI(title="cellfeed", version="0.1.0", description="cellfeed control plane")
+class Probe(BaseModel):
+    status: str = Field(description="ok, or what is not ready")
+
+
+def create_app(
+    ctx: ServerContext,
+    sessions: SessionRegistry,
+    flight_uri: str,
+    *,
+    flight_alive: Callable[[], bool] | None = None,
+    pools: SlotPools | None = None,
+) -> FastAPI:
+    """The HTTP app. /healthz, /livez and /readyz are open (probes) and show no paths; /metrics
+    and every /v1 route need the token if set. Request bodies are bounded (MAX_JSON_BYTES,
+    MAX_JSON_DEPTH). `flight_alive` says whether the data plane still serves (for /readyz)."""
+    app = FastAPI(title="cellfeed", version=VERSION, description="cellfeed control plane")
     app.add_middleware(BoundedBody)
     app.state.ctx = ctx
     app.state.sessions = sessions
@@ -49,6 +66,7 @@ def create_app(ctx: ServerContext, sessions: SessionRegistry, flight_uri: str) -
     def healthz() -> Health:
         return Health(
             status="ok",
+            version=VERSION,
             flight_uri=flight_uri,
             sessions=len(sessions),
             open_files=len(ctx.handles.paths()),
@@ -65,8 +83,36 @@ def create_app(ctx: ServerContext, sessions: SessionRegistry, flight_uri: str) -
     def list_sessions() -> list[dict]:
         return sessions.describe()
 
-    app.include_router(make_router(ctx))
+    @app.get("/livez", response_model=Probe, summary="Liveness: the process answers")
+    def livez() -> Probe:
+        return Probe(status="ok")
+
+    @app.get("/readyz", response_model=Probe, summary="Readiness: Flight serves and the state folder is writable", responses={503: {"model": Probe, "description": "not ready; `status` says why"}})
+    def readyz() -> JSONResponse:
+        problem = _not_ready(ctx, flight_alive)
+        return JSONResponse({"status": problem or "ok"}, status_code=503 if problem else 200)
+
+    jobs = make_router(ctx)
+    ctx.metrics.watch(ctx, sessions, pools, jobs.service.list)
+
+    @app.get("/metrics", dependencies=guarded, summary="Prometheus metrics (text format); docs/metrics.md lists them", response_class=PlainTextResponse)
+    def metrics() -> Response:
+        return Response(ctx.metrics.render(), media_type=METRICS_CONTENT_TYPE)
+
+    app.include_router(jobs)
     return app
+
+
+def _not_ready(ctx: ServerContext, flight_alive: Callable[[], bool] | None) -> str | None:
+    if flight_alive is not None and not flight_alive():
+        return "the Flight data plane is not serving"
+    try:
+        probe = ctx.state_dir / f".ready-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        return f"the state folder cannot be written: {exc.strerror or type(exc).__name__}"
+    return None
 
 
 def _list_datasets(ctx: ServerContext) -> list[Dataset]:

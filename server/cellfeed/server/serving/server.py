@@ -54,7 +54,9 @@ def serve(settings: Settings) -> None:
         raise StartupError(f"cannot serve Flight on {settings.host}:{settings.flight_port} (--flight-port): {exc}") from None
     thread = threading.Thread(target=flight_service.serve, name="flight", daemon=True)
     thread.start()
-    app = create_app(ctx, sessions, flight_uri)
+    app = create_app(
+        ctx, sessions, flight_uri, flight_alive=lambda: thread.is_alive() and not flight_service.closing.is_set(), pools=flight_service.pools
+    )
     if not settings.token and not _loopback(settings.host):
         log.warning(
             "no token: anyone who can reach %s (ports %s and %d) can read every dataset under the data root and run jobs; "

@@ -56,6 +56,8 @@ class StreamProgress:
     first_batch: int
     total_batches: int
     peer: str
+    kind: str = ""  # the session's stream kind
+    transport: str = ""  # "grpc", or "shm" (shared-memory slots)
     sent: int = 0
     state: str = "streaming"
     error: str | None = None

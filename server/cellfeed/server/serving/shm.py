@@ -168,6 +168,18 @@ class SlotPools:
         while not self._closed.wait(IDLE_S / 2):
             self._expire()
 
+    def usage(self) -> tuple[int, int, int]:
+        """(slots written and not yet freed by their client, slots, their bytes), for metrics."""
+        with self._lock:
+            pools = list(self._pools.values())
+        in_use = total = nbytes = 0
+        for pool in pools:
+            with pool.lock:
+                total += len(pool.slots)
+                in_use += sum(1 for s in pool.slots if not s.is_free())
+                nbytes += sum(s.capacity for s in pool.slots)
+        return in_use, total, nbytes
+
     def acquire(self, key: str) -> SlotPool:
         if self.directory is None:
             raise ShmUnavailable("this server has no shared-memory folder")
