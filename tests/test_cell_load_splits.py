@@ -19,10 +19,10 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
+import cell_load.data_modules as cell_load_dm  # a dev dependency (pyproject.toml), pinned to 0.10.4
+
 from cellfeed.client import PerturbationDataModule
 from tests.conftest import ServerProcess
-
-cell_load_dm = pytest.importorskip("cell_load.data_modules")
 
 CONTROL = "non-targeting"
 TARGETS = [f"G{i:03d}" for i in range(6)]
