@@ -87,8 +87,6 @@ def test_protoplast_arguments_are_accepted(pert_server):
     # protoplast's positional order: files, pert_embedding_file, hvg_file, config_path, ...
     positional = PerturbationDataModule(["k562.h5ad"], "emb.pt", None, None, 1, server=pert_server.flight_uri)
     assert positional.hparams.pert_embedding_file == "emb.pt" and positional.hparams.num_workers == 1
-    with pytest.raises(ValueError, match="hvg_file='hvg.txt': cellfeed serves every gene"):
-        make(pert_server, hvg_file="hvg.txt")
     with pytest.raises(ValueError, match="basal_mapping_strategy='nearest'"):
         make(pert_server, basal_mapping_strategy="nearest")
 
@@ -130,3 +128,31 @@ def test_ddp_spawn_fits(pert_server, tmp_path):
     assert trainer.state.finished
     assert not torch.equal(model.net.weight.detach(), before)  # rank 0's trained weights came back
     assert time.monotonic() - started < 150
+
+
+def test_hvg_file_restricts_the_gene_axis(pert_server, pert_root, tmp_path):
+    import anndata as ad
+
+    hvg = ["gene00007", "gene00003", "gene00042"]  # in the file's order, not var order
+    path = tmp_path / "hvg.txt"
+    path.write_text("# top genes\n" + "\n".join(hvg) + "\n\n")
+    full = datamodule(pert_server, seed=1)
+    dm = datamodule(pert_server, seed=1, hvg_file=str(path))
+    assert dm.var_names == hvg and dm.get_var_dims()["gene_dim"] == 3
+    cols = [full.var_names.index(g) for g in hvg]
+    for a, b in zip(list(full.train_dataloader())[:3], list(dm.train_dataloader())[:3]):
+        np.testing.assert_array_equal(a["pert_cell_barcode"], b["pert_cell_barcode"])
+        for key in ("pert_cell_emb", "ctrl_cell_emb"):
+            assert tuple(b[key].shape) == (8, 4, 3)
+            np.testing.assert_array_equal(b[key].to_dense().numpy(), a[key].to_dense().numpy()[..., cols])
+    X = ad.read_h5ad(pert_root / "k562.h5ad").X
+    assert X[:, cols].nnz < X.nnz  # the other genes' values were there, and are gone
+    bad = tmp_path / "bad.txt"
+    bad.write_text("gene00001\nNOPE1\n")
+    with pytest.raises(ValueError, match="1 of its 2 genes are not among the files' var_names \\(first: NOPE1\\)"):
+        datamodule(pert_server, hvg_file=str(bad))
+    bad.write_text("gene00001\ngene00001\n")
+    with pytest.raises(ValueError, match="lists genes more than once: gene00001"):
+        make(pert_server, hvg_file=str(bad))
+    with pytest.raises(ValueError, match="cannot read it"):
+        make(pert_server, hvg_file=str(tmp_path / "none.txt"))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import tomllib
 import warnings
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +33,22 @@ class PerturbationBatchDecoder:
     starve the server and the training step on small machines; numpy also holds the GIL less.
     """
 
-    def __init__(self, info: dict[str, Any], embeddings: torch.Tensor | None, controls: pa.Table | None = None) -> None:
+    def __init__(
+        self,
+        info: dict[str, Any],
+        embeddings: torch.Tensor | None,
+        controls: pa.Table | None = None,
+        genes: np.ndarray | None = None,
+    ) -> None:
         self.S = int(info["group_size_S"])
         self.G = int(info["n_vars"])
+        # `genes` (hvg_file): the gene axis becomes these positions of var_names, in this order
+        self.gene_map: np.ndarray | None = None
+        self.out_G = self.G
+        if genes is not None:
+            self.gene_map = np.full(self.G, -1, dtype=np.int64)
+            self.gene_map[genes] = np.arange(len(genes))
+            self.out_G = len(genes)
         self.targets = np.asarray(info["targets"], dtype=object)
         self.cell_types = np.asarray(info["cell_types"], dtype=object)
         n_targets = len(self.targets)
@@ -106,10 +120,31 @@ class PerturbationBatchDecoder:
         """The [B, S, G] sparse COO tensor of B*S CSR rows (values not copied)."""
         csr.check(indptr, indices, values, self.G, "perturbation batch")  # before any write by these numbers
         coords = self._cell_coordinates(indptr)
-        coords[2] = indices
+        if self.gene_map is not None:  # hvg_file: keep the listed genes' values, renumbered
+            gene = self.gene_map[indices]
+            keep = gene >= 0
+            coords, values = coords[:, keep], values[keep]
+            coords[2] = gene[keep]
+        else:
+            coords[2] = indices
         return torch.sparse_coo_tensor(
-            torch.from_numpy(coords), torch.from_numpy(values), (B, self.S, self.G), check_invariants=False
+            torch.from_numpy(coords), torch.from_numpy(values), (B, self.S, self.out_G), check_invariants=False
         )
+
+
+def _read_gene_list(path: str) -> list[str]:
+    """hvg_file: one gene name per line; blank lines and lines starting with '#' are skipped."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as exc:
+        raise ValueError(f"hvg_file {path!r}: cannot read it: {exc.strerror or exc}") from None
+    genes = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not genes:
+        raise ValueError(f"hvg_file {path!r} lists no genes (one gene name per line)")
+    repeated = sorted(g for g, n in Counter(genes).items() if n > 1)
+    if repeated:
+        raise ValueError(f"hvg_file {path!r} lists genes more than once: {', '.join(repeated[:5])}")
+    return genes
 
 
 class PerturbationDataModule(RemoteDataModule):
@@ -122,8 +157,9 @@ class PerturbationDataModule(RemoteDataModule):
 
     Controls matched by batch: `match_controls_by_batch=True`, or protoplast's `use_batches=True`,
     or cell-load's `basal_mapping_strategy="batch"` (any one; given together they must agree).
-    `hvg_file` must be None (protoplast accepts it and never applies it): cellfeed serves every
-    gene of the files. `toml_schema`: how `config_path` is read ("auto": cell-load's schema if
+    `hvg_file` (a local text file, one gene name per line; protoplast accepts it and never applies
+    it): the batches' gene axis becomes those genes, in the file's order (`var_names` says so);
+    the server still sends every gene, the client drops the others. `toml_schema`: how `config_path` is read ("auto": cell-load's schema if
     the TOML has a [training] table, else protoplast's; see docs/protocol/perturbation.md).
     Other keyword arguments (protoplast's `sparse_key`, `pin_memory`, ...) have no effect here:
     each is warned about and listed in `ignored_kwargs`.
@@ -163,12 +199,7 @@ class PerturbationDataModule(RemoteDataModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(token)
-        if hvg_file is not None:
-            raise ValueError(
-                f"hvg_file={hvg_file!r}: cellfeed serves every gene of the files and cannot restrict them to an HVG list "
-                "(protoplast accepts hvg_file but never applies it); write the files restricted to the HVGs instead, "
-                "e.g. adata[:, hvg_genes].write_h5ad(...), then `cellfeed preprocess sort`"
-            )
+        self._hvg = _read_gene_list(hvg_file) if hvg_file is not None else None
         if basal_mapping_strategy not in (None, "batch", "random"):
             raise ValueError(f"basal_mapping_strategy={basal_mapping_strategy!r}: use 'batch' or 'random'")
         asked = {
@@ -228,7 +259,17 @@ class PerturbationDataModule(RemoteDataModule):
     def on_session(self, session: Session) -> None:
         table = session.tables.get("pert_emb")
         embeddings = torch.from_numpy(codec.tensor_from_column(table.column("embedding")).copy()) if table is not None else None
-        self.decoder = PerturbationBatchDecoder(session.info, embeddings, session.tables.get("controls"))
+        genes = None
+        if self._hvg is not None:
+            position = {name: i for i, name in enumerate(session.info["var_names"])}
+            missing = [g for g in self._hvg if g not in position]
+            if missing:
+                raise ValueError(
+                    f"hvg_file {self.hparams.hvg_file!r}: {len(missing)} of its {len(self._hvg)} genes are not among the "
+                    f"files' var_names (first: {', '.join(missing[:5])})"
+                )
+            genes = np.array([position[g] for g in self._hvg], dtype=np.int64)
+        self.decoder = PerturbationBatchDecoder(session.info, embeddings, session.tables.get("controls"), genes)
 
     @property
     def num_streams(self) -> int:
@@ -244,7 +285,8 @@ class PerturbationDataModule(RemoteDataModule):
     # -- facts about the data ------------------------------------------------------------------
     @property
     def var_names(self) -> list[str]:
-        return self.info["var_names"]
+        """The genes of the batches' last axis: the files' var_names, or hvg_file's list."""
+        return list(self._hvg) if self._hvg is not None else self.info["var_names"]
 
     @property
     def cell_type_vocab(self) -> list[str]:
@@ -264,7 +306,7 @@ class PerturbationDataModule(RemoteDataModule):
 
     def get_var_dims(self) -> dict[str, Any]:
         """cell-load's summary of dimensions."""
-        G = int(self.info["n_vars"])
+        G = len(self.var_names)
         return {
             "input_dim": G,
             "gene_dim": G,
