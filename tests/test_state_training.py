@@ -7,14 +7,19 @@ checkpoints and CSV logger. The only change: `run_tx_train` builds its data modu
 `cell_load.utils.modules.DATA_MODULE_DICT["PerturbationDataModule"]`; that one entry is
 monkeypatched to cellfeed's class. The rest is configuration a STATE user writes on the command
 line: `+data.kwargs.server=...` and `data.kwargs.should_yield_control_cells=false` (cellfeed does
-not serve control cells as items yet, docs/cell-load.md).
+not serve control cells as items yet, docs/cell-load.md). Then `state tx predict` (`run_tx_predict`,
+`--predict-only`) on the trained run: it imports `cell_load.data_modules.PerturbationDataModule`
+and calls its `load_state`, so that module attribute is the one patched for it.
 """
 
 from __future__ import annotations
 
+import argparse
 import math
 import pickle
 
+import anndata as ad
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -25,6 +30,7 @@ from tests.test_cell_load_dropin import CONTROL, FILES, N_GENES, TOML, write_scr
 state_main = pytest.importorskip("state.__main__")
 state_cli = pytest.importorskip("state._cli")
 cell_load_modules = pytest.importorskip("cell_load.utils.modules")
+cell_load_data_modules = pytest.importorskip("cell_load.data_modules")
 
 STEPS = 6
 SENTENCE = 4
@@ -118,3 +124,21 @@ def test_state_trains_through_its_own_entry_point(tmp_path, serve, monkeypatch):
     trained = ckpt["state_dict"]
     moved = [k for k, v in made[0].initial.items() if v.is_floating_point() and not torch.equal(v, trained[k])]
     assert any(k.startswith("pert_encoder") for k in moved) and any(k.startswith("basal_encoder") for k in moved)
+
+    # `state tx predict --predict-only`: STATE's test loop over the drop-in's test sentences
+    monkeypatch.setattr(cell_load_data_modules, "PerturbationDataModule", PerturbationDataModule)
+    args = argparse.Namespace(
+        output_dir=str(run), toml=None, checkpoint="final.ckpt", test_time_finetune=0, profile="full", predict_only=True,
+        skip_adatas=False, shared_only=False, eval_train_data=False, pseudobulk=False,
+    )
+    state_cli.run_tx_predict(args)
+    real = ad.read_h5ad(run / "eval_final.ckpt" / "adata_real.h5ad")
+    pred = ad.read_h5ad(run / "eval_final.ckpt" / "adata_pred.h5ad")
+    cells = pd.concat([ad.read_h5ad(root / f"{stem}.h5ad").to_df().join(ad.read_h5ad(root / f"{stem}.h5ad").obs) for stem in FILES])
+    test_cells = cells[(cells.cell_type == "rpe1") & cells.gene.isin(["G001", "G002"])]  # the TOML's test split
+    assert sorted(real.obs.pert_cell_barcode) == sorted(test_cells.index)  # each test cell once
+    genes = [f"gene{j}" for j in range(N_GENES)]
+    # STATE's real cells are the served rows (its clipping to [0, 14] leaves these values, all in [0, 10])
+    expected = test_cells.loc[real.obs.pert_cell_barcode, genes].to_numpy(np.float32)
+    np.testing.assert_array_equal(np.asarray(real.X), expected)
+    assert pred.shape == real.shape and np.isfinite(np.asarray(pred.X)).all()

@@ -150,9 +150,20 @@ class CellLoadLoader:
     sentence a batch with its padding removed, as cell-load's batch-size-1 test loader."""
 
     def __init__(
-        self, inner: RemoteLoader, *, batch_size: int, num_workers: int, group_size: int, sentences: bool, n_sentences: int | None = None
+        self,
+        inner: RemoteLoader,
+        *,
+        batch_size: int,
+        num_workers: int,
+        group_size: int,
+        sentences: bool,
+        n_sentences: int | None = None,
+        n_cells: int | None = None,
     ) -> None:
         self.inner = inner
+        # STATE's predict reads `loader.batch_sampler.tot_num` (cell-load's sampler: the cells of
+        # the split); Lightning finds no set_epoch on it, so it leaves it alone
+        self._counts = SplitCounts(n_cells, n_sentences) if sentences else None
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.group_size = group_size
@@ -166,8 +177,8 @@ class CellLoadLoader:
         return self.inner.sampler
 
     @property
-    def batch_sampler(self) -> None:
-        return None
+    def batch_sampler(self) -> "SplitCounts | None":
+        return self._counts
 
     def set_epoch(self, epoch: int) -> None:
         self.inner.set_epoch(epoch)
@@ -192,6 +203,19 @@ class CellLoadLoader:
                 yield batch
                 continue
             yield from sentences(batch, mask.numpy(), self.group_size)
+
+
+class SplitCounts:
+    """What STATE reads of cell-load's batch sampler on a test loader: `tot_num` cells."""
+
+    def __init__(self, tot_num: int | None, n_sentences: int | None) -> None:
+        self.tot_num = tot_num
+        self._n = n_sentences
+
+    def __len__(self) -> int:
+        if self._n is None:
+            raise TypeError("the number of test sentences per rank is known only after a pass (world_size > 1)")
+        return self._n
 
 
 def sentences(batch: dict[str, Any], mask: np.ndarray, S: int) -> Iterator[dict[str, Any]]:
@@ -380,11 +404,16 @@ class PerturbationDataModule(pl.LightningDataModule):
     # -- loaders ---------------------------------------------------------------------------------
     def _loader(self, split: str, *, sentences: bool, batch_size: int) -> CellLoadLoader:
         inner = self._stream.loader(split)
-        n = None
-        if sentences and self._stream.world_size == 1:
-            n = int(self.info["splits"][split]["items"])
+        counts = self.info["splits"][split]
+        alone = self._stream.world_size == 1
         return CellLoadLoader(
-            inner, batch_size=batch_size, num_workers=self.num_workers, group_size=self.cell_sentence_len, sentences=sentences, n_sentences=n
+            inner,
+            batch_size=batch_size,
+            num_workers=self.num_workers,
+            group_size=self.cell_sentence_len,
+            sentences=sentences,
+            n_sentences=int(counts["items"]) if alone else None,
+            n_cells=int(counts["cells"]) if alone else None,
         )
 
     def _has(self, split: str) -> bool:
