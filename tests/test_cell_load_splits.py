@@ -94,11 +94,12 @@ def cell_load_splits(toml: Path) -> dict[str, set[str]]:
     return out
 
 
-def cellfeed_splits(server: ServerProcess, toml: Path) -> tuple[dict[str, set[str]], PerturbationDataModule]:
+def cellfeed_splits(server: ServerProcess, toml: Path, **kwargs) -> tuple[dict[str, set[str]], PerturbationDataModule]:
     """The real cells (cell_mask) of each split as cellfeed serves them; each must come once."""
     dm = PerturbationDataModule(
         config_path=str(toml), target_label="gene", batch_label="gem_group", cell_type_label="cell_type",
         control_label=CONTROL, group_size_S=4, batch_size=3, barcodes=True, num_workers=2, server=server.flight_uri,
+        **kwargs,
     )
     dm.setup("fit")
     out: dict[str, set[str]] = {}
@@ -138,13 +139,14 @@ TOMLS = {
 }
 
 
+@pytest.mark.parametrize("strategy", ["random", "batch"])
 @pytest.mark.parametrize("name", sorted(TOMLS))
-def test_splits_equal_cell_loads_on_the_same_files(screens, tmp_path, name):
+def test_splits_equal_cell_loads_on_the_same_files(screens, tmp_path, name, strategy):
     root, server = screens
     toml = tmp_path / f"{name}.toml"
     toml.write_text(_datasets(root) + TOMLS[name])
     expected = cell_load_splits(toml)
-    got, dm = cellfeed_splits(server, toml)
+    got, dm = cellfeed_splits(server, toml, basal_mapping_strategy=strategy)
     assert dm.info["toml_schema"] == "cell-load"
     for split in ("train", "val", "test"):
         assert got[split] == expected[split], (
