@@ -274,3 +274,45 @@ def test_pickles_after_setup(screen):
     copy = pickle.loads(pickle.dumps(ours))
     first = next(iter(copy.train_dataloader()))
     assert describe(first) == describe(next(iter(ours.train_dataloader())))
+
+
+def test_zeroshot_is_served_where_cell_load_fails(screen, tmp_path):
+    """Differs on purpose: cell-load 0.10.4 with should_yield_control_cells=False cannot build a
+    train loader once a [zeroshot] rule exists (its control-only train subset is empty); cellfeed
+    serves the zeroshot cell type's perturbed cells in test and keeps it out of train."""
+    root, _, server, cells = screen
+    toml = tmp_path / "zeroshot.toml"
+    toml.write_text(f'[datasets]\nreplogle = "{root}/{{k562,rpe1}}.h5ad"\n[training]\nreplogle = "train"\n'
+                    '[zeroshot]\n"replogle.hepg2" = "test"\n')
+    theirs = cell_load_dm.PerturbationDataModule(toml_config_path=str(toml), num_workers=0, **COMMON)
+    theirs.setup()
+    with pytest.raises(ValueError, match="zero-size array"):
+        theirs.train_dataloader()
+    ours = PerturbationDataModule(toml_config_path=str(toml), server=server.flight_uri, barcode=True, **COMMON)
+    ours.setup()
+    test = {c for b in ours.test_dataloader() for c in b["pert_cell_barcode"]}
+    hepg2 = cells[(cells.cell_type == "hepg2") & (cells.gene != CONTROL)]
+    assert test == set(hepg2.index)
+    train = {c for b in ours.train_dataloader() for c in b["pert_cell_barcode"]}
+    assert train and not train & set(hepg2.index)
+    assert ours.val_dataloader().inner.split == "test"  # no val split: val is the test split, as cell-load
+
+
+def test_integer_batches_are_named_as_cell_load_names_them(tmp_path, serve):
+    """An integer gem_group: batch names are the integers' strings, in both."""
+    root = tmp_path / "data"
+    write_screen(root / "k562.h5ad", ["k562"], 7)
+    adata = ad.read_h5ad(root / "k562.h5ad")
+    adata.obs["gem_group"] = pd.Categorical(adata.obs.gem_group.str.removeprefix("gem").astype(int))
+    adata.write_h5ad(root / "k562.h5ad")
+    toml = tmp_path / "int.toml"
+    toml.write_text(f'[datasets]\nreplogle = "{root}/k562.h5ad"\n[training]\nreplogle = "train"\n')
+    server = serve(root)
+    theirs = cell_load_dm.PerturbationDataModule(toml_config_path=str(toml), num_workers=0, **COMMON)
+    theirs.setup()
+    ours = PerturbationDataModule(toml_config_path=str(toml), server=server.flight_uri, **COMMON)
+    ours.setup()
+    assert list(ours.batch_onehot_map) == list(theirs.batch_onehot_map) == ["1", "2"]
+    for dm in (ours, theirs):
+        names = next(iter(dm.train_dataloader()))["batch_name"]
+        assert all(isinstance(v, str) for v in names) and set(names) <= {"1", "2"}
