@@ -227,3 +227,40 @@ def test_a_server_killed_during_a_sort_job_cleans_its_leftovers_when_it_starts_a
     assert list((root / "sorted").iterdir()) == []  # temp file, spill folder and lock: gone
     logs = httpx.get(f"{server.http_url}/v1/jobs/{job['id']}/logs").json()["entries"]
     assert any(e["event"] == "job.cleaned" for e in logs), logs
+
+
+def test_a_file_swapped_for_a_link_out_while_it_is_opened_is_closed_and_refused(tmp_path):
+    """The race a check-then-open leaves: the opener (h5py) opens the file, and by the time it
+    returns the name leads elsewhere. The handle cache checks again after opening."""
+    from cellfeed.server.reading.h5ad import H5ad
+    from cellfeed.server.reading.handles import HandleCache
+
+    root_dir, outside = tmp_path / "data", tmp_path / "outside"
+    write_perturbation_h5ad(root_dir / "k562.h5ad", cell_type="k562")
+    write_perturbation_h5ad(outside / "k562.h5ad", cell_type="k562")
+    cache = HandleCache(DataRoot(root_dir))
+    opened: list[H5ad] = []
+
+    def open_then_swap(path: Path) -> H5ad:
+        opened.append(H5ad(path, "k562.h5ad"))
+        (root_dir / "k562.h5ad").rename(root_dir / "old.h5ad")
+        (root_dir / "k562.h5ad").symlink_to(outside / "k562.h5ad")
+        return opened[-1]
+
+    with pytest.raises(CellfeedError, match="k562.h5ad resolves outside the server's data root"):
+        cache.get(root_dir / "k562.h5ad", open_then_swap, name="h5ad")
+    assert not opened[0].file.id.valid  # the handle was closed, not kept
+    assert cache.paths() == []
+
+    (root_dir / "k562.h5ad").unlink()
+    (root_dir / "old.h5ad").rename(root_dir / "k562.h5ad")
+
+    def open_then_replace(path: Path) -> H5ad:  # same name, inside the root, another file
+        handle = H5ad(path, "k562.h5ad")
+        (root_dir / "k562.h5ad").rename(root_dir / "older.h5ad")
+        (root_dir / "k562.h5ad").write_bytes((root_dir / "older.h5ad").read_bytes())
+        return handle
+
+    with pytest.raises(CellfeedError, match="k562.h5ad: was replaced while being opened"):
+        cache.get(root_dir / "k562.h5ad", open_then_replace, name="h5ad")
+    assert isinstance(cache.get(root_dir / "k562.h5ad", lambda p: H5ad(p, "k562.h5ad"), name="h5ad"), H5ad)

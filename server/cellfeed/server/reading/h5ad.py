@@ -169,6 +169,10 @@ class H5ad:
         np.cumsum(np.bincount(rows, minlength=stop - start), out=indptr[1:])
         return indptr, cols.astype(index_dtype), block[rows, cols]
 
+    def fileno(self) -> int:
+        """The open file's descriptor (HDF5's sec2 driver), for checking what was opened."""
+        return int(self.file.id.get_vfd_handle())
+
     def close(self) -> None:
         self.file.close()
 

@@ -56,16 +56,28 @@ class HandleCache:
             entry = self._handles.get(key)
             if entry is None or entry[0] != version:
                 handle = opener(resolved)
-                if self.root is not None and self.root.contain(path) != resolved:
-                    close = getattr(handle, "close", None)
-                    if callable(close):
-                        close()
-                    raise CellfeedError(f"{self.root.relative_unresolved(Path(path))}: changed while being opened (a symlink swapped in?); refused")
+                if self.root is not None:
+                    self._check_opened(path, resolved, handle)
                 entry = (version, handle)
                 self._handles[key] = entry
         for used in getattr(self._recorders, "stack", []):
             used[resolved] = version
         return entry[1]
+
+    def _check_opened(self, path: Path, resolved: Path, handle: Any) -> None:
+        """Once opened: `path` must still lead to `resolved` inside the root and, for a handle
+        with a file descriptor (an h5ad), to the very file that was opened."""
+        try:
+            if self.root.contain(path) != resolved:
+                raise CellfeedError(f"{self.root.relative_unresolved(Path(path))}: changed while being opened (a symlink swapped in?); refused")
+            fileno = getattr(handle, "fileno", None)
+            if callable(fileno):
+                self.root.check_opened(path, fileno(), self.root.relative_unresolved(Path(path)))
+        except BaseException:
+            close = getattr(handle, "close", None)
+            if callable(close):
+                close()
+            raise
 
     @contextmanager
     def recording(self) -> Iterator[dict[Path, Version | None]]:
