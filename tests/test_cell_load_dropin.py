@@ -316,3 +316,18 @@ def test_integer_batches_are_named_as_cell_load_names_them(tmp_path, serve):
     for dm in (ours, theirs):
         names = next(iter(dm.train_dataloader()))["batch_name"]
         assert all(isinstance(v, str) for v in names) and set(names) <= {"1", "2"}
+
+
+def test_train_loader_in_test_mode_gives_each_train_cell_once(screen):
+    """cell-load's train_dataloader(test=True) (STATE's predict --eval-train-data): unpadded
+    sentences, each train cell once; the training loader's epoch is left alone."""
+    theirs, ours = both(screen, barcode=True)
+    expected = list(theirs.train_dataloader(test=True))
+    dl = ours.train_dataloader(test=True)
+    got = list(dl)
+    assert len(dl) == len(got) == len(expected)
+    served = Counter(c for b in got for c in b["pert_cell_barcode"])
+    assert set(served.values()) == {1}
+    assert set(served) == {c for b in expected for c in b["pert_cell_barcode"]}
+    assert dl.batch_sampler.tot_num == theirs.train_dataloader(test=True).batch_sampler.tot_num == len(served)
+    assert ours.train_dataloader().sampler.epoch == 0

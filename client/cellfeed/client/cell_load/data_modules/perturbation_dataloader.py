@@ -403,7 +403,17 @@ class PerturbationDataModule(pl.LightningDataModule):
 
     # -- loaders ---------------------------------------------------------------------------------
     def _loader(self, split: str, *, sentences: bool, batch_size: int) -> CellLoadLoader:
-        inner = self._stream.loader(split)
+        if split == "train" and sentences:
+            # cell-load's train_dataloader(test=True): a pass over train on a loader of its own,
+            # so the training loader's epoch and position stay as they are
+            stream = self._stream
+            inner = RemoteLoader(
+                Connection(self.server, stream.token), stream.session, "train", stream.decoder,
+                rank=stream.rank, world_size=stream.world_size, num_streams=stream.num_streams,
+                prefetch=stream.prefetch, fixed_epoch=True,
+            )
+        else:
+            inner = self._stream.loader(split)
         counts = self.info["splits"][split]
         alone = self._stream.world_size == 1
         return CellLoadLoader(
