@@ -331,3 +331,22 @@ def test_train_loader_in_test_mode_gives_each_train_cell_once(screen):
     assert set(served) == {c for b in expected for c in b["pert_cell_barcode"]}
     assert dl.batch_sampler.tot_num == theirs.train_dataloader(test=True).batch_sampler.tot_num == len(served)
     assert ours.train_dataloader().sampler.epoch == 0
+
+
+def test_unused_categories_are_left_out_of_the_vocabularies(tmp_path, serve):
+    """Differs on purpose (docs/cell-load.md): vocabularies are the values the files hold; cell-load
+    builds them from the categories, so a category with no cell widens its one-hots."""
+    root = tmp_path / "data"
+    write_screen(root / "k562.h5ad", ["k562"], 3)
+    adata = ad.read_h5ad(root / "k562.h5ad")
+    adata.obs["gene"] = adata.obs.gene.cat.add_categories(["G999"])
+    adata.write_h5ad(root / "k562.h5ad")
+    toml = tmp_path / "unused.toml"
+    toml.write_text(f'[datasets]\nreplogle = "{root}/k562.h5ad"\n[training]\nreplogle = "train"\n')
+    server = serve(root)
+    theirs = cell_load_dm.PerturbationDataModule(toml_config_path=str(toml), num_workers=0, **COMMON)
+    theirs.setup()
+    ours = PerturbationDataModule(toml_config_path=str(toml), server=server.flight_uri, **COMMON)
+    ours.setup()
+    assert set(theirs.get_var_dims()["pert_names"]) - set(ours.get_var_dims()["pert_names"]) == {"G999"}
+    assert ours.get_var_dims()["pert_dim"] == theirs.get_var_dims()["pert_dim"] - 1
