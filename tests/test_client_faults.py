@@ -150,11 +150,11 @@ sys.exit(3 if hung else 1 if failures else 0)
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-def test_threads_resetting_and_streaming_survive_kill_stop_and_restart(fault_root, tmp_path):
+def test_threads_resetting_and_streaming_survive_kill_stop_and_restart(fault_server, tmp_path):
     """The stress run that crashed the client in gRPC 2 times of 2 (a reset closed the client
     under another thread's do_get). The client runs in a subprocess, so a segfault fails the
     test; every pass of every thread must give exactly the batches of an uninterrupted run."""
-    server = ServerProcess(fault_root).start()
+    server = fault_server
     ready, stop = tmp_path / "ready", tmp_path / "stop"
     args = {"server": server.flight_uri, "ready": str(ready), "stop": str(stop), "small": SMALL}
     env = dict(os.environ, CELLFEED_READ_TIMEOUT="2", CELLFEED_CALL_TIMEOUT="2", CELLFEED_RETRY_SECONDS="40")
@@ -186,7 +186,8 @@ def test_threads_resetting_and_streaming_survive_kill_stop_and_restart(fault_roo
         if child.poll() is None:
             child.kill()
             child.wait()
-        server.stop()
+        if server.proc.poll() is not None:
+            server.start()  # for the tests after this one
     assert child.returncode == 0, f"client exited with {child.returncode} (-11: segfault, 3: hung, 1: wrong batches):\n{out[-4000:]}"
     summary = json.loads(out.strip().splitlines()[-1])
     print(summary)
@@ -196,8 +197,8 @@ def test_threads_resetting_and_streaming_survive_kill_stop_and_restart(fault_roo
 # -- (b) a hung server: a clear ServerUnavailable in bounded time --------------------------------
 @pytest.mark.slow
 @pytest.mark.timeout(120)
-def test_a_hung_server_fails_setup_len_and_iteration_in_bounded_time(fault_root, monkeypatch):
-    server = ServerProcess(fault_root).start()
+def test_a_hung_server_fails_setup_len_and_iteration_in_bounded_time(fault_server, monkeypatch):
+    server = fault_server
     try:
         dm = PerturbationDataModule(server=server.flight_uri, num_workers=2, prefetch_factor=1, **SMALL)
         dm.setup("fit")  # with the default deadlines: a cold open may take seconds on a busy machine
@@ -232,16 +233,14 @@ def test_a_hung_server_fails_setup_len_and_iteration_in_bounded_time(fault_root,
             took = time.monotonic() - started
             assert took < 25, f"{what} took {took:.1f} s against a hung server (deadlines 1 s, retry budget 2 s)"
     finally:
-        if server.proc and server.proc.poll() is None:
-            os.kill(server.proc.pid, signal.SIGCONT)
-        server.stop()
+        os.kill(server.proc.pid, signal.SIGCONT)
 
 
 # -- (c) after a restart, back to shared memory ---------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.skipif(shm.shm_dir() is None, reason="no shared-memory folder on this machine")
-def test_after_a_restart_the_client_uses_shared_memory_again(fault_root):
-    server = ServerProcess(fault_root).start()
+def test_after_a_restart_the_client_uses_shared_memory_again(fault_server):
+    server = fault_server
     try:
         grpc = PerturbationDataModule(server=server.flight_uri, shared_memory=False, **SMALL)
         grpc.setup("fit")
@@ -263,7 +262,8 @@ def test_after_a_restart_the_client_uses_shared_memory_again(fault_root):
         assert list(shm.shm_dir().glob(f"cellfeed-{server.proc.pid}-*")), "the restarted server wrote no slot for the client"
         loader.close()
     finally:
-        server.stop()
+        if server.proc.poll() is not None:
+            server.start()
 
 
 # -- (d) refusals fail at once, naming what is at fault ------------------------------------------

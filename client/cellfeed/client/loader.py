@@ -281,6 +281,7 @@ class _Fetcher:
         budget = conn.retry_seconds
         last_ok = time.monotonic()
         delay = 0.1
+        failed_pids: set[int] = set()  # server processes whose slots failed on this stream
         while k < self.total and not self.stop.is_set():
             stream: Stream | None = None
             generation = conn.generation
@@ -307,6 +308,15 @@ class _Fetcher:
             except SlotsUnavailable as exc:
                 if self.stop.is_set():  # a closed pass: its server-side batches were given up
                     return
+                # A server removes its slot files when it exits, so batches still in flight from
+                # a server that restarted name slots that are gone; the restarted process makes
+                # new ones (and gRPC's channel reconnects without the client seeing it fail). So
+                # the first failure of a server process's slots gets one more stream with slots;
+                # a second means they cannot be read here: gRPC, then.
+                pid = exc.server_pid
+                if pid is not None and pid not in failed_pids:
+                    failed_pids.add(pid)
+                    continue
                 log.warning("cannot use the server's shared-memory slots (%s); streaming batches over gRPC instead", exc)
                 loader.slots_off(generation)
             except Exception as exc:  # noqa: BLE001 - sorted by kind below

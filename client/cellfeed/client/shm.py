@@ -51,7 +51,18 @@ def probe(connection: "Connection", *, retry: bool = True) -> Path | None:
 
 
 class SlotsUnavailable(OSError):
-    """A slot file the server names cannot be opened here (another user's file, say)."""
+    """A slot file the server names cannot be opened here (another user's file, say), or no
+    longer holds the batch. `slot` is its name (`cellfeed-<server pid>-...`)."""
+
+    def __init__(self, message: str, slot: str = "") -> None:
+        super().__init__(message)
+        self.slot = slot
+
+    @property
+    def server_pid(self) -> int | None:
+        """The pid of the server process that wrote the slot (from its name), if known."""
+        parts = self.slot.split("-")
+        return int(parts[1]) if len(parts) == 4 and parts[1].isdigit() else None
 
 
 class _Lease:
@@ -135,7 +146,7 @@ class SlotReader:
                 if run.slot not in leases:
                     header = np.frombuffer(self._map(run.slot), dtype=np.uint32, count=3)
                     if header[shm.GEN] != run.generation:
-                        raise SlotsUnavailable(f"slot {run.slot} holds generation {header[shm.GEN]}, the batch names {run.generation}")
+                        raise SlotsUnavailable(f"slot {run.slot} holds generation {header[shm.GEN]}, the batch names {run.generation}", run.slot)
                     header[shm.TAKEN] = run.generation
                     leases[run.slot] = _Lease(header, run.generation)
                 leases[run.slot].count += 1
@@ -219,7 +230,7 @@ class SlotReader:
                 try:
                     fd = os.open(self.directory / name, os.O_RDWR)
                 except OSError as exc:
-                    raise SlotsUnavailable(f"{self.directory / name}: {exc.strerror or exc}") from None
+                    raise SlotsUnavailable(f"{self.directory / name}: {exc.strerror or exc}", name) from None
                 try:
                     mapped = mmap.mmap(fd, 0)
                 finally:
