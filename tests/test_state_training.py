@@ -142,3 +142,36 @@ def test_state_trains_through_its_own_entry_point(tmp_path, serve, monkeypatch):
     expected = test_cells.loc[real.obs.pert_cell_barcode, genes].to_numpy(np.float32)
     np.testing.assert_array_equal(np.asarray(real.X), expected)
     assert pred.shape == real.shape and np.isfinite(np.asarray(pred.X)).all()
+
+
+@pytest.mark.slow
+def test_state_command_line_through_the_launcher(tmp_path, serve):
+    """`python -m cellfeed.client.cell_load.state tx train ...` then `... tx predict`: STATE's own
+    command line (its main()), in a fresh process, with the launcher's two patches only."""
+    import subprocess
+    import sys
+
+    root = tmp_path / "data"
+    for seed, (stem, cell_types) in enumerate(FILES.items()):
+        write_screen(root / f"{stem}.h5ad", cell_types, seed)
+    toml = tmp_path / "replogle.toml"
+    toml.write_text(TOML.format(root=root))
+    server = serve(root)
+    out = tmp_path / "runs"
+    launcher = [sys.executable, "-m", "cellfeed.client.cell_load.state", "tx"]
+    train = [
+        "train", f"data.kwargs.toml_config_path={toml}", f"+data.kwargs.server={server.flight_uri}",
+        "data.kwargs.should_yield_control_cells=false", f"data.kwargs.control_pert={CONTROL}", "data.kwargs.num_workers=1",
+        *TINY_STATE, f"training.batch_size={BATCH}", "training.max_steps=2", "training.val_freq=2",
+        "training.ckpt_every_n_steps=2", "use_wandb=false", f"output_dir={out}", "name=cli",
+    ]
+    done = subprocess.run(launcher + train, cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run = out / "cli"
+    assert torch.load(run / "data_module.torch", weights_only=False)["server"] == server.flight_uri
+    assert torch.load(run / "checkpoints" / "final.ckpt", weights_only=False)["global_step"] == 2
+    predict = ["predict", "--output-dir", str(run), "--checkpoint", "final.ckpt", "--predict-only"]
+    done = subprocess.run(launcher + predict, cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    real = ad.read_h5ad(run / "eval_final.ckpt" / "adata_real.h5ad")
+    assert set(real.obs.gene) == {"G001", "G002"} and set(real.obs.cell_type) == {"rpe1"}
