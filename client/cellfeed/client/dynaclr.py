@@ -1,14 +1,16 @@
 """MultiExperimentDataModule: VisCy's DynaCLR multi-experiment loader, fed by a cellfeed server.
 
-Same constructor as VisCy's (plus `server`, `token`), same batch dict: `anchor`, `positive`
-[B, C, Z, Y, X] float32 and, in predict, `index` (a list of per-sample dicts). Plates, tracks
-and the experiments YAML are server-side paths, inside the server's data root.
+Two forms in one class (docs/dynaclr.md): VisCy app-dynaclr's (`experiments_yaml`, `z_range`)
+and VisCy main's (`collection_yaml` or `cell_index_path`, `z_window`, ...). Same batch dict:
+`anchor`, `positive` [B, C, Z, Y, X] float32, `anchor_meta` / `positive_meta` in the main form,
+and, in predict, `index` (a list of per-sample dicts). Plates, tracks, YAML and parquet files are
+server-side paths, inside the server's data root.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import pyarrow as pa
 import torch
@@ -36,6 +38,11 @@ INDEX_COLUMNS = (
     "y",
     "x",
 )
+# VisCy main's predict index adds these (present when the server sends them).
+INDEX_MAIN = ("perturbation", "marker", "organelle", "well", "microscope")
+META_COLUMNS = ("experiment", "perturbation", "microscope", "fov_name", "marker", "track_id", "t",
+                "hours_post_perturbation", "lineage_id", "y_clamp", "x_clamp")
+Z_REDUCTION_CLASSES = ("BatchedChannelWiseZReductiond",)  # kept in val and predict, as VisCy main does
 
 class TripletBatchDecoder:
     """One record batch to a batch dict, the image tensors being views of the received buffers."""
@@ -44,6 +51,8 @@ class TripletBatchDecoder:
         self.channel_keys = list(info["channel_keys"])
         self.levels = list(info["norm_levels"])
         self.stats = list(info["norm_stats"])
+        self.store_path = {e["name"]: e.get("data_path", "") for e in info.get("experiments", [])}
+        self.labels = list(info.get("label_encoders") or {})
 
     def __call__(self, rb: pa.RecordBatch) -> dict[str, Any]:
         names = rb.schema.names
@@ -54,13 +63,35 @@ class TripletBatchDecoder:
                 out[f"{key}_norm_meta"] = torch.from_numpy(codec.tensor_from_column(rb.column(f"{key}_norm")))
         out["padding"] = torch.from_numpy(rb.column("padding").to_numpy(zero_copy_only=False))
         if "track_id" in names:
-            columns = {c: _values(rb.column(c)) for c in INDEX_COLUMNS}
-            out["index"] = [{c: columns[c][i] for c in INDEX_COLUMNS} for i in range(rb.num_rows)]
+            present = [c for c in (*INDEX_COLUMNS, *INDEX_MAIN) if c in names]
+            columns = {c: _values(rb.column(c)) for c in present}
+            index = [{c: columns[c][i] for c in present} for i in range(rb.num_rows)]
+            for row in index:
+                row["hours_post_perturbation"] = row["hours_post_infection"]
+            out["index"] = index
             if "positive_track_id" in names:
                 out["positive_index"] = {
                     "track_id": torch.from_numpy(rb.column("positive_track_id").to_numpy()),
                     "t": torch.from_numpy(rb.column("positive_t").to_numpy()),
                 }
+        for key in IMAGE_KEYS:
+            if f"{key}_meta.track_id" in names:
+                out[f"{key}_meta"] = self.sample_meta(rb, f"{key}_meta")
+        return out
+
+    def sample_meta(self, rb: pa.RecordBatch, prefix: str) -> list[dict[str, Any]]:
+        """VisCy main's per-sample metadata dicts (`anchor_meta`), labels as class ids."""
+        columns = {c: _values(rb.column(f"{prefix}.{c}")) for c in META_COLUMNS}
+        labels = {k: rb.column(f"{prefix}.labels.{k}").to_numpy().tolist() for k in self.labels}
+        out = []
+        for i in range(rb.num_rows):
+            row = {c: columns[c][i] for c in META_COLUMNS}
+            exp, fov = row["experiment"], row["fov_name"]
+            row["store_path"] = self.store_path.get(exp, "")
+            row["global_track_id"] = f"{exp}_{fov}_{row['track_id']}"
+            row["lineage_id"] = f"{exp}_{fov}_{row['lineage_id']}"
+            row["labels"] = {k: v[i] for k, v in labels.items() if v[i] >= 0}
+            out.append(row)
         return out
 
     def norm_meta(self, stats: torch.Tensor) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
@@ -69,6 +100,24 @@ class TripletBatchDecoder:
             key: {level: {stat: stats[:, c, lv, s] for s, stat in enumerate(self.stats)} for lv, level in enumerate(self.levels)}
             for c, key in enumerate(self.channel_keys)
         }
+
+
+def _as_list(value: str | list[str] | None) -> list[str]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
+class _MaxIntensityProjection:
+    """`z_reduction="mip"`: each channel's maximum over Z, keeping a Z axis of length 1."""
+
+    def __init__(self, keys: list[str]) -> None:
+        self.keys = list(keys)
+
+    def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
+        for key in self.keys:
+            sample[key] = sample[key].amax(dim=2, keepdim=True)
+        return sample
 
 
 def _values(column: pa.Array) -> list[Any]:
@@ -90,8 +139,8 @@ class MultiExperimentDataModule(RemoteDataModule):
 
     def __init__(
         self,
-        experiments_yaml: str,
-        z_range: tuple[int, int],
+        experiments_yaml: str | None = None,
+        z_range: tuple[int, int] | None = None,
         yx_patch_size: tuple[int, int] = (192, 192),
         final_yx_patch_size: tuple[int, int] = (160, 160),
         val_experiments: list[str] | None = None,
@@ -123,9 +172,71 @@ class MultiExperimentDataModule(RemoteDataModule):
         rank: int | None = None,
         world_size: int | None = None,
         shared_memory: bool | None = None,
+        collection_yaml: str | None = None,
+        cell_index_path: str | None = None,
+        z_window: int | None = None,
+        z_extraction_window: int | None = None,
+        z_focus_offset: float = 0.5,
+        focus_channel: str | None = None,
+        z_reduction: Literal["mip"] | None = None,
+        max_border_shift: int | None = None,
+        reference_pixel_size_xy_um: float | None = None,
+        reference_pixel_size_z_um: float | None = None,
+        split_ratio: float | None = None,
+        batch_group_by: str | list[str] | None = None,
+        stratify_by: str | list[str] | None = "perturbation",
+        group_weights: dict[str, float] | None = None,
+        channels_per_sample: int | list[str] | None = None,
+        positive_cell_source: Literal["lookup", "lineage", "self"] = "lookup",
+        positive_match_columns: list[str] | None = None,
+        positive_channel_source: Literal["same", "any"] = "same",
+        label_columns: dict[str, str] | None = None,
     ) -> None:
+        """VisCy's arguments, both forms (docs/dynaclr.md); give one of `experiments_yaml`
+        (app-dynaclr form, with `z_range`), `collection_yaml` or `cell_index_path` (main form,
+        with `z_window`).
+
+        Args (VisCy main's, beside app-dynaclr's; in the experiments_yaml form they default to
+        app-dynaclr's behaviour):
+            collection_yaml: VisCy main's collection YAML (server-side path or the text itself).
+            cell_index_path: a cell index parquet (VisCy main's schema; `cellfeed build-cell-index`).
+            z_window: Z slices the model consumes (the final crop); replaces `z_range`.
+            z_extraction_window: Z slices read around the focus plane (>= z_window; default z_window).
+            z_focus_offset: share of the read window below the focus plane (0.5: symmetric).
+            focus_channel: channel whose plate `focus_slice` centres the window (default: the first).
+            z_reduction: "mip" takes the maximum over Z after the crop, in train, val and predict
+                (for 2D models); an augmentation named `BatchedChannelWiseZReductiond` is also
+                kept in val and predict, as VisCy main does.
+            max_border_shift: drop cells whose patch must move more than this many pixels to fit
+                (-1: a quarter of the patch, 0: any that does not fit); None: -1 in the main form,
+                clamp every border cell in the experiments_yaml form.
+            reference_pixel_size_xy_um: rescale every experiment's patches to this pixel size
+                (needs `pixel_size_xy_um` per experiment).
+            reference_pixel_size_z_um: the same in Z.
+            split_ratio: with no `val_experiments`, the share of each experiment's FOVs that train
+                (the rest validate); None: 0.8 in the main form, 1.0 (no validation) otherwise.
+            batch_group_by: column(s) every batch shares (main form; the experiments_yaml form uses
+                `experiment_aware`). Columns: experiment, perturbation, marker, channel_name,
+                organelle, microscope, well, fov_name.
+            stratify_by: column(s) each batch is balanced over (main form; else `condition_balanced`).
+            group_weights: sampling weight per `batch_group_by` value ("|"-joined for several columns).
+            channels_per_sample: None: every source channel; 1: one channel per sample (bag of
+                channels); a list of markers or channel names: those channels.
+            positive_cell_source: "lookup" (or "lineage"): positives by `positive_match_columns`;
+                "self": the anchor's own crop (two views from the augmentations).
+            positive_match_columns: columns a positive shares with its anchor; None or containing
+                "lineage_id": the same lineage tau frames later.
+            positive_channel_source: with channels_per_sample=1, "same" channel as the anchor or "any".
+            label_columns: {batch key: column}: class ids in `anchor_meta[i]["labels"]`.
+        """
         super().__init__(token)
         self.save_hyperparameters(ignore=["token", "normalizations", "augmentations"])
+        forms = [k for k, v in (("experiments_yaml", experiments_yaml), ("collection_yaml", collection_yaml), ("cell_index_path", cell_index_path)) if v]
+        if len(forms) != 1:
+            raise ValueError("give exactly one of experiments_yaml, collection_yaml, cell_index_path" + (f" (got {', '.join(forms)})" if forms else ""))
+        if (z_range is None) == (z_window is None):
+            raise ValueError("give either z_range or z_window")
+        self.form = forms[0]
         self.normalizations = list(normalizations or [])
         self.augmentations = list(augmentations or [])
         self.channel_dropout = ChannelDropout(
@@ -136,9 +247,9 @@ class MultiExperimentDataModule(RemoteDataModule):
     def session_config(self) -> dict[str, Any]:
         """The JSON the server receives (docs/protocol/dynaclr.md): everything that shapes batches."""
         hp = self.hparams
-        return {
-            "experiments_yaml": hp.experiments_yaml,
-            "z_range": list(hp.z_range),
+        main = self.form != "experiments_yaml"
+        config = {
+            self.form: hp[self.form],
             "yx_patch_size": list(hp.yx_patch_size),
             "val_experiments": list(hp.val_experiments or []),
             "tau_range": list(hp.tau_range),
@@ -158,13 +269,48 @@ class MultiExperimentDataModule(RemoteDataModule):
             "exclude_fovs": hp.exclude_fovs,
             "return_index": hp.return_index,
         }
+        if hp.z_range is not None:
+            config["z_range"] = list(hp.z_range)
+        else:
+            config.update(
+                z_window=hp.z_window,
+                z_extraction_window=hp.z_extraction_window,
+                z_focus_offset=hp.z_focus_offset,
+                focus_channel=hp.focus_channel,
+            )
+        border = hp.max_border_shift if hp.max_border_shift is not None else (-1 if main else None)
+        split = hp.split_ratio if hp.split_ratio is not None else (0.8 if main else 1.0)
+        extra = {
+            "max_border_shift": border,
+            "reference_pixel_size_xy_um": hp.reference_pixel_size_xy_um,
+            "reference_pixel_size_z_um": hp.reference_pixel_size_z_um,
+            "split_ratio": split,
+            "group_weights": hp.group_weights,
+            "channels_per_sample": hp.channels_per_sample,
+            "positive_cell_source": hp.positive_cell_source,
+            "positive_match_columns": hp.positive_match_columns,
+            "positive_channel_source": hp.positive_channel_source,
+            "label_columns": hp.label_columns,
+            "return_meta": main,
+        }
+        if main:  # main's grouping names replace app-dynaclr's booleans
+            extra["batch_group_by"] = _as_list(hp.batch_group_by)
+            extra["stratify_by"] = _as_list(hp.stratify_by)
+        defaults = {"max_border_shift": None, "reference_pixel_size_xy_um": None, "reference_pixel_size_z_um": None,
+                    "split_ratio": 1.0, "group_weights": None, "channels_per_sample": None, "positive_cell_source": "lookup",
+                    "positive_match_columns": None, "positive_channel_source": "same", "label_columns": None, "return_meta": False}
+        config.update({k: v for k, v in extra.items() if k not in defaults or v != defaults[k]})
+        return config
 
     def on_session(self, session: Session) -> None:
         self.decoder = TripletBatchDecoder(session.info)
-        z = self.hparams.z_range[1] - self.hparams.z_range[0]
-        crop = BatchedCenterSpatialCropd(self.decoder.channel_keys, (z, *self.hparams.final_yx_patch_size))
-        self._train_transforms = [*self.normalizations, *self.augmentations, crop]
-        self._eval_transforms = [*self.normalizations, crop]
+        hp = self.hparams
+        z = hp.z_window if hp.z_window is not None else hp.z_range[1] - hp.z_range[0]
+        crop = BatchedCenterSpatialCropd(self.decoder.channel_keys, (z, *hp.final_yx_patch_size))
+        z_reductions = [t for t in self.augmentations if type(t).__name__ in Z_REDUCTION_CLASSES]
+        mip = [_MaxIntensityProjection(self.decoder.channel_keys)] if hp.z_reduction == "mip" else []
+        self._train_transforms = [*self.normalizations, *self.augmentations, crop, *mip]
+        self._eval_transforms = [*self.normalizations, *z_reductions, crop, *mip]
 
     @property
     def prefetch(self) -> int:

@@ -33,6 +33,18 @@ class ExperimentConfig(BaseModel):
     organelle: str = ""
     date: str = ""
     moi: float = 0.0
+    # VisCy main's collection fields (docs/dynaclr.md, "VisCy main form"); optional in both forms.
+    markers: list[str] = []  # one per source channel; empty: the channel names serve as markers
+    microscope: str = ""
+    pixel_size_xy_um: float | None = None
+    pixel_size_z_um: float | None = None
+    exclude_fovs: list[str] = []  # "A/1/0", dropped from this experiment only
+    channel_wells: list[list[str]] = []  # per source channel: wells where it is valid (empty: all)
+
+    @property
+    def source_markers(self) -> list[str]:
+        """The marker of each source channel (the channel's name when none is given)."""
+        return list(self.markers) if self.markers else list(self.source_channel)
 
     @property
     def channel_map(self) -> list[int]:
@@ -112,6 +124,12 @@ class ExperimentRegistry:
                 raise CellfeedError(f"{where}: source_channel {missing[0]!r} is not in channel_names {exp.channel_names}")
             if not exp.source_channel:
                 raise CellfeedError(f"{where}: source_channel is empty")
+            if exp.markers and len(exp.markers) != len(exp.source_channel):
+                raise CellfeedError(f"{where}: {len(exp.markers)} markers for {len(exp.source_channel)} source channels")
+            for key in ("pixel_size_xy_um", "pixel_size_z_um"):
+                value = getattr(exp, key)
+                if value is not None and not value > 0:
+                    raise CellfeedError(f"{where}: {key} must be > 0 (got {value})")
         counts = {e.name: len(e.source_channel) for e in self.experiments}
         if len(set(counts.values())) > 1:
             raise CellfeedError(

@@ -17,9 +17,12 @@ import pyarrow as pa
 
 from cellfeed.server.context import ServerContext
 from cellfeed.server.dynaclr.config import DynaCLRConfig
+from cellfeed.server.dynaclr.geometry import Geometry, experiment_geometry, nearest_exact
 from cellfeed.server.dynaclr.index import CellIndex, build_index
+from cellfeed.server.dynaclr.inputs import load_inputs
 from cellfeed.server.dynaclr.positives import PositiveSampler
-from cellfeed.server.dynaclr.registry import ExperimentRegistry, check_plate
+from cellfeed.server.dynaclr.registry import ExperimentRegistry
+from cellfeed.server.dynaclr.selection import MatchPositives, Selection
 from cellfeed.server.errors import CellfeedError
 from cellfeed.server.paths import DataRoot
 from cellfeed.server.reading.omezarr import (
@@ -58,28 +61,55 @@ _INDEX_NUMERIC = (
     ("y", pa.float32(), "y"),
     ("x", pa.float32(), "x"),
 )
+# VisCy main's predict index adds these (dictionary strings, one vocabulary per session).
+_INDEX_MAIN = ("perturbation", "marker", "organelle", "well", "microscope")
+# anchor_meta / positive_meta columns (VisCy main's SampleMeta), prefixed "anchor_meta." etc.
+_META_DICT = ("experiment", "perturbation", "microscope", "fov_name", "marker")
+_META_NUMERIC = (
+    ("track_id", pa.int64()),
+    ("t", pa.int32()),
+    ("hours_post_perturbation", pa.float32()),
+    ("lineage_id", pa.int64()),
+    ("y_clamp", pa.float32()),
+    ("x_clamp", pa.float32()),
+)
 
 
 class DynaCLRSource(Source):
     kind = "dynaclr"
 
-    def __init__(self, config: DynaCLRConfig, registry: ExperimentRegistry, index: CellIndex, reader: ImageReader) -> None:
+    def __init__(
+        self,
+        config: DynaCLRConfig,
+        registry: ExperimentRegistry,
+        index: CellIndex,
+        reader: ImageReader,
+        geometry: list[Geometry] | None = None,
+        form: str = "experiments_yaml",
+    ) -> None:
         self.config = config
         self.registry = registry
         self.index = index
         self.reader = reader
+        self.form = form
+        self.geometry = geometry or [
+            Geometry(z0=config.z_range[0], native=(config.z_count, *config.patch_yx), scale=(1.0, 1.0, 1.0), z_focus=None)
+            for _ in registry.experiments
+        ]
         rows = index.rows
         names = registry.names
+        self.sel = Selection(config, registry, index)
+        sel = self.sel
         self.val_experiments = [n for n in names if n in set(config.val_experiments)]
         self.train_experiments = [n for n in names if n not in set(config.val_experiments)]
         if not self.train_experiments:
             raise CellfeedError("dynaclr config: val_experiments holds every experiment; none is left to train on")
-        codes = {n: i for i, n in enumerate(names)}
-        in_train = np.isin(rows["experiment"], [codes[n] for n in self.train_experiments])
+        in_train = sel.train_rows(self.val_experiments)
+        anchor_ok = sel.anchor_rows()
         self.items = {
-            "train": np.flatnonzero(index.valid & in_train),
-            "val": np.flatnonzero(index.valid & ~in_train),
-            "predict": np.arange(len(index)),
+            "train": sel.items_of(anchor_ok & in_train),
+            "val": sel.items_of(anchor_ok & ~in_train),
+            "predict": sel.items_of(np.ones(len(index), dtype=bool)),
         }
         if len(self.items["train"]) == 0:
             raise CellfeedError(
@@ -87,104 +117,134 @@ class DynaCLRSource(Source):
                 f"(tau in frames per experiment: {dict(zip(names, index.tau_frames))})"
             )
         train = self.items["train"]
+        group, group_names = sel.codes(train, sel.group_columns)
+        stratum, stratum_names = sel.codes(train, sel.stratify_columns)
         options = FlexibleOptions(
             batch_size=config.batch_size,
-            experiment_aware=config.experiment_aware,
-            condition_balanced=config.condition_balanced,
+            experiment_aware=bool(sel.group_columns),
+            condition_balanced=bool(sel.stratify_columns),
             leaky=config.leaky,
             temporal_enrichment=config.temporal_enrichment,
             temporal_window_hours=config.temporal_window_hours,
             temporal_global_fraction=config.temporal_global_fraction,
-            experiment_weights=_by_code(config.experiment_weights, names, "experiment_weights", missing=0.0),
-            condition_ratio=_by_code(
-                config.condition_ratio, index.conditions, "condition_ratio", missing=1.0 / len(index.conditions)
-            ),
+            experiment_weights=sel.group_weights(group_names),
+            condition_ratio=sel.stratum_ratio(stratum_names),
             seed=config.seed,
         )
         self.options = options
         self.samplers: dict[str, Sampler] = {
-            "train": FlexibleBatchSampler(rows["experiment"][train], rows["condition"][train], rows["hpi"][train], options),
+            "train": FlexibleBatchSampler(group, stratum, rows["hpi"][sel.item_row[train]], options),
             "val": SequentialSampler(len(self.items["val"]), config.batch_size),
             "predict": SequentialSampler(len(self.items["predict"]), config.batch_size),
         }
-        self.positives = PositiveSampler(index.grid, rows["experiment"], index.tau_frames, config.tau_decay_rate)
+        self.positives = (
+            PositiveSampler(index.grid, rows["experiment"], index.tau_frames, config.tau_decay_rate)
+            if config.temporal_positives
+            else None
+        )
+        self.match = MatchPositives(sel, config.positive_match_columns) if sel.match_mode else None
         self.fov_names = index.fov_names
         fov_name_code = {n: i for i, n in enumerate(self.fov_names)}
         self._fov_name_code = np.array([fov_name_code[ref.fov.name] for ref in index.fovs], dtype=np.int32)
-        self._channels = [tuple(registry.experiments[ref.experiment].channel_map) for ref in index.fovs]
+        exps = registry.experiments
+        self._channels = [tuple(exps[ref.experiment].channel_names.index(c) for c in sel.read_channels[ref.experiment]) for ref in index.fovs]
         self._norm_static, self._norm_t = self._norm_tables()
-        z0, z1 = config.z_range
-        self.patch_shape = (registry.num_source_channels, z1 - z0, *config.patch_yx)
-        self.channel_keys = [f"ch_{i}" for i in range(registry.num_source_channels)]
+        self.patch_shape = (sel.num_channels, config.z_count, *config.patch_yx)
+        self.channel_keys = sel.channel_keys(form)
+        self._rescaled = any(g.rescaled for g in self.geometry)
         self._dicts = {
             "experiment": pa.array(names, pa.string()),
             "condition": pa.array(index.conditions, pa.string()),
             "fov_name": pa.array(self.fov_names, pa.string()),
+            **{k: pa.array(v, pa.string()) for k, v in sel.vocab.items()},
         }
         self._schemas = {split: self._build_schema(split) for split in SPLITS}
 
     @classmethod
     def open(cls, config: dict[str, Any], ctx: ServerContext) -> "DynaCLRSource":
         cfg = DynaCLRConfig.parse(config)
-        text, where = _yaml_text(cfg.experiments_yaml, ctx.data_root)
-        registry = ExperimentRegistry.from_yaml(text, where)
+        root = ctx.data_root
+        inputs = load_inputs(
+            cfg, root, lambda path: ctx.handles.get(path, lambda p: open_plate(p, root.relative(p)), name="omezarr-plate")
+        )
+        registry = inputs.registry
         for name in cfg.val_experiments:
             registry.get(name)
-        paths = registry.resolve_paths(ctx.data_root)
-        plates = {}
-        for exp in registry.experiments:
-            path = paths[exp.name][0]
-            plate = ctx.handles.get(path, lambda p: open_plate(p, ctx.data_root.relative(p)), name="omezarr-plate")
-            check_plate(exp, plate)
-            plates[exp.name] = plate
+        geometry = experiment_geometry(registry, inputs.plates, cfg)
         index = build_index(
             registry,
-            plates,
-            {name: tracks for name, (_, tracks) in paths.items()},
+            inputs.plates,
+            inputs.tracks_paths,
             patch_yx=cfg.patch_yx,
-            z_range=cfg.z_range,
+            z_range=(0, cfg.z_count),
             tau_range_hours=cfg.tau_range,
             include_wells=cfg.include_wells,
             exclude_fovs=cfg.exclude_fovs,
-            tracks_label={name: ctx.data_root.relative(tracks) for name, (_, tracks) in paths.items()},
-            root=ctx.data_root,
+            tracks_label=inputs.tracks_label,
+            root=root,
+            tables=inputs.tables,
+            native_yx=[g.native[1:] for g in geometry],
+            z_spans=[(g.z0, g.native[0]) for g in geometry],
+            max_border_shift=cfg.max_border_shift,
+            require_anchors=cfg.temporal_positives,
         )
-        return cls(cfg, registry, index, ctx.image_reader(cfg.cache_pool_bytes))
+        return cls(cfg, registry, index, ctx.image_reader(cfg.cache_pool_bytes), geometry=geometry, form=inputs.form)
 
     def info(self) -> dict[str, Any]:
-        rows, index = self.index.rows, self.index
+        rows, index, sel = self.index.rows, self.index, self.sel
         experiments = []
         for e, exp in enumerate(self.registry.experiments):
             mine = rows["experiment"] == e
+            g = self.geometry[e]
             experiments.append(
                 {
                     "name": exp.name,
+                    "data_path": exp.data_path,
                     "channel_names": exp.channel_names,
                     "source_channel": exp.source_channel,
+                    "markers": exp.source_markers,
+                    "read_channels": sel.read_channels[e],
                     "interval_minutes": exp.interval_minutes,
                     "start_hpi": exp.start_hpi,
                     "organelle": exp.organelle,
+                    "microscope": exp.microscope,
+                    "pixel_size_xy_um": exp.pixel_size_xy_um,
+                    "pixel_size_z_um": exp.pixel_size_z_um,
                     "date": exp.date,
                     "moi": exp.moi,
                     "conditions": sorted(exp.condition_wells),
                     "tau_range_frames": list(index.tau_frames[e]),
+                    "z_range": [g.z0, g.z0 + g.native[0]],
+                    "z_focus": g.z_focus,
+                    "native_patch_zyx": list(g.native),
+                    "scale_zyx": list(g.scale),
                     "fovs": sum(1 for ref in index.fovs if ref.experiment == e),
                     "rows": int(np.count_nonzero(mine)),
                     "valid_anchors": int(np.count_nonzero(mine & index.valid)),
                 }
             )
         return {
+            "form": self.form,
             "experiments": experiments,
             "train_experiments": self.train_experiments,
             "val_experiments": self.val_experiments,
+            "split_mode": sel.split_mode,
+            "val_fovs": sel.val_fovs,
             "conditions": index.conditions,
             "fov_names": self.fov_names,
             "channel_keys": self.channel_keys,
+            "channels_per_sample": self.config.channels_per_sample,
             "patch_shape": list(self.patch_shape),
             "norm_levels": list(NORM_LEVELS),
             "norm_stats": list(NORM_STATS),
             "batch_size": self.config.batch_size,
             "sampling": "weighted" if self.options.weighted else "permutation",
+            "batch_group_by": sel.group_columns,
+            "stratify_by": sel.stratify_columns,
+            "positive_cell_source": "self" if self.config.positive_cell_source == "self" else "lookup",
+            "positive_match_columns": self.config.positive_match_columns or ["lineage_id"],
+            "label_encoders": sel.label_vocab,
+            "return_meta": sel.return_meta,
             "splits": {s: {"items": int(len(self.items[s]))} for s in SPLITS},
             "warnings": index.warnings,
         }
@@ -197,61 +257,107 @@ class DynaCLRSource(Source):
         sampler = self.sampler(split)
         check_batch_index(index, rank, world_size, sampler.num_batches(world_size))
         planned: PlannedBatch = sampler.batch(epoch, rank, world_size, index)
-        anchors = self.items[split][planned.items]
+        items = self.items[split][planned.items]
+        sel = self.sel
+        anchors, slots = sel.item_row[items], sel.item_slot[items]
         n = len(anchors)
         columns: dict[str, pa.Array] = {}
         if split == "predict":
-            images = self._read(anchors, alloc)
+            images = self._read(anchors, slots, alloc)
             columns["anchor"] = codec.tensor_column(images)
-            columns["anchor_norm"] = codec.tensor_column(self._norm(anchors))
+            columns["anchor_norm"] = codec.tensor_column(self._norm(anchors, slots))
         else:
             # Positives are a function of (seed, split, epoch, global batch); val ignores the epoch.
             rng = np.random.default_rng(
                 [self.config.seed, _SPLIT_KEY[split], epoch if split == "train" else 0, planned.global_index]
             )
-            positives, _ = self.positives.sample(anchors, rng)
-            images = self._read(np.concatenate([anchors, positives]), alloc)
+            if self.positives is not None:
+                positives, _ = self.positives.sample(anchors, rng)
+            elif self.match is not None:
+                positives = self.match.sample(anchors, rng)
+            else:  # positive_cell_source="self": the anchor's own crop, two views made on the device
+                positives = anchors
+            pos_slots = sel.positive_slots(slots, positives, rng)
+            if positives is anchors:
+                images = self._read(anchors, slots, alloc, twice=True)
+            else:
+                images = self._read(np.concatenate([anchors, positives]), np.concatenate([slots, pos_slots]), alloc)
             columns["anchor"] = codec.tensor_column(images[:n])
             columns["positive"] = codec.tensor_column(images[n:])
-            columns["anchor_norm"] = codec.tensor_column(self._norm(anchors))
-            columns["positive_norm"] = codec.tensor_column(self._norm(positives))
+            columns["anchor_norm"] = codec.tensor_column(self._norm(anchors, slots))
+            columns["positive_norm"] = codec.tensor_column(self._norm(positives, pos_slots))
         columns["padding"] = pa.array(planned.padding, pa.bool_())
         if split == "predict" or self.config.return_index:
-            columns.update(self._index_columns(anchors))
+            columns.update(self._index_columns(anchors, slots))
             if split != "predict":
                 columns["positive_track_id"] = pa.array(self.index.rows["track_id"][positives], pa.int64())
                 columns["positive_t"] = pa.array(self.index.rows["t"][positives].astype(np.int32), pa.int32())
+        if sel.return_meta:
+            columns.update(self._meta_columns("anchor_meta", anchors, slots))
+            if split != "predict":
+                columns.update(self._meta_columns("positive_meta", positives, pos_slots))
         return pa.RecordBatch.from_arrays(list(columns.values()), schema=self._schemas[split])
 
-    def _read(self, rows: np.ndarray, alloc: Alloc | None = None) -> np.ndarray:
-        out = alloc((len(rows), *self.patch_shape), np.dtype(np.float32)) if alloc is not None else None
-        return self.reader.read(self.patches(rows), self.patch_shape[1:], out=out)
+    def _read(self, rows: np.ndarray, slots: np.ndarray, alloc: Alloc | None = None, twice: bool = False) -> np.ndarray:
+        """[N (2N if twice), C, Z, Y, X] float32: each row's patch, resampled where pixel sizes differ."""
+        total = 2 * len(rows) if twice else len(rows)
+        out = alloc((total, *self.patch_shape), np.dtype(np.float32)) if alloc is not None else None
+        if not self._rescaled:
+            if twice:
+                out = out if out is not None else np.empty((total, *self.patch_shape), np.float32)
+                self.reader.read(self.patches(rows, slots), self.patch_shape[1:], out=out[: len(rows)])
+                out[len(rows) :] = out[: len(rows)]
+                return out
+            return self.reader.read(self.patches(rows, slots), self.patch_shape[1:], out=out)
+        out = out if out is not None else np.empty((total, *self.patch_shape), np.float32)
+        requests = self.patches(rows, slots)
+        exp = self.index.rows["experiment"][rows]
+        for e in np.unique(exp):
+            where = np.flatnonzero(exp == e)
+            native = self.geometry[e].native
+            part = self.reader.read([requests[i] for i in where], native)
+            out[where] = part if tuple(native) == tuple(self.patch_shape[1:]) else nearest_exact(part, self.patch_shape[1:])
+        if twice:
+            out[len(rows) :] = out[: len(rows)]
+        return out
 
-    def patches(self, rows: np.ndarray) -> list[PatchRequest]:
-        """The patch of each index row: its FOV, frame, source channels, z_range and clamped origin."""
+    def patches(self, rows: np.ndarray, slots: np.ndarray | None = None) -> list[PatchRequest]:
+        """The patch of each index row: its FOV, frame, channels (one with channels_per_sample=1),
+        the experiment's Z window and the clamped origin."""
         r, fovs = self.index.rows, self.index.fovs
-        z0 = self.config.z_range[0]
+        if slots is None:
+            slots = np.full(len(rows), -1, dtype=np.int64)
+        z0 = [g.z0 for g in self.geometry]
         return [
-            PatchRequest(fovs[f].fov, int(t), self._channels[f], z0, int(y0), int(x0))
-            for f, t, y0, x0 in zip(r["fov"][rows], r["t"][rows], r["y0"][rows], r["x0"][rows])
+            PatchRequest(
+                fovs[f].fov,
+                int(t),
+                self._channels[f] if s < 0 else (self._channels[f][s],),
+                z0[fovs[f].experiment],
+                int(y0),
+                int(x0),
+            )
+            for f, t, y0, x0, s in zip(r["fov"][rows], r["t"][rows], r["y0"][rows], r["x0"][rows], slots)
         ]
 
-    def _norm(self, rows: np.ndarray) -> np.ndarray:
+    def _norm(self, rows: np.ndarray, slots: np.ndarray | None = None) -> np.ndarray:
         """[n, C, levels, stats]: dataset and FOV statistics, then those of the row's timepoint."""
         fov, t = self.index.rows["fov"][rows], self.index.rows["t"][rows]
-        return np.concatenate([self._norm_static[fov], self._norm_t[fov, t][:, :, None, :]], axis=2)
+        out = np.concatenate([self._norm_static[fov], self._norm_t[fov, t][:, :, None, :]], axis=2)
+        if self.sel.bag:
+            out = out[np.arange(len(rows)), slots][:, None]
+        return out
 
     def _norm_tables(self) -> tuple[np.ndarray, np.ndarray]:
         t_max = max(ref.fov.shape[0] for ref in self.index.fovs)
         static, per_t = [], []
         for ref in self.index.fovs:
-            exp = self.registry.experiments[ref.experiment]
-            s, pt = normalization_table(ref.fov, exp.source_channel, t_max)
+            s, pt = normalization_table(ref.fov, self.sel.read_channels[ref.experiment], t_max)
             static.append(s)
             per_t.append(pt)
         return np.stack(static), np.stack(per_t)
 
-    def _index_columns(self, rows: np.ndarray) -> dict[str, pa.Array]:
+    def _index_columns(self, rows: np.ndarray, slots: np.ndarray) -> dict[str, pa.Array]:
         r = self.index.rows
         out: dict[str, pa.Array] = {
             "experiment": pa.DictionaryArray.from_arrays(r["experiment"][rows].astype(np.int32), self._dicts["experiment"]),
@@ -260,6 +366,30 @@ class DynaCLRSource(Source):
         }
         for name, dtype, column in _INDEX_NUMERIC:
             out[name] = pa.array(r[column][rows].astype(dtype.to_pandas_dtype()), dtype)
+        for name in _INDEX_MAIN:
+            out[name] = pa.DictionaryArray.from_arrays(self.sel.value_codes(name, rows, slots), self._dicts[name])
+        return out
+
+    def _meta_columns(self, prefix: str, rows: np.ndarray, slots: np.ndarray) -> dict[str, pa.Array]:
+        r, sel = self.index.rows, self.sel
+        out: dict[str, pa.Array] = {}
+        for name in _META_DICT:
+            codes = self._fov_name_code[r["fov"][rows]] if name == "fov_name" else sel.value_codes(name, rows, slots)
+            out[f"{prefix}.{name}"] = pa.DictionaryArray.from_arrays(codes, self._dicts[name])
+        exp = r["experiment"][rows]
+        native = np.array([g.native for g in self.geometry], dtype=np.int64)
+        values = {
+            "track_id": r["track_id"][rows],
+            "t": r["t"][rows],
+            "hours_post_perturbation": r["hpi"][rows],
+            "lineage_id": r["lineage_track_id"][rows],
+            "y_clamp": r["y0"][rows] + native[exp, 1] // 2,
+            "x_clamp": r["x0"][rows] + native[exp, 2] // 2,
+        }
+        for name, dtype in _META_NUMERIC:
+            out[f"{prefix}.{name}"] = pa.array(np.asarray(values[name]).astype(dtype.to_pandas_dtype()), dtype)
+        for key, codes in sel.label_codes(rows, slots).items():
+            out[f"{prefix}.labels.{key}"] = pa.array(codes, pa.int32())
         return out
 
     def _build_schema(self, split: str) -> pa.Schema:
@@ -276,17 +406,23 @@ class DynaCLRSource(Source):
         if split == "predict" or self.config.return_index:
             fields += [pa.field(n, _DICT, nullable=False) for n in ("experiment", "condition", "fov_name")]
             fields += [pa.field(n, t, nullable=False) for n, t, _ in _INDEX_NUMERIC]
+            fields += [pa.field(n, _DICT, nullable=False) for n in _INDEX_MAIN]
             if split != "predict":
                 fields += [
                     pa.field("positive_track_id", pa.int64(), nullable=False),
                     pa.field("positive_t", pa.int32(), nullable=False),
                 ]
+        if self.sel.return_meta:
+            for prefix in ("anchor_meta",) if split == "predict" else ("anchor_meta", "positive_meta"):
+                fields += [pa.field(f"{prefix}.{n}", _DICT, nullable=False) for n in _META_DICT]
+                fields += [pa.field(f"{prefix}.{n}", t, nullable=False) for n, t in _META_NUMERIC]
+                fields += [pa.field(f"{prefix}.labels.{k}", pa.int32(), nullable=False) for k in self.sel.label_vocab]
         meta = {
             "kind": self.kind,
             "split": split,
             "patch_shape": list(self.patch_shape),
             "channel_keys": self.channel_keys,
-            "source_channels": {e.name: e.source_channel for e in self.registry.experiments},
+            "source_channels": {e.name: self.sel.read_channels[i] for i, e in enumerate(self.registry.experiments)},
             "norm_levels": list(NORM_LEVELS),
             "norm_stats": list(NORM_STATS),
         }

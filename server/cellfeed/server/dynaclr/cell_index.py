@@ -1,0 +1,309 @@
+"""VisCy main's cell index parquet: one row per (cell, frame, channel), built once from a collection.
+
+`build_cell_index` writes the columns of `viscy_data.cell_index.CELL_INDEX_SCHEMA` (same names,
+same types) from a collection's plates and tracking CSVs, as `dynaclr build-cell-index` does, and
+with `preprocess=True` also fills `norm_*` and `z_focus_mean` from the plates' attributes and
+drops rows without timepoint statistics, as `dynaclr preprocess-cell-index` does.
+`read_cell_index` turns a parquet (cellfeed's or VisCy's) back into the registry and per-FOV
+track tables the session index is built from, the same code path as the YAML forms.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from cellfeed.server.dynaclr.lineage import lineage_roots
+from cellfeed.server.dynaclr.registry import ExperimentConfig, ExperimentRegistry
+from cellfeed.server.errors import CellfeedError
+from cellfeed.server.reading.omezarr import Plate
+
+CELL_INDEX_SCHEMA = pa.schema(
+    [
+        ("cell_id", pa.string()),
+        ("experiment", pa.string()),
+        ("store_path", pa.string()),
+        ("tracks_path", pa.string()),
+        ("fov", pa.string()),
+        ("well", pa.string()),
+        ("y", pa.float32()),
+        ("x", pa.float32()),
+        ("z", pa.int16()),
+        ("perturbation", pa.string()),
+        ("channel_name", pa.string()),
+        ("t", pa.int32()),
+        ("track_id", pa.int32()),
+        ("global_track_id", pa.string()),
+        ("lineage_id", pa.string()),
+        ("parent_track_id", pa.int32()),
+        ("hours_post_perturbation", pa.float32()),
+        ("interval_minutes", pa.float32()),
+        ("gene_name", pa.string()),
+        ("reporter", pa.string()),
+        ("sgRNA", pa.string()),
+        ("microscope", pa.string()),
+        ("marker", pa.string()),
+        ("organelle", pa.string()),
+        ("pixel_size_xy_um", pa.float32()),
+        ("pixel_size_z_um", pa.float32()),
+        ("T_shape", pa.int32()),
+        ("C_shape", pa.int32()),
+        ("Z_shape", pa.int32()),
+        ("Y_shape", pa.int32()),
+        ("X_shape", pa.int32()),
+        ("z_focus_mean", pa.float32()),
+        ("norm_mean", pa.float32()),
+        ("norm_std", pa.float32()),
+        ("norm_median", pa.float32()),
+        ("norm_iqr", pa.float32()),
+        ("norm_max", pa.float32()),
+        ("norm_min", pa.float32()),
+    ]
+)
+REQUIRED = ("experiment", "store_path", "fov", "well", "y", "x", "perturbation", "channel_name", "t", "track_id")
+NORM_KEYS = ("mean", "std", "median", "iqr", "max", "min")
+
+
+@dataclass
+class CellIndexInput:
+    """What a parquet gives a session: the experiments and, per (experiment, FOV), its tracks."""
+
+    registry: ExperimentRegistry
+    tables: dict[tuple[str, str], dict[str, np.ndarray]]
+    warnings: list[str] = field(default_factory=list)
+
+
+def build_cell_index(
+    registry: ExperimentRegistry,
+    plates: dict[str, Plate],
+    tracks_paths: dict[str, Path],
+    *,
+    include_wells: list[str] | None = None,
+    exclude_fovs: list[str] | None = None,
+    preprocess: bool = False,
+    focus_channel: str | None = None,
+    root=None,
+    progress: Callable[[int, int], None] | None = None,
+    cancelled: Callable[[], bool] | None = None,
+) -> tuple[pa.Table, list[str]]:
+    """The cell index table of the registry's experiments (rows in experiment, FOV, channel,
+    track, t order) and the warnings (skipped wells and FOVs)."""
+    from cellfeed.server.dynaclr.index import select_fovs
+    from cellfeed.server.reading.tracks import find_tracks_csv, read_tracks
+
+    fovs, _, warnings = select_fovs(registry, plates, include_wells, exclude_fovs)
+    frames: list[pd.DataFrame] = []
+    for done, ref in enumerate(fovs):
+        if cancelled is not None and cancelled():
+            from cellfeed.server.preprocess.convert import Cancelled
+
+            raise Cancelled()
+        exp = registry.experiments[ref.experiment]
+        label = f"{exp.tracks_path}/{ref.fov.name}"
+        csv = find_tracks_csv(tracks_paths[exp.name], ref.fov.name, root, label)
+        if csv is None:
+            warnings.append(f"experiment {exp.name!r}: no tracks CSV for FOV {ref.fov.name}; skipped")
+            continue
+        tracks = read_tracks(csv, f"{label}/{csv.name}")
+        frames += _fov_rows(exp, ref.fov, tracks, preprocess, focus_channel, warnings)
+        if progress is not None:
+            progress(done + 1, len(fovs))
+    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame({f.name: [] for f in CELL_INDEX_SCHEMA})
+    for f in CELL_INDEX_SCHEMA:
+        if f.name not in df.columns:
+            df[f.name] = None
+    return pa.Table.from_pandas(df[[f.name for f in CELL_INDEX_SCHEMA]], schema=CELL_INDEX_SCHEMA, preserve_index=False), warnings
+
+
+def _fov_rows(exp: ExperimentConfig, fov, tracks: dict[str, np.ndarray], preprocess: bool, focus_channel: str | None, warnings: list[str]) -> list[pd.DataFrame]:
+    n = len(tracks["t"])
+    T, C, Z, H, W = fov.shape
+    parent = tracks["parent_track_id"]
+    roots, _ = lineage_roots(np.zeros(n, dtype=np.int64), tracks["track_id"], parent) if n else (np.zeros(0, np.int64), None)
+    prefix = f"{exp.name}_{fov.name}_"
+    track = tracks["track_id"].astype(np.int64)
+    t = tracks["t"].astype(np.int64)
+    z = np.nan_to_num(tracks["z"], nan=0.0)
+    well_condition = exp.well_condition
+    base = {
+        "cell_id": [f"{prefix}{a}_{b}" for a, b in zip(track, t)],
+        "experiment": exp.name,
+        "store_path": exp.data_path,
+        "tracks_path": exp.tracks_path,
+        "fov": fov.name.rsplit("/", 1)[1],
+        "well": fov.well,
+        "y": tracks["y"].astype(np.float32),
+        "x": tracks["x"].astype(np.float32),
+        "z": z.astype(np.int16),
+        "perturbation": well_condition[fov.well],
+        "t": t.astype(np.int32),
+        "track_id": track.astype(np.int32),
+        "global_track_id": [f"{prefix}{a}" for a in track],
+        "lineage_id": [f"{prefix}{a}" for a in roots],
+        "parent_track_id": np.where(np.isfinite(parent) & (parent >= 0), np.nan_to_num(parent, nan=-1), -1).astype(np.int32),
+        "hours_post_perturbation": (exp.start_hpi + t * exp.interval_minutes / 60.0).astype(np.float32),
+        "interval_minutes": np.float32(exp.interval_minutes),
+        "microscope": exp.microscope,
+        "organelle": exp.organelle,
+        "pixel_size_xy_um": exp.pixel_size_xy_um,
+        "pixel_size_z_um": exp.pixel_size_z_um,
+        "T_shape": T, "C_shape": C, "Z_shape": Z, "Y_shape": H, "X_shape": W,
+    }
+    out = []
+    wells = exp.channel_wells or [[] for _ in exp.source_channel]
+    for channel, marker, valid in zip(exp.source_channel, exp.source_markers, wells):
+        if valid and fov.well not in valid:
+            continue
+        frame = pd.DataFrame({**base, "channel_name": channel, "marker": marker})
+        if preprocess:
+            frame = _preprocess(frame, fov, channel, focus_channel or exp.source_channel[0], warnings)
+        out.append(frame)
+    return out
+
+
+def _preprocess(frame: pd.DataFrame, fov, channel: str, focus_channel: str, warnings: list[str]) -> pd.DataFrame:
+    """norm_* from the FOV's timepoint statistics of this channel, z_focus_mean from its
+    focus_slice; rows without statistics (or an empty frame, max 0) are dropped, as VisCy does."""
+    norm = fov.normalization.get(channel, {}) if isinstance(fov.normalization, dict) else {}
+    per_t = norm.get("timepoint_statistics", {}) if isinstance(norm, dict) else {}
+    stats = {k: np.full(len(frame), np.nan, dtype=np.float32) for k in NORM_KEYS}
+    keep = np.zeros(len(frame), dtype=bool)
+    for i, t in enumerate(frame["t"].to_numpy()):
+        s = per_t.get(str(int(t))) if isinstance(per_t, dict) else None
+        if not isinstance(s, dict) or s.get("max", 1.0) == 0.0:
+            continue
+        keep[i] = True
+        for k in NORM_KEYS:
+            if k in s:
+                stats[k][i] = float(s[k])
+    for k in NORM_KEYS:
+        frame[f"norm_{k}"] = stats[k]
+    focus = _fov_focus(fov, focus_channel)
+    frame["z_focus_mean"] = np.float32(focus) if focus is not None else np.float32(np.nan)
+    dropped = int(np.count_nonzero(~keep))
+    if dropped:
+        warnings.append(f"{fov.plate.name}/{fov.name} channel {channel!r}: {dropped} rows without timepoint statistics; dropped")
+    return frame[keep]
+
+
+def _fov_focus(fov, channel: str) -> float | None:
+    from cellfeed.server.reading.omezarr import _node, _ome
+
+    attrs, _ = _node(fov.plate / fov.name, f"{fov.plate.name}/{fov.name}")
+    focus = attrs.get("focus_slice") or _ome(attrs).get("focus_slice")
+    entry = focus.get(channel) if isinstance(focus, dict) else None
+    stats = entry.get("fov_statistics") if isinstance(entry, dict) else None
+    value = stats.get("z_focus_mean") if isinstance(stats, dict) else None
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def write_cell_index(table: pa.Table, path: Path) -> None:
+    """Write atomically: a temporary file beside `path`, then a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_cell_index(path: Path, label: str) -> CellIndexInput:
+    """The experiments of a cell index parquet (first-appearance order) and its tracks per FOV.
+
+    Per experiment: the plate is `store_path`, channels are the distinct (channel_name, marker)
+    pairs in order of appearance (a channel present in only some wells is valid only there),
+    perturbation wells come from (perturbation, well), start_hpi from hours_post_perturbation at t.
+    Rows of one cell and frame repeat per channel; they are one observation here.
+    """
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise CellfeedError(f"{label}: cannot be read as parquet ({exc})") from None
+    missing = [c for c in REQUIRED if c not in table.column_names]
+    if missing:
+        raise CellfeedError(f"{label}: missing column(s) {', '.join(missing)} (a cell index from build-cell-index has them)")
+    if table.num_rows == 0:
+        raise CellfeedError(f"{label}: the cell index is empty")
+    df = table.to_pandas()
+    experiments: list[ExperimentConfig] = []
+    tables: dict[tuple[str, str], dict[str, np.ndarray]] = {}
+    for name in pd.unique(df["experiment"]):
+        sub = df[df["experiment"] == name]
+        where = f"{label}: experiment {name!r}"
+        stores = pd.unique(sub["store_path"])
+        if len(stores) != 1:
+            raise CellfeedError(f"{where}: {len(stores)} store_path values; one plate per experiment")
+        interval = _first(sub, "interval_minutes")
+        if interval is None:
+            raise CellfeedError(f"{where}: no interval_minutes (rebuild the cell index with build-cell-index)")
+        pairs = list(dict.fromkeys(zip(sub["channel_name"].astype(str), sub["marker"].astype(str) if "marker" in sub else sub["channel_name"].astype(str))))
+        names = [c for c, _ in pairs]
+        if len(set(names)) != len(names):
+            raise CellfeedError(f"{where}: channel {names[0]!r} has more than one marker")
+        all_wells = sorted(pd.unique(sub["well"].astype(str)))
+        channel_wells = []
+        for c in names:
+            wells = sorted(pd.unique(sub.loc[sub["channel_name"] == c, "well"].astype(str)))
+            channel_wells.append([] if wells == all_wells else wells)
+        pert = {}
+        for p, w in dict.fromkeys(zip(sub["perturbation"].astype(str), sub["well"].astype(str))):
+            pert.setdefault(p, []).append(w)
+        hpp = sub["hours_post_perturbation"].to_numpy(dtype=np.float64) if "hours_post_perturbation" in sub else None
+        start = float(np.round(hpp[0] - sub["t"].iloc[0] * interval / 60.0, 6)) if hpp is not None and np.isfinite(hpp[0]) else 0.0
+        tracks_path = str(_first(sub, "tracks_path") or "")
+        experiments.append(
+            ExperimentConfig(
+                name=str(name),
+                data_path=str(stores[0]),
+                tracks_path=tracks_path,
+                channel_names=[],  # from the plate, when it is opened
+                source_channel=names,
+                markers=[m for _, m in pairs],
+                channel_wells=channel_wells,
+                condition_wells=pert,
+                interval_minutes=float(interval),
+                start_hpi=start,
+                organelle=str(_first(sub, "organelle") or ""),
+                microscope=str(_first(sub, "microscope") or ""),
+                pixel_size_xy_um=_first(sub, "pixel_size_xy_um"),
+                pixel_size_z_um=_first(sub, "pixel_size_z_um"),
+            )
+        )
+        fov_names = sub["fov"].astype(str)
+        full = np.where(fov_names.str.contains("/"), fov_names, sub["well"].astype(str) + "/" + fov_names)
+        cells = sub.assign(_fov=full).drop_duplicates(["_fov", "track_id", "t"])
+        for fov, rows in cells.groupby("_fov", sort=False):
+            parent = rows["parent_track_id"].to_numpy(dtype=np.float64, na_value=np.nan) if "parent_track_id" in rows else np.full(len(rows), np.nan)
+            z = rows["z"].to_numpy(dtype=np.float64, na_value=np.nan) if "z" in rows else np.full(len(rows), np.nan)
+            tables[(str(name), str(fov))] = {
+                "track_id": rows["track_id"].to_numpy(dtype=np.int64),
+                "t": rows["t"].to_numpy(dtype=np.int64),
+                "id": np.full(len(rows), -1, dtype=np.int64),
+                "y": rows["y"].to_numpy(dtype=np.float64),
+                "x": rows["x"].to_numpy(dtype=np.float64),
+                "parent_track_id": parent,
+                "parent_id": np.full(len(rows), np.nan),
+                "z": z,
+            }
+    return CellIndexInput(registry=ExperimentRegistry(experiments), tables=tables)
+
+
+def _first(frame: pd.DataFrame, column: str):
+    if column not in frame.columns:
+        return None
+    values = frame[column].dropna()
+    if values.empty:
+        return None
+    value = values.iloc[0]
+    return value.item() if hasattr(value, "item") else value

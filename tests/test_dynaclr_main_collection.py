@@ -1,0 +1,153 @@
+"""VisCy main's collection YAML as the DataModule's input, against a real server on iohub plates.
+
+The collection is mapped onto the same registry and index as the experiments_yaml form, so the
+same experiments described both ways must stream the very same batches; and the collection's own
+fields (channel markers, per-experiment exclude_fovs, ${datasets_root}, microscope, pixel sizes)
+must show in what the server reports and sends.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from cellfeed.client import MultiExperimentDataModule, RequestError
+from cellfeed.client.connection import Connection
+from tests.fixtures.ecosystem_plates import IohubPlate, write_ecosystem_experiment
+from tests.fixtures.plates import expected_origin
+from tests.helpers import epoch
+
+PATCH = (24, 24)
+Z_RANGE = (1, 4)
+MARKERS = {"GFP": "SEC61B", "Phase3D": "Phase3D"}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dynaclr-main-collection") / "data"
+    root.mkdir(parents=True)
+    entries = [write_ecosystem_experiment(root, layout, seed=i) for i, layout in enumerate(("iohub-0.4", "iohub-0.5"))]
+    legacy = []
+    for e in entries:
+        e = dict(e, data_path=f"{e['name']}.zarr", tracks_path=f"{e['name']}_tracks")
+        legacy.append(e)
+    legacy[1]["microscope"] = "dragonfly"
+    (root / "experiments.yml").write_text(yaml.safe_dump({"experiments": legacy}, sort_keys=False))
+    collection = {
+        "name": "two_plates",
+        "description": "iohub 0.4 and 0.5 plates",
+        "datasets_root": str(root),
+        "provenance": {"created_by": "test"},
+        "experiments": [
+            {
+                "name": e["name"],
+                "data_path": "${datasets_root}/" + e["data_path"],
+                "tracks_path": "${datasets_root}/" + e["tracks_path"],
+                "channels": [{"name": c, "marker": MARKERS[c]} for c in e["source_channel"]],
+                "perturbation_wells": e["condition_wells"],
+                "interval_minutes": e["interval_minutes"],
+                "start_hpi": e["start_hpi"],
+                "microscope": "mantis" if i == 0 else "dragonfly",
+                "pixel_size_xy_um": 0.1494,
+                "pixel_size_z_um": 0.174,
+                "exclude_fovs": ["B/2/1"] if i == 0 else [],
+            }
+            for i, e in enumerate(legacy)
+        ],
+    }
+    (root / "collection.yml").write_text(yaml.safe_dump(collection, sort_keys=False))
+    return root, legacy
+
+
+@pytest.fixture(scope="module")
+def server(data):
+    from tests.conftest import ServerProcess
+
+    process = ServerProcess(data[0])
+    process.start()
+    yield process
+    process.stop()
+
+
+COMMON = dict(
+    z_range=Z_RANGE,
+    yx_patch_size=PATCH,
+    final_yx_patch_size=PATCH,
+    val_experiments=["iohub_05"],
+    tau_range=(0.5, 1.5),
+    batch_size=8,
+    num_workers=2,
+    return_index=True,
+    max_border_shift=-1,
+)
+
+
+def test_collection_streams_the_same_batches_as_the_experiments_yaml_form(server, data):
+    root, legacy = data
+    main = MultiExperimentDataModule(collection_yaml="collection.yml", batch_group_by="experiment", server=server.flight_uri, **COMMON)
+    old = MultiExperimentDataModule(experiments_yaml="experiments.yml", exclude_fovs=None, server=server.flight_uri, **COMMON)
+    main.setup("fit")
+    old.setup("fit")
+    # The legacy form has no per-experiment exclude: one FOV more there.
+    assert main.info["form"] == "collection_yaml" and old.info["form"] == "experiments_yaml"
+    assert main.info["experiments"][0]["fovs"] == 3 and old.info["experiments"][0]["fovs"] == 4
+    assert "B/2/1" not in {r["fov_name"] for b in epoch(main.train_dataloader()) for r in b["index"]}
+    assert main.info["experiments"][1]["microscope"] == "dragonfly"
+    assert main.info["experiments"][0]["markers"] == ["SEC61B", "Phase3D"]
+    assert main.channel_keys == ["SEC61B", "Phase3D"]  # VisCy main's transform keys: the markers
+    assert old.channel_keys == ["ch_0", "ch_1"]
+    # Validation (the 0.5 plate, no exclusions): the same batches either way, pixel for pixel.
+    for a, b in zip(epoch(main.val_dataloader()), epoch(old.val_dataloader()), strict=True):
+        assert torch_equal(a["anchor"], b["anchor"]) and torch_equal(a["positive"], b["positive"])
+        assert [r["track_id"] for r in a["index"]] == [r["track_id"] for r in b["index"]]
+
+
+def torch_equal(a, b) -> bool:
+    return bool((a == b).all())
+
+
+def test_collection_batches_carry_main_metadata_and_iohub_pixels(server, data):
+    root, legacy = data
+    dm = MultiExperimentDataModule(collection_yaml="collection.yml", server=server.flight_uri, **COMMON)
+    dm.setup("fit")
+    name = legacy[0]["name"]
+    reference = IohubPlate(root / f"{name}.zarr")
+    try:
+        batches = epoch(dm.train_dataloader())
+        assert batches
+        for batch in batches:
+            meta = batch["anchor_meta"]
+            assert len(meta) == len(batch["index"]) == batch["anchor"].shape[0]
+            for i, (row, m) in enumerate(zip(batch["index"], meta)):
+                assert m["experiment"] == row["experiment"] == name
+                assert m["marker"] == "SEC61B" and row["marker"] == "SEC61B"
+                assert m["microscope"] == "mantis" and row["microscope"] == "mantis"
+                assert m["perturbation"] == row["condition"] == row["perturbation"]
+                assert m["global_track_id"] == f"{name}_{row['fov_name']}_{row['track_id']}"
+                assert m["store_path"] == f"{name}.zarr" or m["store_path"].endswith(f"/{name}.zarr")
+                if batch["padding"][i]:
+                    continue
+                y0, x0 = expected_origin(row["y"], row["x"], PATCH)
+                expected = reference.patch(row["fov_name"], row["t"], ["GFP", "Phase3D"], Z_RANGE, y0, x0, PATCH)
+                np.testing.assert_array_equal(batch["anchor"][i].numpy(), expected)
+                pm = batch["positive_meta"][i]
+                assert pm["lineage_id"] == m["lineage_id"] and pm["t"] > m["t"]
+    finally:
+        reference.close()
+
+
+def test_collection_refusals_name_the_fault(server, data):
+    root, _ = data
+    conn = Connection(server.flight_uri)
+    doc = yaml.safe_load((root / "collection.yml").read_text())
+    doc["experiments"][0]["channels"][0]["name"] = "GFP2"
+    with pytest.raises(RequestError, match=r"channel 'GFP2' is not one of the plate's channels"):
+        conn.open_session("dynaclr", {"collection_yaml": yaml.safe_dump(doc), "z_range": [0, 3], "yx_patch_size": [24, 24]})
+    doc = yaml.safe_load((root / "collection.yml").read_text())
+    doc["experiments"][0]["perturbaton_wells"] = {}
+    with pytest.raises(RequestError, match=r"unknown key 'perturbaton_wells'"):
+        conn.open_session("dynaclr", {"collection_yaml": yaml.safe_dump(doc), "z_range": [0, 3], "yx_patch_size": [24, 24]})
+    with pytest.raises(RequestError, match=r"exactly one of experiments_yaml, collection_yaml, cell_index_path"):
+        conn.open_session("dynaclr", {"collection_yaml": "collection.yml", "experiments_yaml": "experiments.yml", "z_range": [0, 3]})
