@@ -27,6 +27,7 @@ import pytest
 from cellfeed.client import MultiExperimentDataModule, PerturbationDataModule, RequestError
 from cellfeed.client.connection import Connection
 from cellfeed.server.perturbation.synthetic import write_embeddings, write_perturbation_h5ad
+from cellfeed.wire import cellfeed_pb2 as pb
 from tests.conftest import ServerProcess
 from tests.fixtures.plates import make_dynaclr_data
 
@@ -274,7 +275,7 @@ def config_deep_json(w):
     deep: object = 1
     for _ in range(40):
         deep = [deep]
-    return open_session(w, "perturbation", {"files": [GOOD], "x": deep}), ["perturbation config", "nested more than 32 levels"]
+    return open_session(w, "perturbation", {"files": [GOOD], "x": deep}), ["perturbation config", "nested 41 levels deep; at most 32"]
 
 
 def config_file_not_a_string(w):
@@ -426,6 +427,18 @@ def ticket_garbage(w):
     return refusal(lambda: flight.connect(w.server.flight_uri).do_get(flight.Ticket(b"\xff\xfe garbage")).read_all()), ["Ticket"]
 
 
+def open_session_deep_json_text(w):
+    """Nested past Python's recursion limit in the JSON text itself, before any config check."""
+    body = pb.OpenSession(kind="perturbation", config_json='{"files": ' + "[" * 5000 + "]" * 5000 + "}").SerializeToString()
+    call = lambda: list(flight.connect(w.server.flight_uri).do_action(flight.Action("open_session", body)))  # noqa: E731
+    return refusal(call), ["OpenSession.config_json", "nested"]
+
+
+def flight_info_path_descriptor(w):
+    call = lambda: flight.connect(w.server.flight_uri).get_flight_info(flight.FlightDescriptor.for_path("good.h5ad"))  # noqa: E731
+    return refusal(call), ["command descriptor", "StreamRequest"]
+
+
 # job requests (HTTP) -------------------------------------------------------------------------
 
 
@@ -476,7 +489,7 @@ CASES = [
     config_symlink_out, toml_folder_with_link_out, toml_syntax, toml_pattern_matches_nothing, embeddings_missing,
     embeddings_not_torch, table_chunk_link_out, table_split_folder_link_out, table_garbage_chunk, table_unknown_column,
     table_huge_batch, tracks_csv_link_out, tracks_two_csvs, tracks_missing_column, experiments_yaml_missing,
-    plate_outside, plate_broken_metadata, ticket_garbage, job_nul_in_input, job_long_input, job_nul_in_output_dir,
+    plate_outside, plate_broken_metadata, ticket_garbage, open_session_deep_json_text, flight_info_path_descriptor, job_nul_in_input, job_long_input, job_nul_in_output_dir,
     job_long_output_dir, job_input_outside, job_folder_with_link_out, job_deep_json, job_huge_body, job_unknown_option,
 ]
 

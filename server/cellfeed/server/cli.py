@@ -42,6 +42,7 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dask-scheduler", help="run jobs on this Dask scheduler [CELLFEED_DASK_SCHEDULER]")
     p.add_argument("--tls-cert", help="PEM certificate: serve Flight over TLS [CELLFEED_TLS_CERT]")
     p.add_argument("--tls-key", help="PEM private key for --tls-cert [CELLFEED_TLS_KEY]")
+    p.add_argument("--max-batch-size", type=int, help="most rows (cells, groups, patches) one batch may ask for [CELLFEED_MAX_BATCH_SIZE, 65536]")
     p.add_argument("--cache-bytes", type=int, help="bytes of decoded row blocks kept [CELLFEED_CACHE_BYTES, 1 GiB]")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR [INFO]")
     p.add_argument("--log-format", choices=("text", "json"), default="text", help="json: one JSON object a line, for log collectors [text]")
@@ -53,11 +54,16 @@ def main(argv: list[str] | None = None) -> int:
         from cellfeed.server.preprocess.cli import main as preprocess_main
 
         return preprocess_main(argv[1:])
+    if argv and argv[0] == "build-cell-index":
+        from cellfeed.server.dynaclr.build_cli import main as build_cell_index_main
+
+        return build_cell_index_main(argv[1:])
     parser = argparse.ArgumentParser(prog="cellfeed", description=__doc__)
     parser.add_argument("--version", action="version", version=f"cellfeed {VERSION}")
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
     sub.add_parser("preprocess", help="h5ad -> training-ready parquet; `cellfeed preprocess --help`")
+    sub.add_parser("build-cell-index", help="DynaCLR collection YAML -> cell index parquet; `cellfeed build-cell-index --help`")
     args = parser.parse_args(argv)
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter() if getattr(args, "log_format", "text") == "json" else logging.Formatter(TEXT_FORMAT))

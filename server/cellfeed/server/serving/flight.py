@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.flight as flight
 from google.protobuf.message import DecodeError
 
+from cellfeed.server import limits
 from cellfeed.server.errors import CellfeedError, NotFound
 from cellfeed.server.serving.sessions import SessionRegistry, StreamProgress
 from cellfeed.server.serving.shm import ShmUnavailable, SlotPool, SlotPools, to_refs
@@ -93,10 +94,7 @@ class FlightService(flight.FlightServerBase):
             if action.type != "open_session":
                 raise CellfeedError(f"unknown action {action.type!r}; known: open_session, shm_probe")
             request = _parse(pb.OpenSession, action.body.to_pybytes(), "OpenSession")
-            try:
-                config = json.loads(request.config_json or "{}")
-            except json.JSONDecodeError as exc:
-                raise CellfeedError(f"OpenSession.config_json is not JSON: {exc}") from None
+            config = limits.loads(request.config_json or "{}", f"{request.kind or 'session'} config (OpenSession.config_json)")
             if not isinstance(config, dict):
                 raise CellfeedError("OpenSession.config_json must be a JSON object")
             session = self.sessions.open(request.kind, config)
@@ -124,6 +122,8 @@ class FlightService(flight.FlightServerBase):
 
     def get_flight_info(self, context, descriptor):
         try:
+            if descriptor.descriptor_type != flight.DescriptorType.CMD:
+                raise CellfeedError("GetFlightInfo takes a command descriptor holding a cellfeed.v1.StreamRequest, not a path descriptor")
             request = _parse(pb.StreamRequest, descriptor.command, "StreamRequest")
             _check_stream("StreamRequest", request.rank, request.world_size, request.stream_count)
             source = self.sessions.get(request.session_id).source
