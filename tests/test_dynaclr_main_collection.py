@@ -9,55 +9,26 @@ must show in what the server reports and sends.
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import pytest
 import yaml
 
 from cellfeed.client import MultiExperimentDataModule, RequestError
 from cellfeed.client.connection import Connection
-from tests.fixtures.ecosystem_plates import IohubPlate, write_ecosystem_experiment
+from tests.fixtures.dynaclr_main import write_main_data
+from tests.fixtures.ecosystem_plates import IohubPlate
 from tests.fixtures.plates import expected_origin
 from tests.helpers import epoch
 
 PATCH = (24, 24)
 Z_RANGE = (1, 4)
-MARKERS = {"GFP": "SEC61B", "Phase3D": "Phase3D"}
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dynaclr-main-collection") / "data"
-    root.mkdir(parents=True)
-    entries = [write_ecosystem_experiment(root, layout, seed=i) for i, layout in enumerate(("iohub-0.4", "iohub-0.5"))]
-    legacy = []
-    for e in entries:
-        e = dict(e, data_path=f"{e['name']}.zarr", tracks_path=f"{e['name']}_tracks")
-        legacy.append(e)
-    legacy[1]["microscope"] = "dragonfly"
-    (root / "experiments.yml").write_text(yaml.safe_dump({"experiments": legacy}, sort_keys=False))
-    collection = {
-        "name": "two_plates",
-        "description": "iohub 0.4 and 0.5 plates",
-        "datasets_root": str(root),
-        "provenance": {"created_by": "test"},
-        "experiments": [
-            {
-                "name": e["name"],
-                "data_path": "${datasets_root}/" + e["data_path"],
-                "tracks_path": "${datasets_root}/" + e["tracks_path"],
-                "channels": [{"name": c, "marker": MARKERS[c]} for c in e["source_channel"]],
-                "perturbation_wells": e["condition_wells"],
-                "interval_minutes": e["interval_minutes"],
-                "start_hpi": e["start_hpi"],
-                "microscope": "mantis" if i == 0 else "dragonfly",
-                "pixel_size_xy_um": 0.1494,
-                "pixel_size_z_um": 0.174,
-                "exclude_fovs": ["B/2/1"] if i == 0 else [],
-            }
-            for i, e in enumerate(legacy)
-        ],
-    }
-    (root / "collection.yml").write_text(yaml.safe_dump(collection, sort_keys=False))
+    root, legacy = write_main_data(tmp_path_factory.mktemp("dynaclr-main-collection") / "data")
+    doc = yaml.safe_load((root / "experiments.yml").read_text())
+    doc["experiments"][1]["microscope"] = "dragonfly"
+    (root / "experiments.yml").write_text(yaml.safe_dump(doc, sort_keys=False))
     return root, legacy
 
 

@@ -11,7 +11,6 @@ track tables the session index is built from, the same code path as the YAML for
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -205,17 +204,61 @@ def _fov_focus(fov, channel: str) -> float | None:
     return float(value) if isinstance(value, (int, float)) else None
 
 
-def write_cell_index(table: pa.Table, path: Path) -> None:
-    """Write atomically: a temporary file beside `path`, then a rename."""
+def write_cell_index(table: pa.Table, path: Path, root=None) -> None:
+    """Write under the output's lock, to a temporary file beside it, then rename (atomic)."""
+    from cellfeed.server.preprocess.atomic import output_lock, remove_stale_at
+
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with output_lock(path, root) as parent:
+        remove_stale_at(parent, path.name)
+        tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+        try:
+            pq.write_table(table, tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+
+def build_from_collection(
+    collection: str,
+    output: str,
+    root,
+    *,
+    include_wells: list[str] | None = None,
+    exclude_fovs: list[str] | None = None,
+    preprocess: bool = False,
+    focus_channel: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    cancelled: Callable[[], bool] | None = None,
+) -> dict:
+    """`build-cell-index` (and `preprocess-cell-index` with `preprocess`): the collection YAML
+    (a file inside the data root) to a cell index parquet at `output` (inside it too)."""
+    from cellfeed.server.dynaclr.collection import parse_collection, registry_from_collection
+    from cellfeed.server.dynaclr.registry import _resolve
+    from cellfeed.server.reading.omezarr import open_plate
+
+    source = root.resolve(collection, what="collection")
+    target = root.resolve(output, must_exist=False, what="output")
+    parsed = parse_collection(source.read_text(), root.relative(source))
+    plates, channels = {}, {}
+    for entry in parsed.experiments:
+        path = _resolve(root, entry.data_path, f"experiment {entry.name!r}: data_path")
+        plates[entry.name] = open_plate(path, root.relative(path))
+        channels[entry.name] = list(plates[entry.name].channel_names)
+    registry = registry_from_collection(parsed, channels)
+    from cellfeed.server.dynaclr.registry import check_plate
+
+    for exp in registry.experiments:
+        check_plate(exp, plates[exp.name])
+    tracks = {name: t for name, (_, t) in registry.resolve_paths(root).items()}
+    table, warnings = build_cell_index(
+        registry, plates, tracks, include_wells=include_wells, exclude_fovs=exclude_fovs, preprocess=preprocess,
+        focus_channel=focus_channel, root=root, progress=progress, cancelled=cancelled,
+    )
+    write_cell_index(table, target, root)
+    return {"output": str(target), "rows": table.num_rows, "experiments": len(registry.experiments), "warnings": warnings}
 
 
 def read_cell_index(path: Path, label: str) -> CellIndexInput:

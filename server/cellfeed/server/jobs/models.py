@@ -59,7 +59,9 @@ class SortJob(_Strict):
     options: SortOptions = Field(default_factory=SortOptions)
 
 
-JobRequest = Annotated[Union[PreprocessJob, SortJob], Field(discriminator="kind")]
+from cellfeed.server.jobs.cell_index import CellIndexJob  # noqa: E402  (DynaCLR cell index job kind)
+
+JobRequest = Annotated[Union[PreprocessJob, SortJob, CellIndexJob], Field(discriminator="kind")]
 
 
 class FileRecord(BaseModel):
@@ -81,7 +83,7 @@ class FileRecord(BaseModel):
 
 class Job(BaseModel):
     id: str
-    kind: Literal["preprocess", "sort"]
+    kind: Literal["preprocess", "sort", "build-cell-index"]
     state: JobState
     inputs: list[str]
     options: dict[str, Any]

@@ -41,8 +41,8 @@ class FileTask:
     data_root: str | None = None  # every path is resolved inside it again when the file starts
 
 
-DIR_OPTIONS = {"preprocess": ("output_dir", "interim_dir", "log_dir"), "sort": ("output_dir",)}
-FILE_OPTIONS = {"preprocess": ("gene_table",), "sort": ()}
+DIR_OPTIONS = {"preprocess": ("output_dir", "interim_dir", "log_dir"), "sort": ("output_dir",), "build-cell-index": ("output",)}
+FILE_OPTIONS = {"preprocess": ("gene_table",), "sort": (), "build-cell-index": ()}
 
 
 def resolve_options(root: DataRoot, kind: str, options: dict[str, Any]) -> None:
@@ -78,6 +78,10 @@ def outputs_of(kind: str, path: str, dataset: str, options: dict[str, Any]) -> l
         if options.get("keep_interim"):
             out.append(Layout(Path(options["interim_dir"]), Path(options["output_dir"]), Path(options["log_dir"])).interim(dataset))
         return out
+    if kind == "build-cell-index":
+        from cellfeed.server.jobs.cell_index import output_of
+
+        return [output_of(path, options)]
     source = Path(path)
     folder = Path(options["output_dir"]) if options.get("output_dir") else source.parent
     return [folder / f"{source.stem}.sorted{source.suffix}"]
@@ -113,6 +117,10 @@ def process(task: FileTask, progress: Callable[[int, int], None], cancelled: Cal
         return {"state": "failed", "seconds": 0.0, "message": str(exc)}
     if task.kind == "preprocess":
         return _preprocess(task, options, root, progress, cancelled)
+    if task.kind == "build-cell-index":
+        from cellfeed.server.jobs import cell_index
+
+        return cell_index.run(task, options, root, progress, cancelled, JobLog(task.job_log))
     return _sort(task, options, root, progress, cancelled)
 
 

@@ -396,4 +396,6 @@ class ImageReader:
             self.array(p.fov).oindex[p.t, list(p.channels), p.z0 : p.z0 + dz, p.y0 : p.y0 + dy, p.x0 : p.x0 + dx].translate_to[0]
             for p in patches
         ]
+        if len({v.dtype for v in views}) > 1:  # plates of different dtypes in one batch: stack as float32
+            views = [v if v.dtype == ts.float32 else ts.cast(v, ts.float32) for v in views]
         return ts.stack(views)
