@@ -350,3 +350,27 @@ def test_unused_categories_are_left_out_of_the_vocabularies(tmp_path, serve):
     ours.setup()
     assert set(theirs.get_var_dims()["pert_names"]) - set(ours.get_var_dims()["pert_names"]) == {"G999"}
     assert ours.get_var_dims()["pert_dim"] == theirs.get_var_dims()["pert_dim"] - 1
+
+
+def test_resume_mid_epoch_through_the_drop_in(screen):
+    """STATE resumes from last.ckpt: Lightning hands dm.state_dict() back to load_state_dict; the
+    resumed module yields exactly the batches the first had not yet yielded."""
+    _, ours = both(screen, barcode=True)
+    full = [b["pert_cell_barcode"] for b in ours.train_dataloader()]
+    ours.train_dataloader().set_epoch(0)
+    it = iter(ours.train_dataloader())
+    assert [next(it)["pert_cell_barcode"] for _ in range(2)] == full[:2]
+    state = ours.state_dict()
+    resumed = PerturbationDataModule.load_state(_saved_state(ours))
+    resumed.setup()
+    resumed.load_state_dict(state)
+    assert [b["pert_cell_barcode"] for b in resumed.train_dataloader()] == full[2:]
+
+
+def _saved_state(dm) -> "io.BytesIO":
+    import io
+
+    buffer = io.BytesIO()
+    dm.save_state(buffer)
+    buffer.seek(0)
+    return buffer

@@ -3,7 +3,8 @@
 A cell-load user changes one import and adds `server=`:
 
     from cellfeed.client.cell_load.data_modules import PerturbationDataModule
-    dm = PerturbationDataModule(toml_config_path="exp.toml", server="grpc://feeder:8815", ...)
+    dm = PerturbationDataModule(toml_config_path="exp.toml", should_yield_control_cells=False,
+                                server="grpc://feeder:8815", ...)
 
 The constructor takes cell-load's arguments, names and defaults. It is built on cellfeed's own
 perturbation client (`cellfeed.client.perturbation.PerturbationDataModule`): the arguments are
