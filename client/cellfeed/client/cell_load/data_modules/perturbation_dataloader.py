@@ -104,19 +104,18 @@ class CellLoadBatchDecoder:
     def __init__(self, inner: Any, info: dict[str, Any], dataset_name: str) -> None:
         self.inner = inner
         self.S = int(info["group_size_S"])
-        self.G = int(info["n_vars"])
         self.batches = np.asarray(info["batches"], dtype=object)
         self.dataset_name = dataset_name
 
     def __call__(self, rb: Any) -> dict[str, Any]:
         d = self.inner(rb)
-        S, G = self.S, self.G
+        S = self.S
         B = len(d["pert_name"])
         n = B * S
         batch_onehot = d["batch_onehot"].reshape(n, -1)
         out: dict[str, Any] = {
-            "pert_cell_emb": self._dense(d["pert_cell_emb"], n, G),
-            "ctrl_cell_emb": self._dense(d["ctrl_cell_emb"], n, G),
+            "pert_cell_emb": self._dense(d["pert_cell_emb"]),
+            "ctrl_cell_emb": self._dense(d["ctrl_cell_emb"]),
             "pert_emb": torch.from_numpy(np.repeat(d["pert_emb"].numpy(), S, axis=0)),
             "pert_name": np.repeat(d["pert_name"], S).tolist(),
             "cell_type": np.repeat(d["cell_type"], S).tolist(),
@@ -132,11 +131,12 @@ class CellLoadBatchDecoder:
         return out
 
     @staticmethod
-    def _dense(coo: torch.Tensor, n: int, G: int) -> torch.Tensor:
+    def _dense(coo: torch.Tensor) -> torch.Tensor:
         """[B, S, G] sparse COO (uncoalesced, no duplicates) -> dense float32 [B*S, G], in numpy
         (one pass; torch's intra-op threads would compete with the server on small hosts)."""
+        B, S, G = coo.shape
+        n = B * S
         idx = coo._indices().numpy()
-        S = coo.shape[1]
         flat = (idx[0] * S + idx[1]) * G + idx[2]
         dense = np.zeros(n * G, dtype=np.float32)
         dense[flat] = coo._values().numpy()
