@@ -81,3 +81,34 @@ def test_column_indices_are_uint16_when_the_columns_fit():
     batch = pa.RecordBatch.from_pydict(columns)
     indptr, indices, data = codec.csr_from_columns(batch, "x")
     np.testing.assert_array_equal(indices, [1, 65_535, 0])
+
+
+@pytest.mark.parametrize("index_dtype", [np.int32, np.uint16])
+def test_check_accepts_sound_csr_and_names_what_is_wrong(index_dtype):
+    """The client's bounds check on every CSR batch: no false alarms on real matrices (empty rows,
+    an empty batch), and each fault named."""
+    m = sp.random(64, 300, density=0.1, format="csr", dtype=np.float32, random_state=3)
+    m[5] = 0  # an empty row
+    m.eliminate_zeros()
+    indptr, indices = m.indptr.astype(np.int32), m.indices.astype(index_dtype)
+    csr.check(indptr, indices, m.data, 300)
+    csr.check(np.zeros(1, np.int32), np.zeros(0, index_dtype), np.zeros(0, np.float32), 300)
+    with pytest.raises(ValueError, match=r"column index 299 is outside \[0, 299\)"):
+        csr.check(indptr, np.append(indices[:-1], index_dtype(299)), m.data, 299)
+    with pytest.raises(ValueError, match="empty indptr"):
+        csr.check(np.zeros(0, np.int32), indices, m.data, 300)
+    shifted = indptr.copy()
+    shifted[0] = 1
+    with pytest.raises(ValueError, match="indptr runs from 1"):
+        csr.check(shifted, indices, m.data, 300)
+
+
+def test_gather_refuses_rows_and_bounds_outside_its_source():
+    m = sp.random(10, 8, density=0.5, format="csr", dtype=np.float32, random_state=4)
+    source = (m.indptr.astype(np.int32), m.indices.astype(np.int32), m.data)
+    for rows in (np.array([0, 10]), np.array([-1])):
+        with pytest.raises(IndexError, match="outside the 10 rows"):
+            csr.gather([(source, rows)])
+    short = (source[0], source[1], source[2][:-3])  # fewer values than the row pointers say
+    with pytest.raises(ValueError, match="corrupt indptr"):
+        csr.gather([(short, np.array([9]))])
