@@ -306,11 +306,13 @@ class MultiExperimentDataModule(RemoteDataModule):
         self.decoder = TripletBatchDecoder(session.info)
         hp = self.hparams
         z = hp.z_window if hp.z_window is not None else hp.z_range[1] - hp.z_range[0]
-        crop = BatchedCenterSpatialCropd(self.decoder.channel_keys, (z, *hp.final_yx_patch_size))
-        z_reductions = [t for t in self.augmentations if type(t).__name__ in Z_REDUCTION_CLASSES]
         mip = [_MaxIntensityProjection(self.decoder.channel_keys)] if hp.z_reduction == "mip" else []
-        self._train_transforms = [*self.normalizations, *self.augmentations, crop, *mip]
-        self._eval_transforms = [*self.normalizations, *z_reductions, crop, *mip]
+        crop = BatchedCenterSpatialCropd(self.decoder.channel_keys, (1 if mip else z, *hp.final_yx_patch_size))
+        z_reductions = [t for t in self.augmentations if type(t).__name__ in Z_REDUCTION_CLASSES]
+        # The projection runs over the whole extraction window, before the final crop (VisCy
+        # main's 2D models: BatchedChannelWiseZReductiond among the augmentations, z_window 1).
+        self._train_transforms = [*self.normalizations, *self.augmentations, *mip, crop]
+        self._eval_transforms = [*self.normalizations, *z_reductions, *mip, crop]
 
     @property
     def prefetch(self) -> int:
