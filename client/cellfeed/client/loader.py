@@ -3,8 +3,10 @@
 It behaves like a DataLoader to Lightning: exact `len`, `sampler.set_epoch`, `state_dict()` /
 `load_state_dict()` for mid-epoch resume. `num_streams` DoGet streams are read in background
 threads (stream i carries batches k with k % num_streams == i); batches come out in order, so
-the sequence never depends on the number of streams. A stream that breaks is reopened from the
-batch it owed, after backoff, so nothing is lost or repeated.
+the sequence never depends on the number of streams. A stream that breaks, or gets no batch
+within the connection's read timeout (a hung server), is reopened from the batch it owed, after
+backoff, so nothing is lost or repeated; past the retry budget the loop gets ServerUnavailable.
+Refusals (cellfeed.wire.errors kinds) reach the loop at once.
 """
 
 from __future__ import annotations
@@ -278,10 +280,10 @@ class _Fetcher:
         retry budget is spent; a refusal or a decode error goes to the consumer at once."""
         loader, conn = self.loader, self.loader.connection
         step = loader.num_streams
-        budget = conn.retry_seconds
         last_ok = time.monotonic()
         delay = 0.1
         failed_pids: set[int] = set()  # server processes whose slots failed on this stream
+        reopened_at: tuple[int, int] | None = None  # the batch owed when the session was last reopened
         while k < self.total and not self.stop.is_set():
             stream: Stream | None = None
             generation = conn.generation
@@ -323,9 +325,10 @@ class _Fetcher:
                 if self.stop.is_set():
                     return
                 what = kind_of(exc)
-                if what is ErrorKind.NOT_FOUND:  # the server restarted and forgot the session
+                if what is ErrorKind.NOT_FOUND and reopened_at != (epoch, k):  # the server restarted and forgot the session
                     try:
                         conn.reopen(loader.session)
+                        reopened_at = (epoch, k)  # once per batch owed: not_found again is a refusal
                         continue
                     except (ServerUnavailable, RequestError) as exc2:
                         self._put(i, ((epoch, k), exc2))
@@ -341,7 +344,7 @@ class _Fetcher:
                 if not isinstance(exc, TRANSIENT + (OSError,)):
                     self._put(i, ((epoch, k), exc))  # a decode error must reach the training loop
                     return
-                if not self._backoff(last_ok, budget, delay, exc, i, epoch, k, generation):
+                if not self._backoff(last_ok, conn.retry_seconds, delay, exc, i, epoch, k, generation):
                     return
                 delay = min(delay * 2, 5.0)
             finally:
