@@ -345,7 +345,8 @@ class DynaCLRSource(Source):
         fov, t = self.index.rows["fov"][rows], self.index.rows["t"][rows]
         out = np.concatenate([self._norm_static[fov], self._norm_t[fov, t][:, :, None, :]], axis=2)
         if self.sel.bag:
-            out = out[np.arange(len(rows)), slots][:, None]
+            picked = out[np.arange(len(rows)), slots]  # a fresh [n, levels, stats] array
+            out = picked.reshape(len(rows), 1, *picked.shape[1:])
         return out
 
     def _norm_tables(self) -> tuple[np.ndarray, np.ndarray]:
