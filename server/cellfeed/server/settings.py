@@ -22,6 +22,9 @@ class Settings:
     tls_key: str | None = None
     cache_bytes: int = 1 << 30  # decoded rows kept between batches, across sessions
     max_batch_size: int = 1 << 16  # rows (cells, groups, patches) one batch may ask for
+    session_idle_seconds: int = 600  # a session with no live stream for this long is closed
+    max_sessions: int = 64  # beyond this many, the least recently used idle sessions are closed
+    max_session_bytes: int = 4 << 30  # beyond this much held by sessions, likewise
 
     @classmethod
     def from_env(cls, **overrides: object) -> "Settings":

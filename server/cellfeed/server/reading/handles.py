@@ -8,6 +8,7 @@ reading the old one (a rename leaves it readable), so no stream ever mixes two v
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -40,6 +41,7 @@ class HandleCache:
     def __init__(self, root: "DataRoot | None" = None) -> None:
         self.root = root  # when set, every path is contained in it at the moment it is opened
         self._handles: dict[tuple[Path, str], tuple[Version | None, Any]] = {}
+        self._used: dict[tuple[Path, str], float] = {}  # when each handle was last got
         self._lock = threading.Lock()
         self._recorders = threading.local()
 
@@ -60,6 +62,7 @@ class HandleCache:
                     self._check_opened(path, resolved, handle)
                 entry = (version, handle)
                 self._handles[key] = entry
+            self._used[key] = time.monotonic()
         for used in getattr(self._recorders, "stack", []):
             used[resolved] = version
         return entry[1]
@@ -89,6 +92,21 @@ class HandleCache:
             yield used
         finally:
             stack.remove(used)
+
+    def release(self, keep: set[Path], idle_seconds: float = 60.0) -> int:
+        """Close handles of files no open session reads (`keep`) that nobody got for
+        `idle_seconds` (a session being opened may hold one not yet in `keep`)."""
+        now = time.monotonic()
+        with self._lock:
+            gone = [key for key in self._handles if key[0] not in keep and now - self._used.get(key, 0.0) >= idle_seconds]
+            handles = [self._handles.pop(key)[1] for key in gone]
+            for key in gone:
+                self._used.pop(key, None)
+        for handle in handles:
+            close = getattr(handle, "close", None)
+            if callable(close):
+                close()
+        return len(handles)
 
     def paths(self) -> list[Path]:
         with self._lock:

@@ -93,6 +93,7 @@ def create_app(
         return JSONResponse({"status": problem or "ok"}, status_code=503 if problem else 200)
 
     jobs = make_router(ctx)
+    app.state.jobs = jobs.service
     ctx.metrics.watch(ctx, sessions, pools, jobs.service.list)
 
     @app.get("/metrics", dependencies=guarded, summary="Prometheus metrics (text format); docs/metrics.md lists them", response_class=PlainTextResponse)

@@ -81,6 +81,8 @@ def serve(settings: Settings) -> None:
         stopper = threading.Thread(target=flight_service.shutdown, name="flight-shutdown", daemon=True)
         stopper.start()
         stopper.join(SHUTDOWN_GRACE_S)
+        app.state.jobs.close()
+        sessions.close()
         flight_service.pools.close()
         ctx.handles.close()
         if stopper.is_alive():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -16,6 +17,19 @@ from cellfeed.server.limits import MAX_JSON_DEPTH, check_batch_size, object_dept
 from cellfeed.server.reading.handles import Version, version_of
 from cellfeed.server.sources import source_class
 from cellfeed.server.sources.base import Source
+
+
+SWEEP_S = 30.0
+GRACE_S = 5.0  # a session used this recently is kept even over the budgets
+log = logging.getLogger(__name__)
+
+
+def _held_bytes(session: "Session") -> int:
+    """What a session holds beyond the shared caches (its tables and plans), as its source says."""
+    try:
+        return int(session.source.nbytes())
+    except Exception:  # noqa: BLE001 - an estimate; never a reason to fail
+        return 0
 
 
 def session_id(kind: str, config: dict[str, Any], files: dict[str, Any] | None = None) -> str:
@@ -34,6 +48,7 @@ class Session:
     files: dict[Path, Version | None] = field(default_factory=dict)  # what it reads, at which version
     opened_at: float = field(default_factory=time.time)
     superseded_by: str | None = None  # a newer session of the same config, over changed files
+    used_at: float = field(default_factory=time.monotonic)  # last opened, planned or streamed
 
     def is_current(self) -> bool:
         """Whether every file it reads is still at the version it opened."""
@@ -68,7 +83,7 @@ class StreamProgress:
 class SessionRegistry:
     """Thread-safe map of session id -> Session; opening the same config twice opens it once."""
 
-    def __init__(self, ctx: ServerContext, keep_finished: int = 64) -> None:
+    def __init__(self, ctx: ServerContext, keep_finished: int = 64, *, sweep_seconds: float = SWEEP_S) -> None:
         self.ctx = ctx
         self._sessions: dict[str, Session] = {}
         self._latest: dict[str, Session] = {}  # config digest -> its newest session
@@ -76,6 +91,10 @@ class SessionRegistry:
         self._lock = threading.Lock()
         self._streams: list[StreamProgress] = []
         self._keep_finished = keep_finished
+        self.evicted = 0
+        self._closed = threading.Event()
+        if sweep_seconds > 0:
+            threading.Thread(target=self._sweep, args=(sweep_seconds,), name="cellfeed-session-sweeper", daemon=True).start()
 
     def open(self, kind: str, config: dict[str, Any]) -> Session:
         """The session of this config over the files as they are now.
@@ -94,11 +113,13 @@ class SessionRegistry:
             latest = self._latest.get(key)
             lock = self._opening.setdefault(key, threading.Lock())
         if latest is not None and latest.is_current():
+            latest.used_at = time.monotonic()
             return latest
         with lock:
             with self._lock:
                 latest = self._latest.get(key)
             if latest is not None and latest.is_current():
+                latest.used_at = time.monotonic()
                 return latest
             with self.ctx.handles.recording() as used:
                 source = source_class(kind).open(config, self.ctx)
@@ -109,7 +130,9 @@ class SessionRegistry:
                     latest.superseded_by = session.session_id
                 self._sessions[session.session_id] = session
                 self._latest[key] = session
-            return session
+            log.info("session opened: %s (%s), %d file(s): %s", session.session_id, kind, len(files), ", ".join(sorted(files)[:5]))
+        self.evict()
+        return session
 
     def __len__(self) -> int:
         with self._lock:
@@ -119,8 +142,64 @@ class SessionRegistry:
         with self._lock:
             session = self._sessions.get(sid)
         if session is None:
-            raise NotFound(f"unknown session {sid!r} (the server may have restarted: open the session again)")
+            raise NotFound(f"unknown session {sid!r} (the server may have restarted or closed it when idle: open the session again)")
+        session.used_at = time.monotonic()
         return session
+
+    # -- bounded memory ------------------------------------------------------------------------
+    def evict(self, now: float | None = None) -> list[str]:
+        """Close sessions without live streams that have been idle past `session_idle_seconds`,
+        then the least recently used idle ones while more than `max_sessions` are open or they
+        hold more than `max_session_bytes`. A later request for one reopens it (same id)."""
+        settings = self.ctx.settings
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            live = {st.session_id for st in self._streams if st.state == "streaming"}
+            idle = sorted((s for s in self._sessions.values() if s.session_id not in live), key=lambda s: s.used_at)
+            held = {s.session_id: _held_bytes(s) for s in self._sessions.values()}
+            total, count = sum(held.values()), len(self._sessions)
+            gone: list[Session] = []
+            for s in idle:
+                over = count > settings.max_sessions or total > settings.max_session_bytes
+                if now - s.used_at < (GRACE_S if over else settings.session_idle_seconds):
+                    break  # the rest were used more recently still (a stream may be starting)
+                gone.append(s)
+                count -= 1
+                total -= held[s.session_id]
+            for s in gone:
+                del self._sessions[s.session_id]
+                for key, latest in list(self._latest.items()):
+                    if latest is s:
+                        del self._latest[key]
+            kept_files = {p for s in self._sessions.values() for p in s.files}
+        for s in gone:
+            try:
+                s.source.close()
+            except Exception:  # noqa: BLE001 - a source that fails to close is dropped all the same
+                log.exception("closing session %s", s.session_id)
+            log.info("session closed: %s (%s), idle %.0f s", s.session_id, s.kind, now - s.used_at)
+        if gone:
+            self.evicted += len(gone)
+            self.ctx.handles.release(keep=kept_files, idle_seconds=min(60.0, settings.session_idle_seconds))
+        return [s.session_id for s in gone]
+
+    def _sweep(self, every: float) -> None:
+        while not self._closed.wait(every):
+            try:
+                self.evict()
+            except Exception:  # noqa: BLE001 - the sweeper must outlive one bad pass
+                log.exception("session sweep")
+
+    def close(self) -> None:
+        """Stop the sweeper and close every session's source (at shutdown)."""
+        self._closed.set()
+        with self._lock:
+            sessions, self._sessions, self._latest = list(self._sessions.values()), {}, {}
+        for s in sessions:
+            try:
+                s.source.close()
+            except Exception:  # noqa: BLE001
+                log.exception("closing session %s", s.session_id)
 
     def start_stream(self, progress: StreamProgress) -> StreamProgress:
         with self._lock:

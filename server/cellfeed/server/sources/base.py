@@ -77,5 +77,10 @@ class Source(ABC):
         list values (in a shared-memory slot); a source that writes into them spares a copy.
         """
 
+    def nbytes(self) -> int:
+        """Bytes this session holds beyond the shared caches (for the session memory budget):
+        by default, the tables it sends with the session."""
+        return sum(t.nbytes for t in self.tables().values())
+
     def close(self) -> None:
         """Release what `open` acquired beyond the shared handle cache."""
