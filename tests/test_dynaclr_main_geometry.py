@@ -186,3 +186,21 @@ def test_pixel_sizes_are_rescaled_to_the_reference(server, data):
         doc["experiments"][0].pop("pixel_size_z_um")
         (root / "no_z.yml").write_text(yaml.safe_dump(doc))
         _dm(server, collection_yaml="no_z.yml", z_window=3, z_extraction_window=None, reference_pixel_size_z_um=0.174)
+
+
+def test_z_pixel_size_rescales_the_z_window(server, data):
+    root, _ = data
+    # 0.174 um slices against a 0.348 um reference: 2 output slices read as 4 native ones, then resampled.
+    dm = _dm(server, z_window=2, z_extraction_window=None, reference_pixel_size_z_um=0.348, val_experiments=["iohub_05"])
+    exp = dm.info["experiments"][1]
+    assert exp["native_patch_zyx"] == [4, 24, 24] and exp["z_range"] == [0, 4]
+    reference = IohubPlate(root / "iohub_05.zarr")
+    try:
+        batch = epoch(dm.val_dataloader())[0]
+        assert batch["anchor"].shape[1:] == (2, 2, *PATCH)
+        for i, row in enumerate(batch["index"]):
+            y0, x0 = expected_origin(row["y"], row["x"], PATCH)
+            native = reference.patch(row["fov_name"], row["t"], ["GFP", "Phase3D"], (0, 4), y0, x0, PATCH)
+            np.testing.assert_array_equal(batch["anchor"][i].numpy(), native[:, [1, 3]])  # nearest-exact 4 -> 2
+    finally:
+        reference.close()

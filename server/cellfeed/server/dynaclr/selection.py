@@ -233,9 +233,11 @@ class Selection:
         if weights is None and self.config.experiment_weights is not None:
             weights, key = self.config.experiment_weights, "experiment_weights"
             unknown = sorted(set(weights) - set(self.registry.names))
+            known = self.registry.names
+            if not unknown and not self.group_columns:
+                return (1.0,)  # batches are not per experiment: the weights only make sampling weighted, as before
             if not unknown and self.group_columns != ["experiment"]:
                 raise CellfeedError("dynaclr config: experiment_weights needs batches grouped by experiment; use group_weights")
-            known = self.registry.names
         elif weights is not None:
             unknown, known = sorted(set(weights) - set(names)), names
         else:
@@ -248,11 +250,13 @@ class Selection:
         ratio = self.config.condition_ratio
         if ratio is None:
             return None
-        if self.stratify_columns != ["perturbation"]:
-            raise CellfeedError("dynaclr config: condition_ratio needs strata by condition (perturbation)")
         unknown = sorted(set(ratio) - set(self.index.conditions))
         if unknown:
             raise CellfeedError(f"dynaclr config: condition_ratio names {unknown[0]!r}, which is not one of {', '.join(self.index.conditions)}")
+        if not self.stratify_columns:
+            return None  # no strata: nothing to weigh
+        if self.stratify_columns != ["perturbation"]:
+            raise CellfeedError("dynaclr config: condition_ratio needs strata by condition (perturbation)")
         k = len(self.index.conditions)
         return tuple(float(ratio.get(n, 1.0 / k)) for n in names)
 
