@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHES = ["perturbation.py", "dynaclr.py", "preprocess.py", "faults.py"]
+BENCHES = ["perturbation.py", "dynaclr.py", "preprocess.py", "faults.py", "soak.py"]
 
 
 def main() -> int:
