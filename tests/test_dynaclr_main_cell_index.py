@@ -91,6 +91,8 @@ def test_the_job_writes_viscy_mains_columns_one_row_per_cell_frame_and_channel(b
     for daughter in (3, 4):
         lineage = set(fov.loc[fov.track_id == daughter, "lineage_id"])
         assert lineage == {"iohub_04_A/1/0_2"}
+        assert set(fov.loc[fov.track_id == daughter, "parent_track_id"]) == {2}
+    assert fov.loc[fov.track_id == 1, "parent_track_id"].isna().all()  # no parent in the CSV: null, as VisCy writes it
 
 
 def test_cli_builds_the_same_index_and_preprocess_fills_norm_and_focus(built, data, tmp_path):

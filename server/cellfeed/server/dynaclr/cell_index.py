@@ -147,7 +147,8 @@ def _fov_rows(exp: ExperimentConfig, fov, tracks: dict[str, np.ndarray], preproc
         "track_id": track.astype(np.int32),
         "global_track_id": [f"{prefix}{a}" for a in track],
         "lineage_id": [f"{prefix}{a}" for a in roots],
-        "parent_track_id": np.where(np.isfinite(parent) & (parent >= 0), np.nan_to_num(parent, nan=-1), -1).astype(np.int32),
+        # as the CSV says (ultrack's -1 kept), null where it has none: VisCy's builder does the same
+        "parent_track_id": pd.arrays.IntegerArray(np.nan_to_num(parent, nan=0).astype(np.int32), ~np.isfinite(parent)),
         "hours_post_perturbation": (exp.start_hpi + t * exp.interval_minutes / 60.0).astype(np.float32),
         "interval_minutes": np.float32(exp.interval_minutes),
         "microscope": exp.microscope,
