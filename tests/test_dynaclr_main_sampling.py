@@ -179,6 +179,12 @@ def test_main_arguments_in_a_lightningcli_config(server, tmp_path):
   positive_match_columns: [lineage_id]
   positive_channel_source: same
   label_columns: {{pert: perturbation}}
+  pin_memory: true
+  buffer_size: 4
+  prefetch_factor: 3
+  shuffle_val: false
+  recheck_cached_data: open
+  file_io_concurrency: 8
   max_border_shift: -1
   reference_pixel_size_xy_um: 0.1494
   batch_size: 8
@@ -188,7 +194,7 @@ def test_main_arguments_in_a_lightningcli_config(server, tmp_path):
     cfg = parser.parse_path(str(config))
     init = parser.instantiate_classes(cfg)
     dm = init.data
-    assert isinstance(dm, MultiExperimentDataModule) and dm.hparams.z_reduction == "mip"
+    assert isinstance(dm, MultiExperimentDataModule) and dm.hparams.z_reduction == "mip" and dm.prefetch == 3
     dm.setup("fit")
     assert dm.channel_keys == ["channel_0"] and dm.info["split_mode"] == "fov"
     batch = dm.on_after_batch_transfer(next(iter(dm.train_dataloader())), 0)

@@ -191,6 +191,12 @@ class MultiExperimentDataModule(RemoteDataModule):
         positive_match_columns: list[str] | None = None,
         positive_channel_source: Literal["same", "any"] = "same",
         label_columns: dict[str, str] | None = None,
+        recheck_cached_data: str | bool | None = None,
+        file_io_concurrency: int | None = None,
+        shuffle_val: bool = False,
+        pin_memory: bool = True,
+        prefetch_factor: int | None = None,
+        buffer_size: int = 4,
     ) -> None:
         """VisCy's arguments, both forms (docs/dynaclr.md); give one of `experiments_yaml`
         (app-dynaclr form, with `z_range`), `collection_yaml` or `cell_index_path` (main form,
@@ -228,6 +234,12 @@ class MultiExperimentDataModule(RemoteDataModule):
                 "lineage_id": the same lineage tau frames later.
             positive_channel_source: with channels_per_sample=1, "same" channel as the anchor or "any".
             label_columns: {batch key: column}: class ids in `anchor_meta[i]["labels"]`.
+            recheck_cached_data, file_io_concurrency: VisCy main's tensorstore settings; accepted,
+                no effect here (the server opens each plate read-only once, with its own I/O settings).
+            shuffle_val: accepted; VisCy main stores it unused. Validation is in order here.
+            pin_memory, buffer_size: VisCy main's ThreadDataLoader settings; accepted, no effect
+                (batches arrive decoded from the server; move them with the trainer as usual).
+            prefetch_factor: when given, the decoded batches queued per stream (as `prefetch`).
         """
         super().__init__(token)
         self.save_hyperparameters(ignore=["token", "normalizations", "augmentations"])
@@ -316,7 +328,8 @@ class MultiExperimentDataModule(RemoteDataModule):
 
     @property
     def prefetch(self) -> int:
-        return int(self.hparams.prefetch)
+        factor = self.hparams.get("prefetch_factor")
+        return int(factor if factor is not None else self.hparams.prefetch)
 
     @property
     def channel_keys(self) -> list[str]:
