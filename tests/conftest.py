@@ -42,7 +42,8 @@ class ServerProcess:
 
     @property
     def http_url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
+        scheme = "https" if self.settings.get("tls_cert") else "http"  # the HTTP plane serves HTTPS with TLS
+        return f"{scheme}://127.0.0.1:{self.http_port}"
 
     @property
     def token(self) -> str | None:
@@ -64,7 +65,7 @@ class ServerProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log.read_text()}")
             try:
-                if httpx.get(f"{self.http_url}/healthz", timeout=1).status_code == 200:
+                if httpx.get(f"{self.http_url}/healthz", timeout=1, verify=False).status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass

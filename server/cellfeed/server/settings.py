@@ -20,6 +20,7 @@ class Settings:
     dask_scheduler: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
+    tls_client_ca: str | None = None  # PEM CA bundle: Flight then requires client certificates it signed
     cache_bytes: int = 1 << 30  # decoded rows kept between batches, across sessions
     max_batch_size: int = 1 << 16  # rows (cells, groups, patches) one batch may ask for
     session_idle_seconds: int = 600  # a session with no live stream for this long is closed

@@ -30,10 +30,18 @@ def build_flight(ctx: ServerContext, sessions: SessionRegistry) -> tuple[FlightS
     s = ctx.settings
     kwargs: dict = {}
     scheme = "grpc+tcp"
+    if bool(s.tls_cert) != bool(s.tls_key):
+        raise StartupError("--tls-cert and --tls-key go together: give both, or neither")
+    if s.tls_client_ca and not s.tls_cert:
+        raise StartupError("--tls-client-ca (mutual TLS) needs the server's own --tls-cert and --tls-key")
     if s.tls_cert and s.tls_key:
         with open(s.tls_cert, "rb") as cert, open(s.tls_key, "rb") as key:
             kwargs["tls_certificates"] = [(cert.read(), key.read())]
         scheme = "grpc+tls"
+        if s.tls_client_ca:
+            with open(s.tls_client_ca, "rb") as ca:
+                kwargs["verify_client"] = True
+                kwargs["root_certificates"] = ca.read()
     if s.token:
         kwargs["middleware"] = {"auth": TokenMiddlewareFactory(s.token)}
     service = FlightService(f"{scheme}://{s.host}:{s.flight_port}", sessions, SlotPools(shm_dir()), **kwargs)
@@ -66,9 +74,11 @@ def serve(settings: Settings) -> None:
             settings.http_port,
         )
     log.info(
-        "cellfeed serving %s: flight %s, http http://%s:%d, shared-memory slots %s",
+        "cellfeed serving %s: flight %s%s, http %s://%s:%d, shared-memory slots %s",
         ctx.data_root.path,
         flight_uri,
+        " (client certificates required)" if settings.tls_client_ca else "",
+        "https" if settings.tls_cert else "http",
         settings.host,
         settings.http_port,
         flight_service.pools.directory or "off",
@@ -76,7 +86,8 @@ def serve(settings: Settings) -> None:
     # uvicorn shuts down on SIGTERM, then raises it again: exit through `finally`, not by signal
     signal.signal(signal.SIGTERM, _exit)
     try:
-        uvicorn.run(app, host=settings.host, port=settings.http_port, log_level="warning")
+        tls = {"ssl_certfile": settings.tls_cert, "ssl_keyfile": settings.tls_key} if settings.tls_cert else {}
+        uvicorn.run(app, host=settings.host, port=settings.http_port, log_level="warning", **tls)
     finally:
         stopper = threading.Thread(target=flight_service.shutdown, name="flight-shutdown", daemon=True)
         stopper.start()
