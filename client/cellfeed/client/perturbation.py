@@ -184,7 +184,7 @@ class PerturbationDataModule(RemoteDataModule):
         barcodes: bool = False,
         block_size: int = 2048,
         batch_size: int = 64,
-        server: str = "grpc://127.0.0.1:8815",
+        server: str | None = None,
         token: str | None = None,
         seed: int = 0,
         match_controls_by_batch: bool | None = None,

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 
 from fastapi import Depends, FastAPI
 from pydantic import BaseModel, Field
+from fastapi import Request
+from fastapi.exception_handlers import http_exception_handler
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from cellfeed.server.context import ServerContext
@@ -101,6 +105,20 @@ def create_app(
         return Response(ctx.metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
     app.include_router(jobs)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def method_not_allowed(request: Request, exc: StarletteHTTPException) -> Response:
+        """A 405 names every method the path has (Starlette's names only its first route's)."""
+        if exc.status_code != 405:
+            return await http_exception_handler(request, exc)
+        allowed = sorted(
+            method.upper()
+            for template, item in app.openapi()["paths"].items()
+            if re.fullmatch(re.sub(r"\{[^/]+?\}", "[^/]+", template), request.url.path)
+            for method in item
+        )
+        return JSONResponse({"detail": "Method Not Allowed"}, status_code=405, headers={"Allow": ", ".join(allowed)})
+
     return app
 
 
