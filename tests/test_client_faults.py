@@ -84,8 +84,9 @@ from cellfeed.client.loader import RemoteLoader
 args = json.loads(sys.argv[1])
 ready, stop = Path(args["ready"]), Path(args["stop"])
 dm = PerturbationDataModule(server=args["server"], num_workers=2, **args["small"])
-dm.setup("fit")
+dm.setup("fit")  # with the default deadlines: a cold open may take seconds on a busy machine
 conn, session = dm._connection, dm.session
+conn.call_timeout, conn.read_timeout, conn.retry_seconds = 2.0, 2.0, 40.0  # the SIGSTOP outlasts them
 ''' + DIGEST + r'''
 
 
@@ -157,14 +158,13 @@ def test_threads_resetting_and_streaming_survive_kill_stop_and_restart(fault_ser
     server = fault_server
     ready, stop = tmp_path / "ready", tmp_path / "stop"
     args = {"server": server.flight_uri, "ready": str(ready), "stop": str(stop), "small": SMALL}
-    env = dict(os.environ, CELLFEED_READ_TIMEOUT="2", CELLFEED_CALL_TIMEOUT="2", CELLFEED_RETRY_SECONDS="40")
-    child = subprocess.Popen(
-        [sys.executable, "-c", CHILD, json.dumps(args)], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
+    log = tmp_path / "client.log"  # a file, not a pipe: a chatty client must not block on a full pipe
+    with open(log, "w") as out:
+        child = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(args)], cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 90
         while not ready.exists():
-            assert child.poll() is None, f"client exited with {child.returncode}:\n{child.stdout.read()[-4000:]}"
+            assert child.poll() is None, f"client exited with {child.returncode}:\n{log.read_text()[-4000:]}"
             assert time.monotonic() < deadline, "client did not start streaming"
             time.sleep(0.1)
         time.sleep(1.5)
@@ -179,7 +179,7 @@ def test_threads_resetting_and_streaming_survive_kill_stop_and_restart(fault_ser
         server.restart()  # SIGTERM, then back
         time.sleep(2.0)
         stop.write_text("1")
-        out, _ = child.communicate(timeout=150)
+        child.wait(timeout=150)
     finally:
         if server.proc and server.proc.poll() is None:
             os.kill(server.proc.pid, signal.SIGCONT)
@@ -188,6 +188,7 @@ def test_threads_resetting_and_streaming_survive_kill_stop_and_restart(fault_ser
             child.wait()
         if server.proc.poll() is not None:
             server.start()  # for the tests after this one
+    out = log.read_text()
     assert child.returncode == 0, f"client exited with {child.returncode} (-11: segfault, 3: hung, 1: wrong batches):\n{out[-4000:]}"
     summary = json.loads(out.strip().splitlines()[-1])
     print(summary)

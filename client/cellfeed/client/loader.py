@@ -32,6 +32,7 @@ from cellfeed.wire.malloc import reuse_freed_memory
 
 STATE_VERSION = 1
 UNCLAIMED_S = 30.0  # streams gone on into an epoch nobody asks for end after this long
+MAX_REOPENS = 5  # a session the server forgets this often with no batch between is a refusal
 log = logging.getLogger(__name__)
 
 
@@ -283,7 +284,7 @@ class _Fetcher:
         last_ok = time.monotonic()
         delay = 0.1
         failed_pids: set[int] = set()  # server processes whose slots failed on this stream
-        reopened_at: tuple[int, int] | None = None  # the batch owed when the session was last reopened
+        reopens = 0  # sessions reopened since the last batch came
         while k < self.total and not self.stop.is_set():
             stream: Stream | None = None
             generation = conn.generation
@@ -304,7 +305,7 @@ class _Fetcher:
                     k += step
                     if k >= self.total and loader.continues:  # the server goes on likewise
                         epoch, k = epoch + 1, i
-                    last_ok, delay = time.monotonic(), 0.1
+                    last_ok, delay, reopens = time.monotonic(), 0.1, 0
                 if k < self.total and not self.stop.is_set():
                     raise flight.FlightUnavailableError("stream ended early")
             except SlotsUnavailable as exc:
@@ -325,10 +326,13 @@ class _Fetcher:
                 if self.stop.is_set():
                     return
                 what = kind_of(exc)
-                if what is ErrorKind.NOT_FOUND and reopened_at != (epoch, k):  # the server restarted and forgot the session
+                if what is ErrorKind.NOT_FOUND and reopens < MAX_REOPENS:  # the server restarted, or closed it when idle
                     try:
+                        if reopens:  # again with no batch between: wait a little first
+                            self.stop.wait(delay)
+                            delay = min(delay * 2, 5.0)
                         conn.reopen(loader.session)
-                        reopened_at = (epoch, k)  # once per batch owed: not_found again is a refusal
+                        reopens += 1
                         continue
                     except (ServerUnavailable, RequestError) as exc2:
                         self._put(i, ((epoch, k), exc2))
