@@ -3,6 +3,10 @@
 Subclasses name their stream `kind`, give `session_config()` and `on_session()` (which builds
 the decoder), and may change how many streams and how much prefetch a loader gets.
 
+Where the server is: the `server` argument, else CELLFEED_SERVER, else grpc://127.0.0.1:8815; the
+token: `token`, else CELLFEED_TOKEN. Neither variable is saved in hparams, so a secret set in the
+environment stays out of LightningCLI's saved config.yaml (`token` is never saved).
+
 A module pickles at any point (Lightning's ddp_spawn, multiprocessing, a deep copy): the Flight
 connection, the loaders and the shared-memory reader stay behind; the session's facts and each
 loader's position travel, and the copy reconnects when it next needs the server.
@@ -10,6 +14,8 @@ loader's position travel, and the copy reconnects when it next needs the server.
 
 from __future__ import annotations
 
+import os
+import warnings
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -22,6 +28,19 @@ from cellfeed.client import shm
 from cellfeed.client.loader import RemoteLoader
 from cellfeed.client.shm import SlotReader
 
+DEFAULT_SERVER = "grpc://127.0.0.1:8815"
+DEFAULT_PREFETCH = 2
+
+
+def resolve_server(server: str | None) -> str:
+    """`server`, else $CELLFEED_SERVER, else the local default (grpc://127.0.0.1:8815)."""
+    return server or os.environ.get("CELLFEED_SERVER") or DEFAULT_SERVER
+
+
+def resolve_token(token: str | None) -> str | None:
+    """`token`, else $CELLFEED_TOKEN (unset or empty: no token)."""
+    return token if token is not None else (os.environ.get("CELLFEED_TOKEN") or None)
+
 
 class RemoteDataModule(pl.LightningDataModule):
     """Base of the DataModules that pull batches from a cellfeed server (no I/O in __init__)."""
@@ -31,7 +50,7 @@ class RemoteDataModule(pl.LightningDataModule):
 
     def __init__(self, token: str | None = None) -> None:
         super().__init__()
-        self.token = token
+        self.token = resolve_token(token)
         self.session: Session | None = None
         self._connection: Connection | None = None
         self._loaders: dict[str, RemoteLoader] = {}
@@ -56,8 +75,26 @@ class RemoteDataModule(pl.LightningDataModule):
         return max(1, int(self.hparams.num_workers))
 
     @property
+    def server(self) -> str:
+        """The Flight address this module reads from (`server`, else CELLFEED_SERVER, else local)."""
+        return resolve_server(self.hparams.get("server"))
+
+    @property
     def prefetch(self) -> int:
-        return int(self.hparams.prefetch_factor)
+        """Decoded batches queued per stream: `prefetch_factor` (else a deprecated `prefetch`, else 2)."""
+        factor = self.hparams.get("prefetch_factor")
+        if factor is None:
+            factor = self.hparams.get("prefetch")
+        return int(factor if factor is not None else DEFAULT_PREFETCH)
+
+    @staticmethod
+    def warn_prefetch_alias(prefetch: int | None, prefetch_factor: int | None) -> None:
+        """`prefetch` is the old name of `prefetch_factor` (one name across the DataModules)."""
+        if prefetch is None:
+            return
+        if prefetch_factor is not None and prefetch_factor != prefetch:
+            raise ValueError(f"prefetch={prefetch} and prefetch_factor={prefetch_factor}: give prefetch_factor only")
+        warnings.warn("`prefetch` is deprecated: use `prefetch_factor` (the same number)", FutureWarning, stacklevel=3)
 
     # -- session -------------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
@@ -72,7 +109,7 @@ class RemoteDataModule(pl.LightningDataModule):
     def _connect(self) -> Connection:
         """The connection to the server, made on first need (again after unpickling)."""
         if self._connection is None:
-            self._connection = Connection(self.hparams.server, self.token)
+            self._connection = Connection(self.server, self.token)
             self._slots_probed = False
         return self._connection
 

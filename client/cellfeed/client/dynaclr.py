@@ -165,9 +165,9 @@ class MultiExperimentDataModule(RemoteDataModule):
         seed: int = 0,
         include_wells: list[str] | None = None,
         exclude_fovs: list[str] | None = None,
-        server: str = "grpc://127.0.0.1:8815",
+        server: str | None = None,
         token: str | None = None,
-        prefetch: int = 2,
+        prefetch: int | None = None,
         return_index: bool = False,
         rank: int | None = None,
         world_size: int | None = None,
@@ -239,9 +239,10 @@ class MultiExperimentDataModule(RemoteDataModule):
             shuffle_val: accepted; VisCy main stores it unused. Validation is in order here.
             pin_memory, buffer_size: VisCy main's ThreadDataLoader settings; accepted, no effect
                 (batches arrive decoded from the server; move them with the trainer as usual).
-            prefetch_factor: when given, the decoded batches queued per stream (as `prefetch`).
+            prefetch_factor: decoded batches queued per stream (default 2); `prefetch` is its deprecated alias.
         """
         super().__init__(token)
+        self.warn_prefetch_alias(prefetch, prefetch_factor)
         self.save_hyperparameters(ignore=["token", "normalizations", "augmentations"])
         forms = [k for k, v in (("experiments_yaml", experiments_yaml), ("collection_yaml", collection_yaml), ("cell_index_path", cell_index_path)) if v]
         if len(forms) != 1:
@@ -325,11 +326,6 @@ class MultiExperimentDataModule(RemoteDataModule):
         # main's 2D models: BatchedChannelWiseZReductiond among the augmentations, z_window 1).
         self._train_transforms = [*self.normalizations, *self.augmentations, *mip, crop]
         self._eval_transforms = [*self.normalizations, *z_reductions, *mip, crop]
-
-    @property
-    def prefetch(self) -> int:
-        factor = self.hparams.get("prefetch_factor")
-        return int(factor if factor is not None else self.hparams.prefetch)
 
     @property
     def channel_keys(self) -> list[str]:

@@ -60,8 +60,8 @@ class TableDataModule(RemoteDataModule):
 
     def __init__(
         self,
-        server: str,
-        dataset: str,
+        server: str | None = None,
+        dataset: str | None = None,
         split: str | None = None,
         columns: list[str] | None = None,
         batch_size: int = 64,
@@ -76,6 +76,8 @@ class TableDataModule(RemoteDataModule):
         token: str | None = None,
     ) -> None:
         super().__init__(token)
+        if dataset is None:
+            raise ValueError("TableDataModule: give `dataset`, the server-side folder of a preprocessed dataset (output/<name>)")
         self.save_hyperparameters(ignore=["token"])
         self.decoder = decode_table_batch
 
