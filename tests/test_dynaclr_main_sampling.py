@@ -153,6 +153,10 @@ def test_positive_sources_and_labels(server):
             assert (a["global_track_id"], a["t"]) != (p["global_track_id"], p["t"])  # never the anchor itself
             differs += a["lineage_id"] != p["lineage_id"]
     assert differs  # not the temporal lineage rule
+    split = _dm(server, positive_match_columns=["perturbation"], val_experiments=["iohub_05"])
+    for loader, name in ((split.train_dataloader(), "iohub_04"), (split.val_dataloader(), "iohub_05")):
+        for batch in epoch(loader):
+            assert {batch["positive_meta"][i]["experiment"] for i in _real(batch)} == {name}  # never across splits
 
 
 def test_main_arguments_in_a_lightningcli_config(server, tmp_path):

@@ -119,11 +119,11 @@ class Selection:
     def items_of(self, row_mask: np.ndarray) -> np.ndarray:
         return np.flatnonzero(row_mask[self.item_row])
 
-    def anchor_rows(self) -> np.ndarray:
+    def anchor_rows(self, match: "MatchPositives | None") -> np.ndarray:
         if self.config.positive_cell_source == "self":
             return np.ones(len(self.index), dtype=bool)
-        if self.match_mode:
-            return MatchPositives(self, self.config.positive_match_columns).count >= 2
+        if match is not None:
+            return match.count >= 2
         return self.index.valid
 
     def train_rows(self, val_experiments: list[str]) -> np.ndarray:
@@ -274,11 +274,13 @@ class MatchPositives:
     """VisCy main's column-match positives (e.g. `["perturbation", "marker"]`): another row with the
     same values, drawn uniformly (the anchor itself excluded; VisCy may return the anchor)."""
 
-    def __init__(self, sel: Selection, columns: list[str]) -> None:
+    def __init__(self, sel: Selection, columns: list[str], split: np.ndarray) -> None:
+        """`split`: a code per row (train / val); a positive never comes from the other split."""
         n = len(sel.index)
         rows = np.arange(n)
         slots = np.zeros(n, dtype=np.int64)
         parts = [sel._values(sel._check_column(c, "positive_match_columns"), rows, slots)[0] for c in columns]
+        parts.append(split.astype(np.int64))
         _, code = np.unique(np.stack(parts, axis=1), axis=0, return_inverse=True) if n else (None, np.zeros(0, np.int64))
         code = code.ravel()
         self.members = np.argsort(code, kind="stable")

@@ -105,7 +105,8 @@ class DynaCLRSource(Source):
         if not self.train_experiments:
             raise CellfeedError("dynaclr config: val_experiments holds every experiment; none is left to train on")
         in_train = sel.train_rows(self.val_experiments)
-        anchor_ok = sel.anchor_rows()
+        self.match = MatchPositives(sel, config.positive_match_columns, in_train) if sel.match_mode else None
+        anchor_ok = sel.anchor_rows(self.match)
         self.items = {
             "train": sel.items_of(anchor_ok & in_train),
             "val": sel.items_of(anchor_ok & ~in_train),
@@ -142,7 +143,6 @@ class DynaCLRSource(Source):
             if config.temporal_positives
             else None
         )
-        self.match = MatchPositives(sel, config.positive_match_columns) if sel.match_mode else None
         self.fov_names = index.fov_names
         fov_name_code = {n: i for i, n in enumerate(self.fov_names)}
         self._fov_name_code = np.array([fov_name_code[ref.fov.name] for ref in index.fovs], dtype=np.int32)
