@@ -39,6 +39,46 @@ def _generate(root: Path) -> None:
     )
 
 
+def _generate_table(root: Path) -> None:
+    """`root`/k562: the k562 screen through `cellfeed preprocess run-all` (for TableDataModule)."""
+    import contextlib
+    import io
+    import shutil
+
+    from cellfeed.server.preprocess.cli import main as preprocess
+
+    if (root / "k562" / "manifest.json").exists():
+        return
+    print(f"preprocessing the k562 screen into a parquet dataset in {root} ...")
+    work = root.parent / ".table-work"
+    args = ["run-all", str(root.parent / "screens" / "k562.h5ad"), "--no-progress", "--no-age-filter",
+            "--donor-column", "batch_var", "--development-stage-column", "cell_type", "--test-size", "0.2",
+            "--interim-dir", str(work / "interim"), "--output-dir", str(root), "--log-dir", str(work / "logs")]
+    with contextlib.redirect_stdout(io.StringIO()) as said:
+        status = preprocess(args)
+    if status != 0 or not (root / "k562" / "manifest.json").exists():
+        raise RuntimeError(f"preprocessing the demo's table failed:\n{said.getvalue()}")
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def quiet_lightning() -> None:
+    """Lightning's tips and warnings off: the demo's output is cellfeed's own lines."""
+    import logging
+    import warnings
+
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module=r"lightning(\..*)?")
+    warnings.filterwarnings("ignore", message=r".*(does not have many workers|NumPy array is not writable).*")
+
+
+NEXT = """
+next: train through LightningCLI against this data (the demo's code: server/cellfeed/server/demo.py, demo_dynaclr.py):
+  cellfeed serve --data-root demo-data            # in another shell (Flight on grpc://127.0.0.1:8815)
+  python examples/train.py fit -c examples/perturbation.yaml
+  (also examples/cell_load.yaml, dynaclr.yaml, table.yaml; DDP and resume: examples/README.md)"""
+
+
 def _train_perturbation(flight_uri: str, root: Path) -> dict:
     import lightning.pytorch as pl
     import torch
@@ -92,7 +132,9 @@ def main() -> int:
 
     root = Path("demo-data").resolve()
     root.mkdir(exist_ok=True)
+    quiet_lightning()
     _generate(root / "screens")
+    _generate_table(root / "table")
     flight_port, http_port = _port(), _port()
     flight_uri = f"grpc://127.0.0.1:{flight_port}"
     server = subprocess.Popen([sys.executable, "-m", "cellfeed.server.cli", "serve", "--data-root", str(root),
@@ -116,6 +158,7 @@ def main() -> int:
         server.terminate()
         server.wait(15)
     print("server stopped")
+    print(NEXT)
     return 0
 
 
