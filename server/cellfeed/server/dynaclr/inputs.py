@@ -19,7 +19,7 @@ from cellfeed.server.dynaclr.config import DynaCLRConfig
 from cellfeed.server.dynaclr.registry import ExperimentRegistry, _resolve, check_plate
 from cellfeed.server.errors import CellfeedError
 from cellfeed.server.paths import DataRoot
-from cellfeed.server.reading.omezarr import Plate, open_plate
+from cellfeed.server.reading.omezarr import Plate
 
 
 @dataclass
@@ -47,7 +47,7 @@ def load_inputs(cfg: DynaCLRConfig, root: DataRoot, open_cached) -> Inputs:
     if cfg.experiments_yaml:
         text, where = yaml_text(cfg.experiments_yaml, root, "experiments_yaml", "experiments:")
         registry = ExperimentRegistry.from_yaml(text, where)
-        return _with_tracks("experiments_yaml", registry, root, open_cached, fill_channels=False)
+        return _with_tracks("experiments_yaml", registry, root, open_cached)
     if cfg.collection_yaml:
         text, where = yaml_text(cfg.collection_yaml, root, "collection_yaml", "name:")
         collection = parse_collection(text, where)
@@ -57,7 +57,7 @@ def load_inputs(cfg: DynaCLRConfig, root: DataRoot, open_cached) -> Inputs:
             plates[entry.name] = plate
             channels[entry.name] = list(plate.channel_names)
         registry = registry_from_collection(collection, channels)
-        return _with_tracks("collection_yaml", registry, root, open_cached, fill_channels=False, plates=plates)
+        return _with_tracks("collection_yaml", registry, root, open_cached, plates=plates)
     path = root.resolve(cfg.cell_index_path)
     if not path.is_file():
         raise CellfeedError(f"cell_index_path {cfg.cell_index_path!r} is not a file")
@@ -76,7 +76,7 @@ def load_inputs(cfg: DynaCLRConfig, root: DataRoot, open_cached) -> Inputs:
     return Inputs("cell_index_path", found.registry, plates, tables=found.tables)
 
 
-def _with_tracks(form: str, registry: ExperimentRegistry, root: DataRoot, open_cached, fill_channels: bool, plates=None) -> Inputs:
+def _with_tracks(form: str, registry: ExperimentRegistry, root: DataRoot, open_cached, plates=None) -> Inputs:
     paths = registry.resolve_paths(root)
     plates = dict(plates or {})
     for exp in registry.experiments:

@@ -9,7 +9,6 @@ training batch; the schema is written out in docs/protocol/dynaclr.md.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,7 +23,6 @@ from cellfeed.server.dynaclr.positives import PositiveSampler
 from cellfeed.server.dynaclr.registry import ExperimentRegistry
 from cellfeed.server.dynaclr.selection import MatchPositives, Selection
 from cellfeed.server.errors import CellfeedError
-from cellfeed.server.paths import DataRoot
 from cellfeed.server.reading.omezarr import (
     NORM_LEVELS,
     NORM_STATS,
@@ -428,23 +426,3 @@ class DynaCLRSource(Source):
             "norm_stats": list(NORM_STATS),
         }
         return codec.with_metadata(pa.schema(fields), meta)
-
-
-def _yaml_text(value: str, root: DataRoot) -> tuple[str, str]:
-    """The experiments YAML: inline text (it has a newline or starts with `experiments:`), else a path."""
-    if "\n" in value or value.lstrip().startswith("experiments:"):
-        return value, "experiments YAML"
-    path = root.resolve(value)
-    if not path.is_file():
-        raise CellfeedError(f"experiments_yaml {value!r} is not a file")
-    return path.read_text(), root.relative(Path(path))
-
-
-def _by_code(weights: dict[str, float] | None, names: list[str], key: str, missing: float) -> tuple[float, ...] | None:
-    """Weights keyed by name as a tuple indexed by code; unknown names are an error."""
-    if weights is None:
-        return None
-    unknown = sorted(set(weights) - set(names))
-    if unknown:
-        raise CellfeedError(f"dynaclr config: {key} names {unknown[0]!r}, which is not one of {', '.join(names)}")
-    return tuple(float(weights.get(n, missing)) for n in names)
