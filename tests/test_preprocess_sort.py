@@ -66,10 +66,15 @@ def test_cli_sort_and_already_sorted_files(tmp_path, capsys):
     src = tmp_path / "a.h5ad"
     shuffled(src, seed=3)
     assert main(["sort", str(src), "--no-progress"]) == 0
-    assert (tmp_path / "a.sorted.h5ad").exists()
-    assert main(["sort", str(tmp_path / "a.sorted.h5ad"), "--no-progress"]) == 0
+    assert (tmp_path / "sorted/a.sorted.h5ad").exists()  # in a folder of its own, never beside its input
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.h5ad", "sorted"]
+    assert main(["sort", str(tmp_path / "sorted/a.sorted.h5ad"), "--no-progress"]) == 0
     assert "already sorted" in capsys.readouterr().out
-    assert not (tmp_path / "a.sorted.sorted.h5ad").exists()
+    assert not (tmp_path / "sorted/sorted").exists()
+    assert main(["sort", str(src), "--output-dir", str(tmp_path / "elsewhere"), "--no-progress"]) == 0
+    assert (tmp_path / "elsewhere/a.sorted.h5ad").exists()
+    assert main(["sort", str(src), str(tmp_path / "sorted/a.sorted.h5ad"), "--output", str(tmp_path / "x.h5ad")]) == 2
+    assert "--output names one file" in capsys.readouterr().err
 
 
 def test_sort_refuses_a_missing_column_without_writing(tmp_path, capsys):

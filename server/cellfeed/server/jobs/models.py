@@ -6,6 +6,7 @@ they are resolved, and refused if outside, before a job is accepted.
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -14,6 +15,14 @@ MAX_INPUTS = 10_000  # files or folders named by one job
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled", "interrupted"]
 FileState = Literal["pending", "running", "succeeded", "failed", "skipped", "cancelled"]
+
+
+def iso(t: float | None) -> str | None:
+    """Epoch seconds as ISO 8601 in UTC with its offset, to the millisecond
+    ("2026-12-01T20:30:00.123+00:00"); the API's one time format (records and logs)."""
+    if t is None:
+        return None
+    return datetime.fromtimestamp(float(t), timezone.utc).isoformat(timespec="milliseconds")
 
 
 class _Strict(BaseModel):
@@ -44,7 +53,7 @@ class PreprocessOptions(_Strict):
 class SortOptions(_Strict):
     target_label: str = "target_gene"
     batch_label: str = "batch_var"
-    output_dir: str | None = Field(None, description="folder for <stem>.sorted.h5ad; default: beside each input")
+    output_dir: str | None = Field(None, description="folder for <stem>.sorted.h5ad; default: a folder `sorted` in each input's folder (never beside the input)")
 
 
 class PreprocessJob(_Strict):
@@ -71,14 +80,28 @@ class FileRecord(BaseModel):
     path: str
     dataset: str
     state: FileState
-    done: int = 0
-    total: int = 0
-    started_at: float | None = None
-    finished_at: float | None = None
+    done: int = Field(0, description="cells of this file done")
+    total: int = Field(0, description="cells of this file (its h5ad's n_obs, read when the job was submitted)")
+    started_at: str | None = Field(None, description="ISO 8601, UTC")
+    finished_at: str | None = Field(None, description="ISO 8601, UTC")
     seconds: float | None = None
     output: str | None = None
     message: str | None = None
     counts: dict[str, Any] | None = None
+
+
+class JobProgress(BaseModel):
+    """The job as a whole, in cells: what is done of the total, and when the rest should be."""
+
+    unit: Literal["cells"] = "cells"
+    done: int = Field(description="cells of files that reached an end (succeeded, skipped or failed) plus cells done in running files")
+    total: int = Field(description="cells of every file of the job")
+    fraction: float = Field(description="done / total (0 when total is 0)")
+    files_done: int = Field(description="files that reached an end (succeeded, skipped or failed)")
+    files_total: int
+    cells_per_second: float | None = Field(None, description="cells done in this run of the job per second since it (re)started")
+    eta_seconds: float | None = Field(None, description="seconds left at that rate while running; 0 once succeeded; null when unknown")
+    eta_at: str | None = Field(None, description="when the job should finish at that rate (ISO 8601, UTC)")
 
 
 class Job(BaseModel):
@@ -87,11 +110,12 @@ class Job(BaseModel):
     state: JobState
     inputs: list[str]
     options: dict[str, Any]
-    created_at: float
-    started_at: float | None = None
-    finished_at: float | None = None
+    created_at: str = Field(description="ISO 8601, UTC")
+    started_at: str | None = Field(None, description="when this job last started running (a resume restarts it); ISO 8601, UTC")
+    finished_at: str | None = Field(None, description="ISO 8601, UTC")
     error: str | None = None
     resumable: bool = Field(False, description="interrupted, failed or cancelled with files left to do")
+    progress: JobProgress | None = None
     files: list[FileRecord] = Field(default_factory=list)
 
 

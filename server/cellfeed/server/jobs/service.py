@@ -19,11 +19,14 @@ from cellfeed.server.errors import CellfeedError, NotFound
 from cellfeed.server.jobs.executor import Executor, make_executor
 from cellfeed.server.jobs.models import Job, PreprocessJob, SortJob
 from cellfeed.server.jobs.store import JobStore
-from cellfeed.server.jobs.work import FileTask, JobLog, clean_after_kill, resolve_options
+from cellfeed.server.jobs.work import OUTCOME, FileTask, JobLog, cells_of, clean_after_kill, outputs_of, resolve_options
 from cellfeed.server.preprocess.convert import Cancelled
 from cellfeed.server.preprocess.layout import H5AD_SUFFIXES, dataset_name
+from cellfeed.server.preprocess.outputs import is_done
 
 ACTIVE = ("queued", "running")
+STOP_WAIT_S = 10.0  # how long a stopping server waits for its running file to stop and be recorded
+STOPPED = "the server stopped while this job was queued or running"
 
 
 class Conflict(CellfeedError):
@@ -38,11 +41,15 @@ class JobService:
         self.folder = ctx.state_dir / "jobs"
         self.folder.mkdir(parents=True, exist_ok=True)
         self.store = JobStore(self.folder / "jobs.sqlite")
-        for job_id in self.store.mark_interrupted():
+        left = self.store.active()
+        for job_id in left:
+            self._recover_finished(job_id)
+        for job_id in self.store.mark_interrupted(left):
             self._log(job_id).event("job.interrupted", level="warning", reason="the server stopped while the job was queued or running")
             self._clean_after_kill(job_id)
         self.executor = executor or make_executor(ctx.settings)
         self._cancel: set[str] = set()
+        self._stopping = threading.Event()
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="jobs", daemon=True)
         self._thread.start()
@@ -53,7 +60,8 @@ class JobService:
         files = self._expand(request.inputs)
         options = request.options.model_dump()
         self._resolve_options(request.kind, dict(options))  # refuse bad paths now, not when it runs
-        job_id = self.store.create(request.kind, request.inputs, options, [(str(p), dataset_name(p)) for p in files])
+        sized = request.kind in ("preprocess", "sort")  # h5ad inputs: their cells from the shape, now
+        job_id = self.store.create(request.kind, request.inputs, options, [(str(p), dataset_name(p), cells_of(p) if sized else 0) for p in files])
         self._log(job_id).event("job.submitted", kind=request.kind, files=[self.ctx.data_root.relative(p) for p in files], options=options)
         self._queue.put(job_id)
         return self.get(job_id)
@@ -100,8 +108,16 @@ class JobService:
                 continue
         return entries, len(lines)
 
-    def close(self) -> None:
+    def close(self, wait: float = STOP_WAIT_S) -> None:
+        """Stop (the server calls this as it shuts down, on SIGTERM): the running file (if any)
+        stops at its next check and leaves nothing; the job becomes interrupted, resumable, with
+        every finished file recorded as finished. Jobs still queued stay queued (marked
+        interrupted at the next start)."""
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
         self._queue.put(None)
+        self._thread.join(wait)
         self.executor.close()
 
     # running --------------------------------------------------------------------------------
@@ -119,11 +135,12 @@ class JobService:
 
     def _run(self, job_id: str) -> None:
         job = self.get(job_id)
-        if job.state != "queued":
-            return
+        if job.state != "queued" or self._stopping.is_set():
+            return  # a job still queued when the server stops is marked interrupted at the next start
         log = self._log(job_id)
+        pending = [f for f in job.files if f.state == "pending"]
         self.store.update_job(job_id, state="running", started=time.time())
-        log.event("job.started", files=len(job.files))
+        log.event("job.started", files=len(pending), of=len(job.files), cells=sum(f.total for f in pending))
         options = dict(job.options)
         try:
             self._resolve_options(job.kind, options)
@@ -133,16 +150,19 @@ class JobService:
             return
         tasks = [
             FileTask(job_id, f.index, job.kind, f.path, f.dataset, options, str(log.path), str(self.ctx.data_root.path))
-            for f in job.files
-            if f.state == "pending"
+            for f in pending
         ]
 
         def report(index: int, fields: dict[str, Any]) -> None:
             self.store.update_file(job_id, index, **fields)
 
         try:
-            self.executor.run(tasks, report, lambda: job_id in self._cancel)
+            self.executor.run(tasks, report, lambda: job_id in self._cancel or self._stopping.is_set())
         except Cancelled:
+            if self._stopping.is_set() and job_id not in self._cancel:
+                self.store.mark_interrupted([job_id], STOPPED)
+                log.event("job.interrupted", level="warning", reason="the server is stopping; resume the job to finish its files")
+                return
             self._finish_cancelled(job_id)
             return
         done = self.get(job_id)
@@ -184,6 +204,45 @@ class JobService:
         """Turn the option paths into absolute paths inside the data root (in place); each file
         of the job resolves them again when it starts (jobs.work.process)."""
         resolve_options(self.ctx.data_root, kind, options)
+
+    def _recover_finished(self, job_id: str) -> None:
+        """Files the stopped server left `running` whose outcome is known: from the job log
+        (`file.outcome`, logged before the record is written), else, for preprocess, from their
+        output's manifest (made from this very input). Those stay finished; the rest go back to
+        pending when the job is marked interrupted."""
+        job = self.get(job_id)
+        running = {f.index: f for f in job.files if f.state == "running"}
+        if not running:
+            return
+        outcomes: dict[int, dict[str, Any]] = {}
+        path = self._log(job_id).path
+        for line in path.read_text(encoding="utf-8").splitlines() if path.exists() else []:
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            index = entry.get("index")
+            if index not in running:
+                continue
+            if entry.get("event") == "file.assigned":
+                outcomes.pop(index, None)  # a later run of the file: only its own outcome counts
+            elif entry.get("event") == OUTCOME and isinstance(entry.get("outcome"), dict):
+                outcomes[index] = entry["outcome"]
+        log = self._log(job_id)
+        for index, f in running.items():
+            outcome = outcomes.get(index)
+            if outcome is None and job.kind == "preprocess":
+                try:
+                    output = outputs_of(job.kind, f.path, f.dataset, job.options)[0]
+                    if is_done(self.ctx.data_root.contain(output, "output"), Path(f.path)):
+                        outcome = {"state": "succeeded", "output": str(output), "message": "finished before the server stopped (its output is complete)"}
+                except (CellfeedError, OSError, KeyError):
+                    outcome = None
+            if outcome is None or outcome.get("state") not in ("succeeded", "skipped", "failed"):
+                continue
+            fields = {k: v for k, v in outcome.items() if k in ("state", "seconds", "output", "message", "counts")}
+            self.store.update_file(job_id, index, **fields, finished=time.time())
+            log.event("file.recovered", dataset=f.dataset, index=index, state=fields["state"])
 
     def _clean_after_kill(self, job_id: str) -> None:
         """Leftovers of the interrupted job's files (staging, temp and spill files) go now."""

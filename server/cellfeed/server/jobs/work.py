@@ -17,14 +17,21 @@ from pathlib import Path
 from typing import Any
 
 from cellfeed.server.errors import CellfeedError
+from cellfeed.server.jobs.models import iso
 from cellfeed.server.paths import DataRoot
 from cellfeed.server.preprocess.atomic import remove_stale
 from cellfeed.server.preprocess.layout import Layout
 from cellfeed.server.preprocess.logs import FileLog
 from cellfeed.server.preprocess.pipeline import Options, run_file
-from cellfeed.server.preprocess.sort import SortOptions, sort_file
+from cellfeed.server.preprocess.sort import SortOptions, default_output, sort_file
 
 STATES = {"SUCCESS": "succeeded", "FAILED": "failed", "SKIPPED": "skipped"}
+OUTCOME = "file.outcome"  # logged with a file's outcome before its record is updated (see JobService)
+
+
+def stamp(t: float | None = None) -> str:
+    """Now (or t) in the API's time format: ISO 8601, UTC, with its offset."""
+    return iso(time.time() if t is None else t)
 
 
 @dataclass(frozen=True)
@@ -67,8 +74,28 @@ class JobLog:
             fh.write(line)
 
     def event(self, event: str, level: str = "info", **fields: Any) -> None:
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + "Z"
-        self({"time": stamp, "level": level, "dataset": fields.pop("dataset", None), "event": event, **fields})
+        self({"time": stamp(), "level": level, "dataset": fields.pop("dataset", None), "event": event, **fields})
+
+
+def cells_of(path: str | Path) -> int:
+    """The cells (n_obs) of an h5ad from its shape, without reading any data; 0 when it cannot be
+    told (not an h5ad, unreadable: the file then fails when it runs, with its message)."""
+    try:
+        import h5py
+
+        with h5py.File(path, "r") as h5:
+            x = h5.get("X")
+            if isinstance(x, h5py.Dataset) and x.ndim >= 1:
+                return int(x.shape[0])
+            if x is not None and "shape" in x.attrs:
+                return int(x.attrs["shape"][0])
+            obs = h5.get("obs")
+            index = obs.attrs.get("_index", "_index") if obs is not None else None
+            if obs is not None and index in obs:
+                return int(obs[index].shape[0])
+    except Exception:  # any unreadable input: unknown size
+        return 0
+    return 0
 
 
 def outputs_of(kind: str, path: str, dataset: str, options: dict[str, Any]) -> list[Path]:
@@ -83,8 +110,7 @@ def outputs_of(kind: str, path: str, dataset: str, options: dict[str, Any]) -> l
 
         return [output_of(path, options)]
     source = Path(path)
-    folder = Path(options["output_dir"]) if options.get("output_dir") else source.parent
-    return [folder / f"{source.stem}.sorted{source.suffix}"]
+    return [Path(options["output_dir"]) / f"{source.stem}.sorted{source.suffix}" if options.get("output_dir") else default_output(source)]
 
 
 def clean_after_kill(root: DataRoot, kind: str, path: str, dataset: str, options: dict[str, Any]) -> list[str]:
@@ -103,9 +129,17 @@ def clean_after_kill(root: DataRoot, kind: str, path: str, dataset: str, options
 def process(task: FileTask, progress: Callable[[int, int], None], cancelled: Callable[[], bool]) -> dict[str, Any]:
     """Run one file; returns the outcome as FileRecord fields (state, seconds, output, message, counts).
 
+    The outcome is also logged (`file.outcome`, with the file's index) before it is returned, so
+    a server that stops before recording it finds it in the job log when it starts again.
     The file's paths are resolved inside the data root now, not when the job was submitted: a
     folder swapped for a symlink out of the root meanwhile fails this file, naming it."""
-    JobLog(task.job_log).event("file.assigned", dataset=task.dataset, host=socket.gethostname(), pid=os.getpid())
+    JobLog(task.job_log).event("file.assigned", dataset=task.dataset, index=task.index, host=socket.gethostname(), pid=os.getpid())
+    outcome = _process(task, progress, cancelled)
+    JobLog(task.job_log).event(OUTCOME, dataset=task.dataset, index=task.index, outcome=outcome)
+    return outcome
+
+
+def _process(task: FileTask, progress: Callable[[int, int], None], cancelled: Callable[[], bool]) -> dict[str, Any]:
     root = DataRoot(task.data_root) if task.data_root else None
     options = dict(task.options)
     try:
@@ -136,7 +170,7 @@ def _sort(task: FileTask, options: dict[str, Any], root: DataRoot | None, progre
     opts = dict(options)
     folder = opts.pop("output_dir")
     path = Path(task.path)
-    output = Path(folder) / f"{path.stem}.sorted{path.suffix}" if folder else None
+    output = Path(folder) / f"{path.stem}.sorted{path.suffix}" if folder else default_output(path)
     log = FileLog(None, task.dataset, (JobLog(task.job_log),))
     started = time.time()
     log.event("sort.started", path=str(path), options=task.options)

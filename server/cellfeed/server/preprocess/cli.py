@@ -138,8 +138,10 @@ def cmd_sort(args: argparse.Namespace) -> int:
 
     options = SortOptions(target_label=args.target_label, batch_label=args.batch_label)
     failed = 0
+    if args.output and len(args.inputs) > 1:
+        raise CellfeedError("--output names one file: give it with one input only (or use --output-dir)")
     for path in [Path(p) for p in args.inputs]:
-        output = Path(args.output) if args.output and len(args.inputs) == 1 else None
+        output = Path(args.output) if args.output else Path(args.output_dir) / f"{path.stem}.sorted{path.suffix}" if args.output_dir else None
         update, close = _bar(path.name, args.no_progress)
         try:
             done = sort_file(path, output, options, progress=update)
@@ -239,7 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sort", help="rewrite perturbation h5ad files sorted by target, then batch")
     p.add_argument("inputs", nargs="+", help=".h5ad files")
-    p.add_argument("--output", help="output path (one input only; default: <stem>.sorted.h5ad beside it)")
+    p.add_argument("--output", help="output path (one input only; default: <input folder>/sorted/<stem>.sorted.h5ad)")
+    p.add_argument("--output-dir", help="folder for <stem>.sorted.h5ad [<input folder>/sorted]")
     p.add_argument("--target-label", default="target_gene")
     p.add_argument("--batch-label", default="batch_var")
     p.add_argument("--no-progress", action="store_true")

@@ -167,7 +167,8 @@ def run_file(
     """run-all on one file; its failure is reported in the result, never raised (Cancelled is).
 
     The output is locked while written (another writer of it fails this file, naming it); with
-    `root`, the input and the output folder are resolved inside it now, as they are opened."""
+    `root`, the input and the output folder are resolved inside it now, as they are opened.
+    `progress(done, total)` counts cells of the input (total: its n_obs)."""
     path = Path(path)
     name = dataset_name(path)
     final = layout.output(name)
@@ -261,12 +262,16 @@ def _convert(
             written = 0
 
             def advance(n: int) -> None:
+                # progress in cells of the input: rows written (some cells are dropped, some
+                # written twice with --keep-interim) scaled to n_obs, which the last row reaches
                 nonlocal written
                 written += n
                 if progress:
-                    progress(written, to_write)
+                    progress(source.n_obs * written // max(1, to_write), source.n_obs)
 
             per_folder = converter.run(tasks, codes, advance, cancelled)
+            if progress and to_write == 0:
+                progress(source.n_obs, source.n_obs)
             rows = {s: per_folder.get(f, 0) for s, f in folders.items()}
             manifest = {
                 "dataset": name,

@@ -52,8 +52,14 @@ class SortResult:
     message: str
 
 
+SORTED_DIR = "sorted"
+
+
 def default_output(path: Path) -> Path:
-    return path.with_name(f"{path.stem}.sorted{path.suffix}")
+    """`<input folder>/sorted/<stem>.sorted.h5ad`: never beside the input, so a pattern or a
+    folder naming the inputs does not pick up the sorted copies too."""
+    path = Path(path)
+    return path.parent / SORTED_DIR / f"{path.stem}.sorted{path.suffix}"
 
 
 def sort_order(h5: H5ad, options: SortOptions) -> np.ndarray:
@@ -75,7 +81,8 @@ def sort_file(
     cancelled: Callable[[], bool] = lambda: False,
     root: "DataRoot | None" = None,
 ) -> SortResult:
-    """Write `output` (default <stem>.sorted.h5ad) sorted; nothing is written if already sorted.
+    """Write `output` (default <input folder>/sorted/<stem>.sorted.h5ad) sorted; nothing is
+    written if already sorted. Progress is reported in cells: (done, n_obs).
 
     The output is locked while it is written (OutputBusy if another process writes it), built
     as a hidden temp file beside it (with a spill folder) through the parent's descriptor, and
@@ -132,6 +139,7 @@ class _Rewriter:
         self.done = 0
 
     def run(self) -> None:
+        """Each obs-indexed element in turn; progress in cells: element k of K done is k/K of n."""
         self.dst.attrs.update(dict(self.src.attrs))
         total_steps = sum(1 for k in self.src.keys() if k not in COPIED)
         for key in self.src.keys():
@@ -155,9 +163,13 @@ class _Rewriter:
                         self.src.copy(node[name], group, name)
             else:
                 self.src.copy(node, self.dst, key)
+            if key in COPIED:
+                continue
             self.done += 1
             if self.progress:
-                self.progress(self.done, total_steps)
+                self.progress(self.n * self.done // max(1, total_steps), self.n)
+        if self.progress and total_steps == 0:
+            self.progress(self.n, self.n)
 
     def _check(self) -> None:
         if self.cancelled():
