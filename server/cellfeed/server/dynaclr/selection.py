@@ -143,8 +143,8 @@ class Selection:
         for name in sorted(names):
             e = names.index(name)
             own = np.flatnonzero(np.array([ref.experiment == e for ref in self.index.fovs], dtype=bool))
-            present = np.unique(rows["fov"][rows["experiment"] == e])
-            own = [f for f in own if f in set(present.tolist())]
+            present = set(np.unique(rows["fov"][rows["experiment"] == e]).tolist())
+            own = [f for f in own if f in present]
             if not own:
                 continue
             fovs = sorted(fov_names[own].tolist())
