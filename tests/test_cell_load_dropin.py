@@ -4,10 +4,11 @@ Real h5ad files written by anndata with a screen's obs columns (`gene`, `cell_ty
 `gem_group`, "non-targeting" controls, categorical), one real server on loopback, and cell-load's
 own PerturbationDataModule run locally on the same files. Compared: batch keys, dtypes and shapes
 of train / val / test batches, var dims and names, shared perturbations, the control, one-hot
-maps; the served values are checked against the files. cell-load's `should_yield_control_cells`
-(default True) is not supported by cellfeed yet (docs/cell-load.md): both run with False. The
-TOML has no [zeroshot] rule: cell-load 0.10.4 with should_yield_control_cells=False fails on one
-(the control-only train subset it adds is empty, and its sampler takes the max of no codes).
+maps; the served values are checked against the files. Both run with
+should_yield_control_cells=False here (tests/test_cell_load_options.py covers cell-load's default,
+True, and the other options that need the server). The TOML has no [zeroshot] rule: cell-load
+0.10.4 with should_yield_control_cells=False fails on one (the control-only train subset it adds
+is empty, and its sampler takes the max of no codes).
 """
 
 from __future__ import annotations
@@ -212,14 +213,7 @@ def test_loader_looks_like_a_dataloader_to_state(screen):
 
 
 REFUSED = [
-    ("embed_key", "X_hvg"),
-    ("should_yield_control_cells", True),
-    ("downsample_cells", 10),
-    ("additional_obs", ["guide_id"]),
     ("cache_perturbation_control_pairs", True),
-    ("drop_last", True),
-    ("val_subsample_fraction", 0.5),
-    ("store_raw_basal", True),
 ]
 
 
@@ -231,27 +225,13 @@ def test_unsupported_arguments_are_refused_by_name(screen, name, value):
         PerturbationDataModule(toml_config_path=str(toml), server=server.flight_uri, **kwargs)
 
 
-def test_downsample_is_refused_where_cell_load_applies_it(screen):
+def test_cell_load_defaults_are_served(screen):
+    """cell-load's defaults (should_yield_control_cells=True among them) need no override."""
     root, toml, server, _ = screen
-    with pytest.raises(NotSupportedYet, match="downsample"):
-        PerturbationDataModule(toml_config_path=str(toml), server=server.flight_uri, output_space="all", downsample=0.5, **COMMON)
-    # cell-load downsamples only in output_space="all": elsewhere it has no effect, in either
-    PerturbationDataModule(toml_config_path=str(toml), server=server.flight_uri, output_space="gene", downsample=0.5, **COMMON)
-
-
-def test_cell_load_defaults_refuse_control_items(screen):
-    """cellfeed differs on purpose (docs/cell-load.md): with cell-load's defaults it refuses."""
-    root, toml, server, _ = screen
-    with pytest.raises(NotSupportedYet, match="should_yield_control_cells=False"):
-        PerturbationDataModule(toml_config_path=str(toml), server=server.flight_uri)
-
-
-def test_two_datasets_are_refused(screen, tmp_path):
-    root, _, server, _ = screen
-    toml = tmp_path / "two.toml"
-    toml.write_text(f'[datasets]\na = "{root}/k562.h5ad"\nb = "{root}/rpe1.h5ad"\n[training]\na = "train"\nb = "train"\n')
-    with pytest.raises(NotSupportedYet, match="dataset"):
-        PerturbationDataModule(toml_config_path=str(toml), server=server.flight_uri, **COMMON)
+    dm = PerturbationDataModule(toml_config_path=str(toml), server=server.flight_uri, num_workers=1)
+    dm.setup()
+    assert dm.info["control_items"]
+    assert CONTROL in {name for b in dm.test_dataloader() for name in b["pert_name"]}
 
 
 def test_save_state_and_load_state(screen, tmp_path):

@@ -41,7 +41,8 @@ class PerturbationBatchDecoder:
         genes: np.ndarray | None = None,
     ) -> None:
         self.S = int(info["group_size_S"])
-        self.G = int(info["n_vars"])
+        # the width of the rows served: X's genes, or obsm[embed_key]'s (cell-load)
+        self.G = int(info.get("input_dim", info["n_vars"]))
         # `genes` (hvg_file): the gene axis becomes these positions of var_names, in this order
         self.gene_map: np.ndarray | None = None
         self.out_G = self.G
@@ -60,18 +61,60 @@ class PerturbationBatchDecoder:
         # controls sent once with the session: batches name their rows (`ctrl_row`). Kept as
         # sent (narrow gene indices): each batch reads half the bytes it would as int64.
         self.controls = None
+        # prefix -> the controls table's rows of that matrix: CSR (indptr, indices, data) or dense
+        self.control_rows: dict[str, Any] = {}
         if controls is not None:
-            self.controls = codec.csr_from_columns(controls.combine_chunks().to_batches()[0], "ctrl")
+            table = controls.combine_chunks().to_batches()[0]
+            for prefix in ("ctrl", "ctrl_counts"):
+                if f"{prefix}_dense" in table.schema.names:
+                    self.control_rows[prefix] = codec.tensor_from_column(table.column(f"{prefix}_dense"))
+                elif f"{prefix}_data" in table.schema.names:
+                    self.control_rows[prefix] = codec.csr_from_columns(table, prefix)
+            self.controls = self.control_rows.get("ctrl") if isinstance(self.control_rows.get("ctrl"), tuple) else None
+        self.widths = {"pert": self.G, "ctrl": self.G}
+        for name, width in (info.get("counts_dims") or {}).items():
+            self.widths[name] = int(width)
 
     def __call__(self, rb: pa.RecordBatch) -> dict[str, Any]:
+        B = rb.num_rows // self.S
+        out = {"pert_cell_emb": self._pert(rb, B), "ctrl_cell_emb": self._ctrl(rb, B)}
+        out.update(self.meta(rb))
+        return out
+
+    def dense(self, rb: pa.RecordBatch, prefix: str) -> np.ndarray:
+        """Rows of matrix `prefix` ("pert", "ctrl", "pert_counts", "ctrl_counts") as a dense
+        float32 [rows, width] array: a dense column as sent, CSR rows scattered in one pass, a
+        control's rows gathered from the controls table by `ctrl_row`."""
+        names = rb.schema.names
+        n = rb.num_rows
+        if f"{prefix}_dense" in names:  # a copy: arrow's buffers are read-only, a batch may be written to
+            return np.array(codec.tensor_from_column(rb.column(f"{prefix}_dense")), dtype=np.float32)
+        if f"{prefix}_data" in names:
+            indptr, indices, data = codec.csr_from_columns(rb, prefix)
+        else:
+            table = self.control_rows[prefix]  # a control matrix sent once: the batch names rows
+            rows = rb.column("ctrl_row").to_numpy()
+            if not isinstance(table, tuple):
+                if len(rows) and (rows.min() < 0 or rows.max() >= len(table)):
+                    raise ValueError(f"perturbation batch: ctrl_row outside the {len(table)} rows of the controls table")
+                return table[rows]  # a new array
+            indptr, indices, data = csr.gather([(table, rows)])
+        width = self.widths.get(prefix, self.G)
+        csr.check(indptr, indices, data, width, "perturbation batch")
+        out = np.zeros(n * width, dtype=np.float32)
+        flat = np.repeat(np.arange(n, dtype=np.int64) * width, np.diff(np.asarray(indptr, dtype=np.int64)))
+        flat += indices
+        out[flat] = data
+        return out.reshape(n, width)
+
+    def meta(self, rb: pa.RecordBatch) -> dict[str, Any]:
+        """Everything of a batch but the cells' rows: names, one-hots, mask, barcodes."""
         S = self.S
         B = rb.num_rows // S
         target = rb.column("target").indices.to_numpy()[::S].astype(np.int64)
         cell_type = rb.column("cell_type").indices.to_numpy()
         batch = rb.column("batch").indices.to_numpy()
         out: dict[str, Any] = {
-            "pert_cell_emb": self._pert(rb, B),
-            "ctrl_cell_emb": self._ctrl(rb, B),
             "pert_emb": torch.from_numpy(self.embeddings[target]),
             "pert_name": self.targets[target].astype(str),
             "cell_type": self.cell_types[cell_type[::S]].astype(str),

@@ -57,6 +57,18 @@ class PerturbationConfig(BaseModel):
     prefix_batches_with_file: bool = False
     control_table_max_bytes: int = Field(256 << 20, ge=0)
     toml_schema: Literal["auto", "protoplast", "cell-load"] = "auto"
+    # cell-load's options (docs/protocol/perturbation.md)
+    embed_key: str | None = None  # obsm matrix read for pert/ctrl rows instead of X
+    pert_counts: str | None = None  # "X" or an obsm key: `pert_counts_*` columns
+    ctrl_counts: str | None = None  # likewise for the matched control: `ctrl_counts_*`
+    control_items: bool = False  # control cells are items of their own (should_yield_control_cells)
+    obs_columns: list[str] = Field(default_factory=list)  # obs columns sent per row, as `obs.<name>`
+    dataset_column: bool = False  # a `dataset` column: the TOML dataset of each row
+    drop_last: bool = False  # each group's partial item is dropped, and train's partial last batch
+    max_cells_per_group: int | None = Field(None, ge=1)  # cell-load's downsample_cells
+    downsample: float | None = Field(None, gt=0)  # binomial thinning of pert_counts (cell-load's)
+    is_log1p: bool = True  # counts are log1p'd: expm1 before thinning, log1p after
+    val_subsample_fraction: float | None = Field(None, gt=0, le=1)
 
     @classmethod
     def parse(cls, raw: dict[str, Any]) -> "PerturbationConfig":

@@ -71,13 +71,17 @@ def read_layout(
     file_index: int,
     batch_prefix: str = "",
     split_by_batch: bool = False,
+    control_items: bool = False,
 ) -> FileLayout:
     """Read obs columns, check the sort order, and build groups and control pools.
 
     A group is one (cell type, target) of the file, or with `split_by_batch` one (cell type,
     target, batch), so that its items' controls all come from one batch. A group the split rules
     put in two splits (cell-load's fewshot val and test) appears once per split; one they put in
-    none (cell-load: a cell type of a dataset not trained on) does not appear."""
+    none (cell-load: a cell type of a dataset not trained on) does not appear.
+
+    With `control_items` (cell-load's should_yield_control_cells), each cell type's control cells
+    are groups too (target = the control label), in the splits `_control_splits` names."""
     n = h5.n_obs
     if n == 0:
         raise CellfeedError(f"{spec.label}: the file has no cells")
@@ -155,12 +159,24 @@ def read_layout(
     ctrl_ct = ct_codes[lo:hi]
     control_rows: dict[str, np.ndarray] = {}
     by_batch: dict[tuple[str, str], np.ndarray] = {}
+    pert_splits: dict[str, set[str]] = {}
+    for group in groups:
+        pert_splits.setdefault(group.cell_type, set()).add(group.split)
     for ct in np.unique(ctrl_ct):
         rows = lo + np.flatnonzero(ctrl_ct == ct)
         name = str(ct_names[ct]) if ct >= 0 else "nan"
         control_rows[name] = rows.astype(np.int64)
         for b in np.unique(row_batches[rows]):
             by_batch[(name, str(b))] = rows[row_batches[rows] == b]
+        if not control_items:
+            continue
+        parts = [rows[row_batch[rows] == b] for b in np.unique(row_batch[rows])] if split_by_batch else [rows]
+        for split in _control_splits(spec, name, pert_splits.get(name, set())):
+            for part in parts:
+                groups.append(
+                    Group(file=file_index, cell_type=name, target=control_label, rows=part.astype(np.int64),
+                          batches=row_batches[part], split=split)
+                )
     for group in groups:
         if group.cell_type not in control_rows:
             raise CellfeedError(
@@ -206,6 +222,21 @@ def _splits_for(spec: FileSpec, cell_type: str, target: str) -> tuple[str, ...]:
         if key in spec.zeroshot:
             return (spec.zeroshot[key],)
     return (spec.split or "train",)
+
+
+def _control_splits(spec: FileSpec, cell_type: str, pert_splits: set[str]) -> tuple[str, ...]:
+    """The splits whose items include a cell type's control cells (control items), as cell-load
+    0.10.4 builds its subsets: a [zeroshot] cell type's controls are in train and in its split; a
+    [fewshot] cell type's in train and in each split holding some of its perturbed cells (none if
+    it has no perturbed cell); any other cell type's in train when its dataset is trained on.
+    protoplast's schema: the splits of the cell type's perturbed cells (train if none)."""
+    if spec.schema == CELL_LOAD:
+        if cell_type in spec.zeroshot:
+            return tuple(s for s in ("train", "val", "test") if s in {"train", spec.zeroshot[cell_type]})
+        if cell_type in spec.fewshot:
+            return tuple(s for s in ("train", "val", "test") if s == "train" or s in pert_splits) if pert_splits else ()
+        return ("train",) if spec.split == "train" else ()
+    return tuple(s for s in ("train", "val", "test") if s in (pert_splits or {"train"}))
 
 
 def _runs(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -68,6 +68,8 @@ class PerturbationSampler(Sampler):
         stream_key: int,
         match_controls_by_batch: bool,
         once: bool = False,
+        drop_last: bool = False,
+        max_cells_per_group: int | None = None,
     ) -> None:
         self.groups = groups
         self.layouts = layouts
@@ -78,16 +80,27 @@ class PerturbationSampler(Sampler):
         self.stream_key = stream_key
         self.match_controls_by_batch = match_controls_by_batch
         self.once = once
+        self.drop_last = drop_last
+        self.max_cells = max_cells_per_group
         self.blocks, self.block_of_group = _blocks(groups, block_size)
         self.groups_of_block: list[list[int]] = [[] for _ in self.blocks]
         for g, b in enumerate(self.block_of_group):
             self.groups_of_block[b].append(g)
-        self.num_items = sum(math.ceil(len(g.rows) / group_size) for g in groups)
+        self.num_items = sum(self._items_of(len(g.rows)) for g in groups)
         self.pools = _ControlPools(groups, layouts, by_batch=match_controls_by_batch)
         self._plans: EpochPlans[EpochPlan] = EpochPlans(self._build_plan)
 
+    def _items_of(self, n: int) -> int:
+        """Items of a group of n cells: capped at max_cells (cell-load's downsample_cells), its
+        partial item dropped with drop_last."""
+        n = min(n, self.max_cells) if self.max_cells is not None else n
+        return n // self.S if self.drop_last else math.ceil(n / self.S)
+
     def num_batches(self, world_size: int) -> int:
-        return batches_per_rank(self.num_items, self.B, world_size) if self.num_items else 0
+        if not self.num_items:
+            return 0
+        # drop_last (training): the epoch's partial last batch is dropped, as cell-load's sampler
+        return batches_per_rank(self.num_items, self.B, world_size, drop_last=self.drop_last and not self.once)
 
     def plan(self, epoch: int) -> EpochPlan:
         return self._plans.get(epoch)
@@ -124,10 +137,16 @@ class PerturbationSampler(Sampler):
             for b in order[w : w + self.window_blocks]:
                 for g in self.groups_of_block[b]:
                     rows = rng.permutation(self.groups[g].rows)
+                    if self.max_cells is not None:
+                        rows = rows[: self.max_cells]  # a fresh random max_cells each epoch
+                    if self.drop_last:
+                        rows = rows[: len(rows) // S * S]
+                        if not len(rows):
+                            continue
                     n = len(rows)
                     short = (-n) % S
                     if short:
-                        rows = np.concatenate([rows, rng.choice(self.groups[g].rows, short, replace=True)])
+                        rows = np.concatenate([rows, rng.choice(self.groups[g].rows if self.max_cells is None else rows, short, replace=True)])
                     chunks = rows.reshape(-1, S)
                     real = np.full(len(chunks), S, dtype=np.int64)
                     real[-1] = n - (len(chunks) - 1) * S

@@ -7,17 +7,21 @@ order (item b owns rows b*S .. b*S+S-1), each row also carrying its matched cont
 from __future__ import annotations
 
 import logging
+import math
 from functools import cached_property
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
+from anndata.io import read_elem
 
 from cellfeed.server.context import ServerContext
 from cellfeed.server.errors import CellfeedError
 from cellfeed.server.perturbation.config import CELL_LOAD, SPLITS, PerturbationConfig, resolve_files
 from cellfeed.server.perturbation.embeddings import load_embeddings
 from cellfeed.server.perturbation.layout import FileLayout, read_layout
+from cellfeed.server.perturbation.matrices import X, RowMatrix, Shape, hvg_width
 from cellfeed.server.reading.blocks import CSRBlock
 from cellfeed.server.reading.h5ad import H5ad
 from cellfeed.server.samplers.base import check_batch_index
@@ -59,7 +63,24 @@ class PerturbationSource(Source):
         self.warnings = list(warnings or [])
         self.unknown_rules = list(unknown_rules or [])
         self.var_names = layouts[0].h5.var_names()
-        self.index_type = codec.index_type(len(self.var_names))
+        # the matrices read: the cells' rows (X, or obsm[embed_key]) and the optional counts
+        self.main_key = config.embed_key or X
+        self._matrices: dict[tuple[int, str], RowMatrix] = {}
+        self._shapes: dict[str, Shape] = {}
+        for key in {self.main_key, config.pert_counts, config.ctrl_counts} - {None}:
+            for f, layout in enumerate(layouts):
+                matrix = RowMatrix(layout.h5, key)
+                first = self._shapes.setdefault(key, matrix.shape)
+                if matrix.shape != first:
+                    raise CellfeedError(
+                        f"{layout.spec.label}: {key} is {'dense' if matrix.shape.dense else 'CSR'} of width "
+                        f"{matrix.shape.width}, unlike {layouts[0].spec.label}'s ({'dense' if first.dense else 'CSR'}, "
+                        f"{first.width}); every file of a session must share it"
+                    )
+                self._matrices[(f, key)] = matrix
+        self.input_dim = self._shapes[self.main_key].width
+        self.hvg_dim = hvg_width(layouts[0].h5)
+        self.index_type = codec.index_type(self.input_dim)
         self.cell_types = sorted(set().union(*(l.cell_types for l in layouts)))
         self.batches = sorted(set().union(*(l.batches for l in layouts)))
         targets = sorted(set().union(*(l.targets for l in layouts)) | {config.control_label})
@@ -77,6 +98,7 @@ class PerturbationSource(Source):
             )
             self.embedding_dim = int(self._embeddings.shape[1])
         groups = [g for l in layouts for g in l.groups]
+        groups, self.val_subsets = _subsample_val(groups, layouts, config.val_subsample_fraction)
         self.samplers = {
             split: PerturbationSampler(
                 [g for g in groups if g.split == split],
@@ -89,6 +111,8 @@ class PerturbationSource(Source):
                 stream_key=k,
                 match_controls_by_batch=config.match_controls_by_batch,
                 once=split != "train",
+                drop_last=config.drop_last,
+                max_cells_per_group=config.max_cells_per_group,
             )
             for k, split in enumerate(SPLITS)
         }
@@ -105,10 +129,17 @@ class PerturbationSource(Source):
         session_batch = [np.array([batch_code.get(str(n), 0) for n in l.batch_names], dtype=np.int32) for l in layouts]
         self._row_batch_code = np.concatenate([codes[l.row_batch] for codes, l in zip(session_batch, layouts)])
         self._barcodes = np.concatenate([l.h5.obs_names() for l in layouts]) if config.barcodes else None
+        self.obs_columns = {name: _obs_values([l.h5 for l in layouts], name) for name in config.obs_columns}
+        self.datasets = sorted({l.spec.dataset for l in layouts})
+        self._file_dataset = np.array([self.datasets.index(l.spec.dataset) for l in layouts], dtype=np.int32)
         # Controls are reused by many items per epoch: when all control rows fit in
         # control_table_max_bytes they are sent once with the session and batches carry row ids.
-        control_bytes = sum(self._rows(f, *l.control_span).nbytes for f, l in enumerate(layouts))
-        self.controls_by_row = control_bytes <= config.control_table_max_bytes
+        control_bytes = sum(
+            self._rows(f, *l.control_span, key).nbytes for f, l in enumerate(layouts) for key in self._control_keys()
+        )
+        # thinned control rows differ each batch: they go inline
+        thinned = config.downsample is not None and X in self._control_keys()
+        self.controls_by_row = control_bytes <= config.control_table_max_bytes and not thinned
         # a file's control row r is row r + _control_base[file] of the controls table
         table_offset = np.cumsum([0] + [l.control_span[1] - l.control_span[0] for l in layouts])
         self._control_base = table_offset[:-1] - np.array([l.control_span[0] for l in layouts])
@@ -136,6 +167,7 @@ class PerturbationSource(Source):
                     file_index=i,
                     batch_prefix=f"{spec.stem}:" if cfg.prefix_batches_with_file else "",
                     split_by_batch=cfg.match_controls_by_batch,
+                    control_items=cfg.control_items,
                 )
             )
         _check_same_genes(layouts)
@@ -153,6 +185,16 @@ class PerturbationSource(Source):
         return {
             "var_names": self.var_names.tolist(),
             "n_vars": len(self.var_names),
+            "embed_key": self.config.embed_key,
+            "input_dim": self.input_dim,
+            "hvg_dim": self.hvg_dim,
+            "encoding": {p: ("dense" if self._shapes[k].dense else "csr") for p, k in self._prefix_keys().items()},
+            "control_items": self.config.control_items,
+            "counts_dims": {p: self._shapes[k].width for p, k in self._prefix_keys().items() if p.endswith("_counts")},
+            "downsample": self.config.downsample,
+            "val_subsets": self.val_subsets,
+            "obs_columns": {n: (v[1] if v[1] is not None else str(v[0].dtype)) for n, v in self.obs_columns.items()},
+            "datasets": self.datasets,
             "cell_types": self.cell_types,
             "batches": self.batches,
             "targets": self.targets,
@@ -192,11 +234,13 @@ class PerturbationSource(Source):
         if self._embeddings is not None:
             tables["pert_emb"] = pa.table({"target": pa.array(self.targets), "embedding": codec.tensor_column(self._embeddings)})
         if self.controls_by_row:
-            pieces = []
-            for f, layout in enumerate(self.layouts):
-                lo, hi = layout.control_span
-                pieces.append((self._rows(f, lo, hi).csr, np.arange(hi - lo)))
-            tables["controls"] = pa.table(codec.csr_columns("ctrl", *csr.gather(pieces), self.index_type))
+            pieces = [(f, lo, hi, np.arange(hi - lo)) for f, (lo, hi) in enumerate(l.control_span for l in self.layouts)]
+            columns: dict[str, pa.Array] = {}
+            for prefix in ("ctrl", "ctrl_counts"):
+                key = self._prefix_keys().get(prefix)
+                if key is not None:
+                    columns.update(self._matrix_columns(prefix, key, pieces, None))
+            tables["controls"] = pa.table(columns)
         return tables
 
     def schema(self, split: str) -> pa.Schema:
@@ -214,12 +258,16 @@ class PerturbationSource(Source):
         cell_mask = (np.arange(S)[None, :] < planned.n_real[order][:, None]).ravel()
         files, target_codes, ct_codes = self._group_codes[split][group].T
 
+        keys = self._prefix_keys()
         pert_pieces = []
         bounds = np.flatnonzero(np.diff(blocks)) + 1
         for lo, hi in zip(np.r_[0, bounds].tolist(), np.r_[bounds, len(blocks)].tolist()):
             block = sampler.blocks[blocks[lo]]
-            pert_pieces.append((self._rows(block.file, block.start, block.stop).csr, (pert_rows[lo:hi] - block.start).ravel()))
-        columns: dict[str, pa.Array] = dict(codec.csr_columns("pert", *csr.gather(pert_pieces, out=self._slot(alloc)), self.index_type))
+            pert_pieces.append((block.file, block.start, block.stop, (pert_rows[lo:hi] - block.start).ravel()))
+        j = planned.global_index
+        columns: dict[str, pa.Array] = self._matrix_columns("pert", keys["pert"], pert_pieces, alloc, self._thinning("pert", split, epoch, j))
+        if "pert_counts" in keys:
+            columns.update(self._matrix_columns("pert_counts", keys["pert_counts"], pert_pieces, alloc, self._thinning("pert_counts", split, epoch, j)))
         if self.controls_by_row:
             ctrl_index = self._control_base[files][:, None] + ctrl_rows
             columns["ctrl_row"] = pa.array(ctrl_index.ravel().astype(np.int32))
@@ -227,8 +275,10 @@ class PerturbationSource(Source):
             ctrl_pieces = []
             for f in np.unique(files):
                 lo, hi = self.layouts[f].control_span
-                ctrl_pieces.append((self._rows(int(f), lo, hi).csr, (ctrl_rows[files == f] - lo).ravel()))
-            columns.update(codec.csr_columns("ctrl", *csr.gather(ctrl_pieces, out=self._slot(alloc)), self.index_type))
+                ctrl_pieces.append((int(f), lo, hi, (ctrl_rows[files == f] - lo).ravel()))
+            for prefix in ("ctrl", "ctrl_counts"):
+                if prefix in keys:
+                    columns.update(self._matrix_columns(prefix, keys[prefix], ctrl_pieces, alloc, self._thinning(prefix, split, epoch, j)))
 
         global_rows = (self._row_offset[files][:, None] + pert_rows).ravel()
         columns["target"] = pa.DictionaryArray.from_arrays(np.repeat(target_codes.astype(np.int32), S), self._target_dict)
@@ -239,14 +289,66 @@ class PerturbationSource(Source):
             ctrl_global_rows = (self._row_offset[files][:, None] + ctrl_rows).ravel()
             columns["pert_barcode"] = pa.array(self._barcodes[global_rows], pa.string())
             columns["ctrl_barcode"] = pa.array(self._barcodes[ctrl_global_rows], pa.string())
+        if self.config.dataset_column:
+            columns["dataset"] = pa.DictionaryArray.from_arrays(np.repeat(self._file_dataset[files], S), self._dataset_dict)
+        for name, (values, vocab) in self.obs_columns.items():
+            if vocab is None:
+                columns[f"obs.{name}"] = pa.array(values[global_rows])
+            else:
+                columns[f"obs.{name}"] = pa.DictionaryArray.from_arrays(values[global_rows], pa.array(vocab, pa.string()))
         return pa.RecordBatch.from_arrays(list(columns.values()), schema=self._schema)
 
-    def _slot(self, alloc: Alloc | None):
+    def _prefix_keys(self) -> dict[str, str]:
+        """Column prefix -> the matrix its rows come from."""
+        keys = {"pert": self.main_key, "ctrl": self.main_key}
+        if self.config.pert_counts:
+            keys["pert_counts"] = self.config.pert_counts
+        if self.config.ctrl_counts:
+            keys["ctrl_counts"] = self.config.ctrl_counts
+        return keys
+
+    def _control_keys(self) -> list[str]:
+        return [k for p, k in self._prefix_keys().items() if p in ("ctrl", "ctrl_counts")]
+
+    def _matrix_columns(
+        self, prefix: str, key: str, pieces: list[tuple[int, int, int, np.ndarray]], alloc: Alloc | None,
+        thin: np.random.Generator | None = None,
+    ) -> dict[str, pa.Array]:
+        """The columns of `prefix` holding, in order, rows `rel` of each (file, start, stop, rel)
+        block of matrix `key`: CSR list columns, or one dense tensor column. `thin`: X's counts
+        thinned with this generator (cell-load's downsample, see `_thin_values`)."""
+        shape = self._shapes[key]
+        if shape.dense:
+            n = sum(len(rel) for *_, rel in pieces)
+            out = alloc((n, shape.width), np.dtype(np.float32)) if alloc is not None else np.empty((n, shape.width), np.float32)
+            at = 0
+            for f, lo, hi, rel in pieces:
+                np.take(self._rows(f, lo, hi, key), rel, axis=0, out=out[at : at + len(rel)])
+                at += len(rel)
+            if thin is not None:
+                flat = out.reshape(-1)
+                flat[:] = _thin_values(flat, np.repeat(np.arange(n), shape.width), n, self.config.downsample, self.config.is_log1p, thin)
+            return {f"{prefix}_dense": codec.tensor_column(out)}
+        index_type = codec.index_type(shape.width)
+        indptr, indices, data = csr.gather([(self._rows(f, lo, hi, key).csr, rel) for f, lo, hi, rel in pieces], out=self._slot(alloc, index_type))
+        if thin is not None:
+            n = len(indptr) - 1
+            data[:] = _thin_values(data, np.repeat(np.arange(n), np.diff(indptr)), n, self.config.downsample, self.config.is_log1p, thin)
+        return dict(codec.csr_columns(prefix, indptr, indices, data, index_type))
+
+    def _thinning(self, prefix: str, split: str, epoch: int, j: int) -> np.random.Generator | None:
+        """With `downsample`, the generator that thins the X rows of `prefix` in global batch j."""
+        if self.config.downsample is None or self._prefix_keys().get(prefix) != X:
+            return None
+        k = ("pert", "ctrl", "pert_counts", "ctrl_counts").index(prefix)
+        return np.random.default_rng([self.config.seed, SPLITS.index(split), epoch, j, 2, k])
+
+    def _slot(self, alloc: Alloc | None, index_type: pa.DataType | None = None):
         """Where a gather writes a batch's CSR values: one block of `alloc` (a shared-memory slot)
         holding the indices, then the data; or, without `alloc`, new arrays."""
         if alloc is None:
             return None
-        index_dtype = np.dtype(self.index_type.to_pandas_dtype())
+        index_dtype = np.dtype((index_type or self.index_type).to_pandas_dtype())
 
         def arrays(nnz: int) -> tuple[np.ndarray, np.ndarray]:
             data_at = -(-nnz * index_dtype.itemsize // 64) * 64
@@ -255,26 +357,36 @@ class PerturbationSource(Source):
 
         return arrays
 
-    def _rows(self, file: int, start: int, stop: int) -> CSRBlock:
-        layout = self.layouts[file]
-
-        def load() -> CSRBlock:
-            indptr, indices, data = layout.h5.read_rows(start, stop, self.index_type.to_pandas_dtype())
-            return CSRBlock(indptr, indices, data)
-
+    def _rows(self, file: int, start: int, stop: int, key: str = X) -> CSRBlock | np.ndarray:
+        matrix = self._matrices[(file, key)]
+        index_dtype = codec.index_type(self._shapes[key].width).to_pandas_dtype()
         # keyed by the handle (one version of the file), so a rewritten file never mixes in
-        return self.ctx.blocks.get((layout.h5, start, stop), load)
+        cache_key = (self.layouts[file].h5, start, stop) if key == X else (self.layouts[file].h5, "obsm", key, start, stop)
+        return self.ctx.blocks.get(cache_key, lambda: matrix.read(start, stop, index_dtype))
 
     def _build_schema(self) -> pa.Schema:
         self._target_dict = pa.array(self.targets, pa.string())
         self._cell_type_dict = pa.array(self.cell_types, pa.string())
         self._batch_dict = pa.array(self.batches, pa.string())
+        self._dataset_dict = pa.array(self.datasets, pa.string())
         in_slots = {shm.LIST_KEY: b"1"}  # the CSR rows may travel in shared-memory slots
-        fields = [f.with_metadata(in_slots) for f in codec.csr_fields("pert", self.index_type)]
+        keys = self._prefix_keys()
+
+        def matrix_fields(prefix: str) -> list[pa.Field]:
+            shape = self._shapes[keys[prefix]]
+            if shape.dense:
+                return [pa.field(f"{prefix}_dense", codec.tensor_type((shape.width,)), nullable=False)]
+            return [f.with_metadata(in_slots) for f in codec.csr_fields(prefix, codec.index_type(shape.width))]
+
+        fields = matrix_fields("pert")
+        if "pert_counts" in keys:
+            fields += matrix_fields("pert_counts")
         if self.controls_by_row:
             fields.append(pa.field("ctrl_row", pa.int32(), nullable=False))
         else:
-            fields += [f.with_metadata(in_slots) for f in codec.csr_fields("ctrl", self.index_type)]
+            fields += matrix_fields("ctrl")
+            if "ctrl_counts" in keys:
+                fields += matrix_fields("ctrl_counts")
         fields += [
             pa.field("target", pa.dictionary(pa.int32(), pa.string()), nullable=False),
             pa.field("cell_type", pa.dictionary(pa.int32(), pa.string()), nullable=False),
@@ -283,8 +395,60 @@ class PerturbationSource(Source):
         ]
         if self.config.barcodes:
             fields += [pa.field("pert_barcode", pa.string(), nullable=False), pa.field("ctrl_barcode", pa.string(), nullable=False)]
-        meta = {"kind": self.kind, "group_size_S": self.config.group_size_S, "n_vars": len(self.var_names)}
+        if self.config.dataset_column:
+            fields.append(pa.field("dataset", pa.dictionary(pa.int32(), pa.string()), nullable=False))
+        for name, (values, vocab) in self.obs_columns.items():
+            kind = pa.from_numpy_dtype(values.dtype) if vocab is None else pa.dictionary(pa.int32(), pa.string())
+            fields.append(pa.field(f"obs.{name}", kind, nullable=False))
+        meta = {"kind": self.kind, "group_size_S": self.config.group_size_S, "n_vars": len(self.var_names), "input_dim": self.input_dim}
         return codec.with_metadata(pa.schema(fields), meta)
+
+
+def _subsample_val(groups: list, layouts: list[FileLayout], fraction: float | None) -> tuple[list, dict[str, int]]:
+    """cell-load's val_subsample_fraction: of the val split's (file, cell type) subsets, ordered by
+    dataset, then file, then cell type, the first ceil(n * fraction) (at least one) are kept."""
+    subsets = sorted(
+        {(layouts[g.file].spec.dataset, layouts[g.file].spec.label, g.cell_type, g.file) for g in groups if g.split == "val"}
+    )
+    if fraction is None or not subsets:
+        return groups, {"kept": len(subsets), "of": len(subsets)}
+    keep = max(1, math.ceil(len(subsets) * fraction))
+    kept = {(file, ct) for _, _, ct, file in subsets[:keep]}
+    return [g for g in groups if g.split != "val" or (g.file, g.cell_type) in kept], {"kept": min(keep, len(subsets)), "of": len(subsets)}
+
+
+def _thin_values(values: np.ndarray, rows: np.ndarray, n_rows: int, target: float, is_log1p: bool, rng: np.random.Generator) -> np.ndarray:
+    """Binomial thinning of each row's counts (cell-load's downsample): p = target when <= 1,
+    else min(1, target / the row's total count)."""
+    counts = np.rint(np.expm1(values)) if is_log1p else values.astype(np.float64)
+    counts = np.maximum(counts, 0).astype(np.int64)
+    if target <= 1.0:
+        p = np.full(len(counts), target)
+    else:
+        totals = np.bincount(rows, weights=counts, minlength=n_rows)
+        per_row = np.where(totals > 0, np.minimum(1.0, target / np.maximum(totals, 1)), 1.0)
+        p = per_row[rows]
+    sampled = rng.binomial(counts, p).astype(np.float32)
+    return np.log1p(sampled).astype(np.float32) if is_log1p else sampled
+
+
+def _obs_values(h5s: list[H5ad], name: str) -> tuple[np.ndarray, list[str] | None]:
+    """An obs column over every file, one after another: numbers as they are (with None), strings
+    and categories as int32 codes into a sorted vocabulary."""
+    parts = []
+    for h5 in h5s:
+        obs = h5.file["obs"]
+        if name not in obs:
+            have = ", ".join(sorted(h5.obs_keys())) or "none"
+            raise CellfeedError(f"{h5.label}: obs has no column {name!r} (obs_columns; columns: {have})")
+        with h5._lock:
+            parts.append(read_elem(obs[name]))
+    numeric = all(not isinstance(p, pd.Categorical) and np.asarray(p).dtype.kind in "biuf" for p in parts)
+    if numeric:
+        return np.concatenate([np.asarray(p) for p in parts]), None
+    strings = [np.asarray(p, dtype=object).astype(str) for p in parts]
+    vocab, codes = np.unique(np.concatenate(strings), return_inverse=True)
+    return codes.astype(np.int32), [str(v) for v in vocab]
 
 
 def _check_same_genes(layouts: list[FileLayout]) -> None:

@@ -40,6 +40,7 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import numpy as np
+import pyarrow as pa
 import torch
 
 from cellfeed.client.connection import Connection, Session
@@ -91,56 +92,82 @@ class _Stream(_CellfeedPerturbationDataModule):
     handling (controls table, shared memory, CSR checks) stays in one place."""
 
     dataset_name: str = ""
+    exp_counts: bool = False
+    cell_load_options: dict[str, Any] = {}
+
+    def session_config(self) -> dict[str, Any]:
+        return {**super().session_config(), **self.cell_load_options}
 
     def on_session(self, session: Session) -> None:
         super().on_session(session)
-        self.decoder = CellLoadBatchDecoder(self.decoder, session.info, self.dataset_name)
+        self.decoder = CellLoadBatchDecoder(self.decoder, session.info, self.dataset_name, self.exp_counts)
 
 
 class CellLoadBatchDecoder:
-    """protoplast-format batch dict (cellfeed's decoder) -> cell-load's collated batch, plus
-    `cell_mask` [B*S] (True: a real cell of the pass; False: padding), which the loaders take off."""
+    """A record batch -> cell-load's collated batch (via the parent decoder's `meta` and `dense`),
+    plus `cell_mask` [B*S] (True: a real cell of the pass; False: padding), which the loaders take
+    off. Rows are made dense in one pass each, from CSR or from a dense column as sent."""
 
-    def __init__(self, inner: Any, info: dict[str, Any], dataset_name: str) -> None:
+    def __init__(self, inner: Any, info: dict[str, Any], dataset_name: str, exp_counts: bool = False) -> None:
         self.inner = inner
         self.S = int(info["group_size_S"])
         self.batches = np.asarray(info["batches"], dtype=object)
+        self.datasets = np.asarray(info.get("datasets") or [dataset_name], dtype=object)
         self.dataset_name = dataset_name
+        self.exp_counts = exp_counts
 
     def __call__(self, rb: Any) -> dict[str, Any]:
-        d = self.inner(rb)
+        d = self.inner.meta(rb)
         S = self.S
         B = len(d["pert_name"])
         n = B * S
+        names = rb.schema.names
         batch_onehot = d["batch_onehot"].reshape(n, -1)
+        if "dataset" in names:
+            dataset_name = self.datasets[rb.column("dataset").indices.to_numpy()].astype(str).tolist()
+        else:
+            dataset_name = [self.dataset_name] * n
         out: dict[str, Any] = {
-            "pert_cell_emb": self._dense(d["pert_cell_emb"]),
-            "ctrl_cell_emb": self._dense(d["ctrl_cell_emb"]),
+            "pert_cell_emb": torch.from_numpy(self.inner.dense(rb, "pert")),
+            "ctrl_cell_emb": torch.from_numpy(self.inner.dense(rb, "ctrl")),
             "pert_emb": torch.from_numpy(np.repeat(d["pert_emb"].numpy(), S, axis=0)),
             "pert_name": np.repeat(d["pert_name"], S).tolist(),
             "cell_type": np.repeat(d["cell_type"], S).tolist(),
             "cell_type_onehot": d["cell_type_onehot"].reshape(n, -1),
             "batch": batch_onehot,
             "batch_name": self.batches[batch_onehot.numpy().argmax(axis=1)].astype(str).tolist(),
-            "dataset_name": [self.dataset_name] * n,
+            "dataset_name": dataset_name,
             "cell_mask": d["cell_mask"].reshape(n),
         }
+        for prefix in ("pert", "ctrl"):
+            if f"{prefix}_counts_data" in names or f"{prefix}_counts_dense" in names or (
+                prefix == "ctrl" and "ctrl_counts" in self.inner.control_rows
+            ):
+                out[f"{prefix}_cell_counts"] = self._counts(torch.from_numpy(self.inner.dense(rb, f"{prefix}_counts")))
         if "pert_cell_barcode" in d:
             out["pert_cell_barcode"] = d["pert_cell_barcode"].reshape(n).tolist()
             out["ctrl_cell_barcode"] = d["ctrl_cell_barcode"].reshape(n).tolist()
+        for name in names:
+            if not name.startswith("obs."):
+                continue
+            column = rb.column(name)
+            if pa.types.is_dictionary(column.type):  # strings and categories: cell-load's list[str]
+                out[name[4:]] = np.asarray(column.dictionary.to_pylist(), dtype=object)[column.indices.to_numpy()].tolist()
+            else:  # numbers: a tensor of the file's dtype, as cell-load's collate
+                out[name[4:]] = torch.from_numpy(column.to_numpy(zero_copy_only=False).copy())
         return out
 
-    @staticmethod
-    def _dense(coo: torch.Tensor) -> torch.Tensor:
-        """[B, S, G] sparse COO (uncoalesced, no duplicates) -> dense float32 [B*S, G], in numpy
-        (one pass; torch's intra-op threads would compete with the server on small hosts)."""
-        B, S, G = coo.shape
-        n = B * S
-        idx = coo._indices().numpy()
-        flat = (idx[0] * S + idx[1]) * G + idx[2]
-        dense = np.zeros(n * G, dtype=np.float32)
-        dense[flat] = coo._values().numpy()
-        return torch.from_numpy(dense.reshape(n, G))
+    def _counts(self, counts: torch.Tensor) -> torch.Tensor:
+        """cell-load's collate of `*_cell_counts`: with exp_counts, expm1 when they look logged
+        (not whole row sums, max < 15), then clamped, rounded, int32."""
+        if not self.exp_counts:
+            return counts
+        top = counts[:100].sum(dim=1)
+        discrete = bool(torch.all(torch.abs(top - top.floor()) < 1e-7))
+        logged = (not discrete) and counts.max().item() < 15.0
+        if logged:
+            counts = torch.expm1(counts)
+        return torch.nan_to_num(counts, nan=0.0, posinf=0.0, neginf=0.0).clamp_min(0).round().to(torch.int32)
 
 
 class CellLoadLoader:
@@ -316,12 +343,6 @@ class PerturbationDataModule(pl.LightningDataModule):
         self._check_supported()
         text = Path(toml_config_path).read_text()
         datasets = _loaded_datasets(text, toml_config_path)
-        if len(datasets) > 1:
-            raise NotSupportedYet(
-                f"{toml_config_path}: the TOML loads {len(datasets)} datasets ({', '.join(datasets)}); cellfeed's perturbation "
-                "stream does not say which dataset each cell comes from yet, so `dataset_name` cannot be filled. "
-                "Load one dataset per DataModule for now (docs/cell-load.md)"
-            )
         self._stream = _Stream(
             config_path=toml_config_path,
             pert_embedding_file=self.perturbation_features_file,
@@ -340,6 +361,8 @@ class PerturbationDataModule(pl.LightningDataModule):
             toml_schema="cell-load",
         )
         self._stream.dataset_name = datasets[0] if datasets else ""
+        self._stream.exp_counts = self.exp_counts
+        self._stream.cell_load_options = self._session_options(len(datasets))
         self._shared: set[str] | None = None
 
     def _check_supported(self) -> None:
@@ -348,46 +371,49 @@ class PerturbationDataModule(pl.LightningDataModule):
             raise ValueError(f"basal_mapping_strategy={self.basal_mapping_strategy!r}: use 'random' or 'batch' (as cell-load)")
         if self.output_space not in ("gene", "all", "embedding"):
             raise ValueError(f"output_space must be one of 'gene', 'all', or 'embedding'; got {self.output_space!r}")
-        if self.embed_key:
-            raise _refuse(
-                "embed_key", self.embed_key, "the server streams X rows, not obsm matrices",
-                "Use embed_key=None (cells as X rows), or write the embedding into X of a copy of the files",
-            )
-        if self.should_yield_control_cells:
-            raise _refuse(
-                "should_yield_control_cells", True,
-                "cellfeed serves control cells only as the matched controls of perturbed cells, not as items of their own",
-                "Pass should_yield_control_cells=False (in STATE: data.kwargs.should_yield_control_cells=false)",
-            )
-        if self.downsample not in (None, 1.0) and self.output_space == "all":
-            raise _refuse("downsample", self.downsample, "the server does not downsample counts", "Use downsample=None")
+        if self.downsample is not None:
+            try:
+                self.downsample = float(self.downsample)
+            except (TypeError, ValueError):
+                raise ValueError(f"downsample must be a positive float; got {self.downsample!r}") from None
+            if not self.downsample > 0:
+                raise ValueError(f"downsample must be > 0; got {self.downsample!r}")
         if self.downsample_cells is not None:
-            raise _refuse(
-                "downsample_cells", self.downsample_cells, "the server does not cap cells per (cell type, perturbation) group",
-                "Use downsample_cells=None",
-            )
-        if self.additional_obs:
-            raise _refuse(
-                "additional_obs", self.additional_obs, "the stream carries no obs columns besides target, cell type and batch",
-                "Use additional_obs=None",
-            )
+            cells = self.downsample_cells
+            if isinstance(cells, bool) or (isinstance(cells, float) and not cells.is_integer()) or not isinstance(cells, (int, float, np.integer)) or int(cells) <= 0:
+                raise ValueError("downsample_cells must be a positive integer or None.")
+            self.downsample_cells = int(cells)
+        if self.additional_obs is not None:
+            if isinstance(self.additional_obs, str) or not all(isinstance(k, str) for k in self.additional_obs):
+                raise ValueError(f"additional_obs must be a list of obs column names; got {self.additional_obs!r}")
         if self.cache_perturbation_control_pairs:
             raise _refuse(
                 "cache_perturbation_control_pairs", True, "controls are drawn afresh for every batch",
                 "Use cache_perturbation_control_pairs=False",
             )
-        if self.drop_last:
-            raise _refuse("drop_last", True, "short sentences are always padded (by resampling their group's cells)", "Use drop_last=False")
-        if self.val_subsample_fraction not in (None, 1.0, 1):
-            raise _refuse(
-                "val_subsample_fraction", self.val_subsample_fraction, "every val subset is served",
-                "Use val_subsample_fraction=None",
-            )
-        if self.store_raw_basal:
-            raise _refuse(
-                "store_raw_basal", True, "ctrl_cell_counts needs obsm['X_hvg'] or a second copy of X rows, which the stream lacks",
-                "Use store_raw_basal=False",
-            )
+        if self.val_subsample_fraction is not None and not 0 < float(self.val_subsample_fraction) <= 1:
+            raise ValueError(f"val_subsample_fraction must be in (0, 1]; got {self.val_subsample_fraction!r}")
+
+    def _session_options(self, n_datasets: int) -> dict[str, Any]:
+        """cell-load's options as session config (docs/protocol/perturbation.md)."""
+        gene_or_all = {"gene": "X_hvg", "all": "X"}.get(self.output_space)
+        # cell-load's store_raw_expression: counts beside an embedding, for "gene" (unless the
+        # embedding is X_hvg itself) and "all"
+        raw = bool(self.embed_key and ((self.embed_key != "X_hvg" and self.output_space == "gene") or self.output_space == "all"))
+        return {
+            "embed_key": self.embed_key,
+            "pert_counts": gene_or_all if raw else None,
+            "ctrl_counts": gene_or_all if self.store_raw_basal else None,
+            "control_items": bool(self.should_yield_control_cells),
+            "obs_columns": list(self.additional_obs or []),
+            "dataset_column": n_datasets > 1,
+            "drop_last": bool(self.drop_last),
+            "max_cells_per_group": self.downsample_cells,
+            # cell-load thins only the X rows it reads for output_space "all"
+            "downsample": self.downsample if self.output_space == "all" and self.downsample not in (None, 1.0) else None,
+            "is_log1p": self.is_log1p,
+            "val_subsample_fraction": None if self.val_subsample_fraction is None else float(self.val_subsample_fraction),
+        }
 
     # -- set-up ----------------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
@@ -457,12 +483,12 @@ class PerturbationDataModule(pl.LightningDataModule):
 
     def get_var_dims(self) -> dict[str, Any]:
         G = int(self.info["n_vars"])
+        width = int(self.info.get("input_dim", G))  # obsm[embed_key]'s with an embed_key, else X's
         return {
-            "input_dim": G,
+            "input_dim": width,
             "gene_dim": G,
-            # cell-load: the width of obsm["X_hvg"], 0 without one; the server does not read obsm
-            "hvg_dim": 0,
-            "output_dim": G,
+            "hvg_dim": int(self.info.get("hvg_dim", 0)),  # obsm["X_hvg"]'s width, 0 without one (as cell-load)
+            "output_dim": width,
             "pert_dim": int(self.info["embedding_dim"]),
             "gene_names": self.get_var_names(),
             "batch_dim": len(self.info["batches"]),
