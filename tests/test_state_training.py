@@ -6,8 +6,8 @@ checkpoints and CSV logger. The only change: `run_tx_train` builds its data modu
 `cell_load.utils.modules.get_datamodule`, which looks the class up in
 `cell_load.utils.modules.DATA_MODULE_DICT["PerturbationDataModule"]`; that one entry is
 monkeypatched to cellfeed's class. The rest is configuration a STATE user writes on the command
-line: `+data.kwargs.server=...` and `data.kwargs.should_yield_control_cells=false` (cellfeed does
-not serve control cells as items yet, docs/cell-load.md). Then `state tx predict` (`run_tx_predict`,
+line: `+data.kwargs.server=...`; STATE's data defaults (should_yield_control_cells=true among
+them) are left as they are. Then `state tx predict` (`run_tx_predict`,
 `--predict-only`) on the trained run: it imports `cell_load.data_modules.PerturbationDataModule`
 and calls its `load_state`, so that module attribute is the one patched for it.
 """
@@ -81,7 +81,6 @@ def test_state_trains_through_its_own_entry_point(tmp_path, serve, monkeypatch):
         [
             f"data.kwargs.toml_config_path={toml}",
             f"+data.kwargs.server={server.flight_uri}",
-            "data.kwargs.should_yield_control_cells=false",
             f"data.kwargs.control_pert={CONTROL}",
             "data.kwargs.num_workers=2",
             *TINY_STATE,
@@ -135,7 +134,8 @@ def test_state_trains_through_its_own_entry_point(tmp_path, serve, monkeypatch):
     real = ad.read_h5ad(run / "eval_final.ckpt" / "adata_real.h5ad")
     pred = ad.read_h5ad(run / "eval_final.ckpt" / "adata_pred.h5ad")
     cells = pd.concat([ad.read_h5ad(root / f"{stem}.h5ad").to_df().join(ad.read_h5ad(root / f"{stem}.h5ad").obs) for stem in FILES])
-    test_cells = cells[(cells.cell_type == "rpe1") & cells.gene.isin(["G001", "G002"])]  # the TOML's test split
+    # the TOML's test split: rpe1's fewshot test targets, and (control cells as items) rpe1's controls
+    test_cells = cells[(cells.cell_type == "rpe1") & cells.gene.isin(["G001", "G002", CONTROL])]
     assert sorted(real.obs.pert_cell_barcode) == sorted(test_cells.index)  # each test cell once
     genes = [f"gene{j}" for j in range(N_GENES)]
     # STATE's real cells are the served rows (its clipping to [0, 14] leaves these values, all in [0, 10])
@@ -161,7 +161,7 @@ def test_state_command_line_through_the_launcher(tmp_path, serve):
     launcher = [sys.executable, "-m", "cellfeed.client.cell_load.state", "tx"]
     train = [
         "train", f"data.kwargs.toml_config_path={toml}", f"+data.kwargs.server={server.flight_uri}",
-        "data.kwargs.should_yield_control_cells=false", f"data.kwargs.control_pert={CONTROL}", "data.kwargs.num_workers=1",
+        f"data.kwargs.control_pert={CONTROL}", "data.kwargs.num_workers=1",
         *TINY_STATE, f"training.batch_size={BATCH}", "training.max_steps=2", "training.val_freq=2",
         "training.ckpt_every_n_steps=2", "use_wandb=false", f"output_dir={out}", "name=cli",
     ]
@@ -174,4 +174,4 @@ def test_state_command_line_through_the_launcher(tmp_path, serve):
     done = subprocess.run(launcher + predict, cwd=tmp_path, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     real = ad.read_h5ad(run / "eval_final.ckpt" / "adata_real.h5ad")
-    assert set(real.obs.gene) == {"G001", "G002"} and set(real.obs.cell_type) == {"rpe1"}
+    assert set(real.obs.gene) == {"G001", "G002", CONTROL} and set(real.obs.cell_type) == {"rpe1"}
