@@ -195,6 +195,27 @@ def test_threads_resetting_and_streaming_survive_kill_stop_and_restart(fault_ser
     assert min(summary["passes"]) >= 1, summary
 
 
+def test_a_reset_closes_the_old_client_only_after_its_last_stream(fault_server):
+    """Item 1 without the race: the stream keeps its client generation open across resets."""
+    dm = PerturbationDataModule(server=fault_server.flight_uri, **SMALL)
+    dm.setup("fit")
+    conn, loader = dm._connection, dm.train_dataloader()
+    stream = conn.open_stream(loader.ticket(0, 0, 0))
+    old = stream._gen
+    assert stream.read() is not None
+    conn.reset()
+    conn.reset(old.number)  # a second reset of the same generation changes nothing
+    assert old.retired and not old.closed and conn.generation == old.number + 1
+    fresh = conn.open_stream(loader.ticket(0, 0, 1))  # the next call reconnects
+    assert fresh.generation == old.number + 1 and fresh.read() is not None
+    assert stream.read() is not None  # the old stream reads on, its client open
+    stream.close()
+    assert old.closed and old.users == 0
+    conn.reset(old.number)  # stale: the current generation stays
+    assert not fresh._gen.retired
+    fresh.close()
+
+
 # -- (b) a hung server: a clear ServerUnavailable in bounded time --------------------------------
 @pytest.mark.slow
 @pytest.mark.timeout(120)
