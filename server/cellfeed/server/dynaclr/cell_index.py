@@ -270,8 +270,11 @@ def read_cell_index(path: Path, label: str) -> CellIndexInput:
     perturbation wells come from (perturbation, well), start_hpi from hours_post_perturbation at t.
     Rows of one cell and frame repeat per channel; they are one observation here.
     """
+    wanted = (*REQUIRED, "marker", "tracks_path", "interval_minutes", "hours_post_perturbation", "organelle", "microscope",
+              "pixel_size_xy_um", "pixel_size_z_um", "parent_track_id", "z")
     try:
-        table = pq.read_table(path)
+        names = pq.read_schema(path).names
+        table = pq.read_table(path, columns=[c for c in wanted if c in names])
     except (pa.ArrowInvalid, OSError) as exc:
         raise CellfeedError(f"{label}: cannot be read as parquet ({exc})") from None
     missing = [c for c in REQUIRED if c not in table.column_names]
@@ -279,68 +282,75 @@ def read_cell_index(path: Path, label: str) -> CellIndexInput:
         raise CellfeedError(f"{label}: missing column(s) {', '.join(missing)} (a cell index from build-cell-index has them)")
     if table.num_rows == 0:
         raise CellfeedError(f"{label}: the cell index is empty")
-    df = table.to_pandas()
+    df = table.to_pandas(strings_to_categorical=True)  # int codes: grouping 10^7 rows stays cheap
+    if "marker" not in df:
+        df["marker"] = df["channel_name"]
     experiments: list[ExperimentConfig] = []
     tables: dict[tuple[str, str], dict[str, np.ndarray]] = {}
-    for name in pd.unique(df["experiment"]):
-        sub = df[df["experiment"] == name]
+    for name, sub in df.groupby("experiment", sort=False, observed=True):
         where = f"{label}: experiment {name!r}"
-        stores = pd.unique(sub["store_path"])
+        stores = sub["store_path"].unique()
         if len(stores) != 1:
             raise CellfeedError(f"{where}: {len(stores)} store_path values; one plate per experiment")
         interval = _first(sub, "interval_minutes")
         if interval is None:
             raise CellfeedError(f"{where}: no interval_minutes (rebuild the cell index with build-cell-index)")
-        pairs = list(dict.fromkeys(zip(sub["channel_name"].astype(str), sub["marker"].astype(str) if "marker" in sub else sub["channel_name"].astype(str))))
-        names = [c for c, _ in pairs]
-        if len(set(names)) != len(names):
-            raise CellfeedError(f"{where}: channel {names[0]!r} has more than one marker")
-        all_wells = sorted(pd.unique(sub["well"].astype(str)))
+        pairs = sub[["channel_name", "marker"]].drop_duplicates().astype(str)
+        channel_names = pairs["channel_name"].tolist()
+        if len(set(channel_names)) != len(channel_names):
+            raise CellfeedError(f"{where}: a channel has more than one marker ({', '.join(channel_names)})")
+        wells_of = sub[["channel_name", "well"]].drop_duplicates().astype(str)
+        all_wells = sorted(set(wells_of["well"]))
         channel_wells = []
-        for c in names:
-            wells = sorted(pd.unique(sub.loc[sub["channel_name"] == c, "well"].astype(str)))
+        for c in channel_names:
+            wells = sorted(set(wells_of.loc[wells_of["channel_name"] == c, "well"]))
             channel_wells.append([] if wells == all_wells else wells)
-        pert = {}
-        for p, w in dict.fromkeys(zip(sub["perturbation"].astype(str), sub["well"].astype(str))):
-            pert.setdefault(p, []).append(w)
-        hpp = sub["hours_post_perturbation"].to_numpy(dtype=np.float64) if "hours_post_perturbation" in sub else None
-        start = float(np.round(hpp[0] - sub["t"].iloc[0] * interval / 60.0, 6)) if hpp is not None and np.isfinite(hpp[0]) else 0.0
-        tracks_path = str(_first(sub, "tracks_path") or "")
+        pert: dict[str, list[str]] = {}
+        for p_, w in sub[["perturbation", "well"]].drop_duplicates().astype(str).itertuples(index=False):
+            pert.setdefault(p_, []).append(w)
+        first = sub.iloc[0]
+        hpp = first["hours_post_perturbation"] if "hours_post_perturbation" in sub else None
+        start = float(np.round(float(hpp) - int(first["t"]) * float(interval) / 60.0, 6)) if hpp is not None and np.isfinite(hpp) else 0.0
         experiments.append(
             ExperimentConfig(
                 name=str(name),
                 data_path=str(stores[0]),
-                tracks_path=tracks_path,
+                tracks_path=str(_first(sub, "tracks_path") or ""),
                 channel_names=[],  # from the plate, when it is opened
-                source_channel=names,
-                markers=[m for _, m in pairs],
+                source_channel=channel_names,
+                markers=pairs["marker"].tolist(),
                 channel_wells=channel_wells,
                 condition_wells=pert,
-                interval_minutes=float(interval),
+                interval_minutes=_decimal(interval),
                 start_hpi=start,
                 organelle=str(_first(sub, "organelle") or ""),
                 microscope=str(_first(sub, "microscope") or ""),
-                pixel_size_xy_um=_first(sub, "pixel_size_xy_um"),
-                pixel_size_z_um=_first(sub, "pixel_size_z_um"),
+                pixel_size_xy_um=_decimal(_first(sub, "pixel_size_xy_um")),
+                pixel_size_z_um=_decimal(_first(sub, "pixel_size_z_um")),
             )
         )
-        fov_names = sub["fov"].astype(str)
-        full = np.where(fov_names.str.contains("/"), fov_names, sub["well"].astype(str) + "/" + fov_names)
-        cells = sub.assign(_fov=full).drop_duplicates(["_fov", "track_id", "t"])
-        for fov, rows in cells.groupby("_fov", sort=False):
-            parent = rows["parent_track_id"].to_numpy(dtype=np.float64, na_value=np.nan) if "parent_track_id" in rows else np.full(len(rows), np.nan)
-            z = rows["z"].to_numpy(dtype=np.float64, na_value=np.nan) if "z" in rows else np.full(len(rows), np.nan)
-            tables[(str(name), str(fov))] = {
+        cells = sub.drop_duplicates(["well", "fov", "track_id", "t"])
+        for (well, fov), rows in cells.groupby(["well", "fov"], sort=False, observed=True):
+            fov_name = str(fov) if "/" in str(fov) else f"{well}/{fov}"
+            n = len(rows)
+            parent = rows["parent_track_id"].to_numpy(dtype=np.float64, na_value=np.nan) if "parent_track_id" in rows else np.full(n, np.nan)
+            z = rows["z"].to_numpy(dtype=np.float64, na_value=np.nan) if "z" in rows else np.full(n, np.nan)
+            tables[(str(name), fov_name)] = {
                 "track_id": rows["track_id"].to_numpy(dtype=np.int64),
                 "t": rows["t"].to_numpy(dtype=np.int64),
-                "id": np.full(len(rows), -1, dtype=np.int64),
+                "id": np.full(n, -1, dtype=np.int64),
                 "y": rows["y"].to_numpy(dtype=np.float64),
                 "x": rows["x"].to_numpy(dtype=np.float64),
                 "parent_track_id": parent,
-                "parent_id": np.full(len(rows), np.nan),
+                "parent_id": np.full(n, np.nan),
                 "z": z,
             }
     return CellIndexInput(registry=ExperimentRegistry(experiments), tables=tables)
+
+
+def _decimal(value):
+    """A float32 column's value as the decimal it was written from (0.1494, not 0.14939999580)."""
+    return None if value is None else float(f"{float(value):.7g}")
 
 
 def _first(frame: pd.DataFrame, column: str):
