@@ -204,3 +204,32 @@ def test_main_arguments_in_a_lightningcli_config(server, tmp_path):
     batch = dm.on_after_batch_transfer(next(iter(dm.train_dataloader())), 0)
     assert batch["anchor"].shape[1:] == (1, 1, 24, 24)
     assert set(batch["anchor_meta"][0]["labels"]) == {"pert"}
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"z_range": [0, 3]}, r"either z_range or z_window"),
+        ({"z_window": None}, r"either z_range or z_window"),
+        ({"z_extraction_window": 2}, r"z_extraction_window 2 is smaller than z_window 3"),
+        ({"z_window": 6}, r"Z window \(6 slices read\) is deeper than the plate's 4 slices"),
+        ({"channels_per_sample": 2}, r"channels_per_sample as a number must be 1"),
+        ({"channels_per_sample": ["Mito2"]}, r"channels_per_sample names 'Mito2', which is neither a marker"),
+        ({"stratify_by": ["plate"]}, r"stratify_by names column 'plate'"),
+        ({"positive_match_columns": ["gene_name"]}, r"positive_match_columns names column 'gene_name'"),
+        ({"positive_cell_source": "random"}, r"positive_cell_source"),
+        ({"max_border_shift": -2}, r"max_border_shift"),
+        ({"split_ratio": 0}, r"split_ratio"),
+        ({"label_columns": {"x": "nope"}}, r"label_columns names column 'nope'"),
+        ({"cell_index_path": "missing.parquet", "collection_yaml": None}, r"missing.parquet"),
+    ],
+)
+def test_bad_main_form_configs_are_refused_naming_the_key(server, overrides, message):
+    from cellfeed.client import RequestError
+    from cellfeed.client.connection import Connection
+
+    config = {"collection_yaml": "collection.yml", "z_window": 3, "yx_patch_size": [24, 24], "batch_size": 8}
+    config.update(overrides)
+    config = {k: v for k, v in config.items() if v is not None}
+    with pytest.raises(RequestError, match=message):
+        Connection(server.flight_uri).open_session("dynaclr", config)
