@@ -258,6 +258,27 @@ def test_a_hung_server_fails_setup_len_and_iteration_in_bounded_time(fault_serve
         os.kill(server.proc.pid, signal.SIGCONT)
 
 
+def test_a_slow_training_step_is_no_stall(fault_server):
+    """The read deadline counts only time spent waiting for the server: a loop that takes longer
+    than it per batch reads on, with no reconnect and the batches of an undisturbed run."""
+    dm = PerturbationDataModule(server=fault_server.flight_uri, prefetch_factor=1, **SMALL)
+    dm.setup("fit")
+    reference = [digest(b) for b in RemoteLoader(dm._connection, dm.session, "train", dm.decoder, num_streams=2, fixed_epoch=True)]
+    conn = dm._connection
+    got, generation, after_slow_steps = [], None, None
+    for i, batch in enumerate(dm.train_dataloader()):
+        got.append(digest(batch))
+        if i == 0:  # the streams are open: from now on, a deadline shorter than a training step
+            generation, conn.read_timeout = conn.generation, 0.5
+        if i < 3:
+            time.sleep(1.2)  # the streams' queues are full: they wait on us, not on the server
+        elif i == 3:  # then a generous deadline again: a busy machine may be slow to serve
+            after_slow_steps, conn.read_timeout = conn.generation, 60.0
+    assert got == reference
+    assert after_slow_steps == generation, "a slow consumer was taken for a hung server"
+    dm.teardown("fit")
+
+
 # -- (c) after a restart, back to shared memory ---------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.skipif(shm.shm_dir() is None, reason="no shared-memory folder on this machine")
