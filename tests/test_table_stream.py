@@ -128,7 +128,7 @@ def test_resume_mid_epoch_from_state_dict(table_server):
     "kw, text",
     [
         ({"columns": ["obs_names", "nope"]}, "no column 'nope'"),
-        ({"split": "validation"}, "no split 'validation'"),
+        ({"train_split": "validation"}, "no split 'validation'"),
         ({"batch_size": 0}, "batch_size"),
     ],
 )

@@ -1,14 +1,19 @@
 """TableDataModule: batches of rows from a preprocessed parquet dataset, served by cellfeed.
 
-The dataset is a server-side folder (output/<name> of `cellfeed preprocess`). Each batch is a
-dict keyed by column: numbers as tensors, strings as numpy str arrays, numeric lists (the
-`values` of a cell sentence) as one flat tensor plus `<name>_offsets` [B+1], string lists (the
-`genes`) as lists of str. The training split is shuffled (seeded, new order each epoch) and
-dealt to DDP ranks in equal shares, as in the perturbation stream.
+The dataset is a server-side folder (output/<name> of `cellfeed preprocess`, or a batch-mode
+output folder / a list of dataset folders, streamed as one with a `dataset_name` column). Each
+batch is a dict keyed by column: numbers as tensors (float64 with NaN where the schema declares
+the column nullable), strings as numpy str arrays (object arrays with None where nullable),
+numeric lists (the `values` of a cell sentence) as one flat tensor plus `<name>_offsets` [B+1],
+string lists (the `genes`) as lists of str, and `padding` (torch.bool [B]): true for a row
+repeated only to even out the ranks' shares. The training split (`train_split`) is shuffled
+(seeded, new order each epoch) and dealt to DDP ranks in equal shares, as in the perturbation
+stream.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -21,23 +26,40 @@ from cellfeed.wire import csr
 
 
 
-def _numbers(column: pa.Array) -> torch.Tensor:
-    if column.null_count:
+def _numbers(column: pa.Array, nullable: bool = False) -> torch.Tensor:
+    """A numeric column as a tensor; a nullable one (as declared by the schema, whatever this
+    batch holds) always as float64 with NaN for null, so its dtype is the same in every batch."""
+    if nullable:
+        if not pa.types.is_floating(column.type):
+            column = column.cast(pa.float64())
+        column = column.fill_null(float("nan")) if column.null_count else column
+    elif column.null_count:  # undeclared nulls (a schema that does not say): NaN, as before
         column = column.cast(pa.float64()).fill_null(float("nan")) if not pa.types.is_floating(column.type) else column.fill_null(float("nan"))
     return torch.from_numpy(column.to_numpy(zero_copy_only=False))
 
 
+def _strings(column: pa.Array, nullable: bool) -> np.ndarray:
+    """A string column as numpy: `str` when the schema declares it never null, else `object`
+    with None for null (never the text 'None')."""
+    if not nullable and not column.null_count:
+        return np.asarray(column.to_numpy(zero_copy_only=False), dtype=str)
+    return np.array(column.to_pylist(), dtype=object)
+
+
 def decode_table_batch(rb: pa.RecordBatch) -> dict[str, Any]:
-    """One record batch of the table stream as a dict of tensors and arrays (see module doc)."""
+    """One record batch of the table stream as a dict of tensors and arrays (see module doc).
+
+    Dtypes follow the declared schema (the same every batch): a field declared nullable decodes
+    the nullable way even in a batch without a null."""
     out: dict[str, Any] = {}
-    for name, column in zip(rb.schema.names, rb.columns):
-        kind = column.type
+    for field, column in zip(rb.schema, rb.columns):
+        name, kind, nullable = field.name, field.type, field.nullable
         if pa.types.is_dictionary(kind):
             column, kind = column.dictionary_decode(), kind.value_type
         if pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind):
-            out[name] = _numbers(column)
+            out[name] = _numbers(column, nullable)
         elif pa.types.is_string(kind) or pa.types.is_large_string(kind):
-            out[name] = np.asarray(column.to_numpy(zero_copy_only=False), dtype=str)
+            out[name] = _strings(column, nullable)
         elif pa.types.is_list(kind) or pa.types.is_large_list(kind):
             inner = kind.value_type
             if pa.types.is_integer(inner) or pa.types.is_floating(inner) or pa.types.is_boolean(inner):
@@ -61,8 +83,8 @@ class TableDataModule(RemoteDataModule):
     def __init__(
         self,
         server: str | None = None,
-        dataset: str | None = None,
-        split: str | None = None,
+        dataset: str | list[str] | None = None,
+        train_split: str | None = None,
         columns: list[str] | None = None,
         batch_size: int = 64,
         shuffle: bool = True,
@@ -74,17 +96,30 @@ class TableDataModule(RemoteDataModule):
         prefetch_factor: int = 2,
         window: int = 4,
         token: str | None = None,
+        split: str | None = None,
     ) -> None:
+        """`train_split` names the training split (shuffled, streamed by train_dataloader); the
+        other split streams in order from the val/test/predict loaders. `split` is its
+        deprecated old name (it never chose the split to stream) and warns."""
         super().__init__(token)
         if dataset is None:
             raise ValueError("TableDataModule: give `dataset`, the server-side folder of a preprocessed dataset (output/<name>)")
-        self.save_hyperparameters(ignore=["token"])
+        if split is not None:
+            warnings.warn(
+                "TableDataModule(split=...) is deprecated: it names the training split, not the split to stream; use train_split=...",
+                FutureWarning, stacklevel=2,
+            )
+            if train_split is not None and train_split != split:
+                raise ValueError(f"TableDataModule: train_split={train_split!r} and its deprecated alias split={split!r} disagree; give train_split only")
+        self.save_hyperparameters(ignore=["token", "split"])
+        if split is not None:
+            self.hparams.train_split = split
         self.decoder = decode_table_batch
 
     def session_config(self) -> dict[str, Any]:
         hp = self.hparams
         return {
-            "dataset": hp.dataset, "split": hp.split, "columns": hp.columns, "batch_size": hp.batch_size,
+            "dataset": hp.dataset, "train_split": hp.train_split, "columns": hp.columns, "batch_size": hp.batch_size,
             "shuffle": hp.shuffle, "seed": hp.seed, "drop_last": hp.drop_last, "window": hp.window,
         }
 

@@ -51,6 +51,26 @@ class ParquetFolder:
         self.starts = np.r_[0, np.cumsum(sizes)]  # global row where each row group starts
         self.schema = self.files[0].schema_arrow
 
+    def null_counts(self) -> dict[str, int | None]:
+        """Nulls of each top-level column over every row group of every file, from the footers'
+        statistics; None where a file does not tell (no statistics, or a nested column)."""
+        counts: dict[str, int | None] = {name: 0 for name in self.schema.names}
+        for pf in self.files:
+            meta = pf.metadata
+            for g in range(meta.num_row_groups):
+                group = meta.row_group(g)
+                for c in range(group.num_columns):
+                    chunk = group.column(c)
+                    top = chunk.path_in_schema.split(".")[0]
+                    if top not in counts or counts[top] is None:
+                        continue
+                    stats = chunk.statistics if chunk.is_stats_set else None
+                    if "." in chunk.path_in_schema or stats is None or not stats.has_null_count:
+                        counts[top] = None
+                    else:
+                        counts[top] += stats.null_count
+        return counts
+
     @property
     def num_rows(self) -> int:
         return int(self.starts[-1])

@@ -5,7 +5,8 @@ of `window` row groups are formed, and the rows inside each window are permuted,
 reads from at most two windows of row groups (coalesced reads, cache-friendly) while the order
 changes every epoch. Without shuffle, rows come in file order. Global batch j goes to rank
 j % world_size; with several ranks and drop_last off, the last batches are filled by wrapping to
-the start of the epoch's order (declared padding); alone, the last batch is simply shorter.
+the start of the epoch's order (declared padding: `batch_with_padding` flags those rows); alone,
+the last batch is simply shorter.
 """
 
 from __future__ import annotations
@@ -48,13 +49,19 @@ class TableSampler(Sampler):
 
     def batch(self, epoch: int, rank: int, world_size: int, index: int) -> np.ndarray:
         """Global row numbers of rank-local batch `index`, in batch order."""
+        return self.batch_with_padding(epoch, rank, world_size, index)[0]
+
+    def batch_with_padding(self, epoch: int, rank: int, world_size: int, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """The rows of rank-local batch `index` and, per row, whether it is padding: a position past
+        the epoch's end, wrapped around to its start (a row that another batch also serves)."""
         check_batch_index(index, rank, world_size, self.num_batches(world_size))
         j = global_batch(index, rank, world_size)
         first = j * self.batch_size
         stop = first + self.batch_size
         if world_size == 1 and not self.drop_last:
             stop = min(stop, self.num_rows)
-        return self._orders.get(epoch)[np.arange(first, stop) % self.num_rows]
+        positions = np.arange(first, stop)
+        return self._orders.get(epoch)[positions % self.num_rows], positions >= self.num_rows
 
     def padding(self, world_size: int) -> int:
         """Rows repeated per epoch to give every rank full, equal batches."""
