@@ -14,6 +14,8 @@ loader's position travel, and the copy reconnects when it next needs the server.
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import os
 import warnings
 from collections.abc import Callable
@@ -21,6 +23,8 @@ from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 import pyarrow as pa
+
+from lightning.pytorch.core.mixins import hparams_mixin
 
 from cellfeed.client.connection import Connection, Session
 from cellfeed.client.distributed import resolve_rank
@@ -42,6 +46,17 @@ def resolve_token(token: str | None) -> str | None:
     return token if token is not None else (os.environ.get("CELLFEED_TOKEN") or None)
 
 
+def _names_class(class_path: Any, cls: type) -> bool:
+    """Whether LightningCLI's `class_path` is `cls` (an alias such as cellfeed.client.X counts)."""
+    if not isinstance(class_path, str) or "." not in class_path:
+        return False
+    module, _, name = class_path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name) is cls
+    except (ImportError, AttributeError):
+        return False
+
+
 class RemoteDataModule(pl.LightningDataModule):
     """Base of the DataModules that pull batches from a cellfeed server (no I/O in __init__)."""
 
@@ -57,6 +72,20 @@ class RemoteDataModule(pl.LightningDataModule):
         self._pending_state: dict[str, Any] = {}
         self._slots: SlotReader | None = None
         self._slots_probed = False
+
+    def save_hyperparameters(self, *args: Any, ignore: Any = None, frame: Any = None, logger: bool = True) -> None:
+        """Lightning's, except that a module built inside another's `__init__` under LightningCLI
+        (the cell-load drop-in builds cellfeed's perturbation module) saves its own arguments,
+        not the outer module's config that LightningCLI hands to whatever saves first."""
+        frame = frame or inspect.currentframe().f_back
+        given = hparams_mixin._given_hyperparameters.get()
+        if given is None or _names_class(given.get("_class_path"), type(self)):
+            return super().save_hyperparameters(*args, ignore=ignore, frame=frame, logger=logger)
+        token = hparams_mixin._given_hyperparameters.set(None)
+        try:
+            return super().save_hyperparameters(*args, ignore=ignore, frame=frame, logger=logger)
+        finally:
+            hparams_mixin._given_hyperparameters.reset(token)
 
     # -- what subclasses decide ----------------------------------------------------------------
     def session_config(self) -> dict[str, Any]:
