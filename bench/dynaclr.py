@@ -8,7 +8,7 @@ Configurations (plates written by iohub 0.3, `open_ome_zarr(layout="hcs")` + `cr
   3D form: `experiments_yaml`, `z_range`).
 - `ngff-0.5-sharded`: the same pixels, NGFF 0.5 on zarr v3, chunks 1x1x5x128x128 in one shard per
   (t, c) image.
-- `2d-mip-bag`: VisCy main's 2D form: NGFF 0.5 sharded, 12 FOVs x 16 frames x 2 channels x 8 Z x
+- `2d-mip-bag`: VisCy main's 2D form: NGFF 0.5 sharded, 8 FOVs x 12 frames x 2 channels x 8 Z x
   512 x 512, chunks 1x1x8x256x256, `z_window=1` with a 5-slice `z_extraction_window` around the
   plate's `focus_slice`, `z_reduction="mip"`, `channels_per_sample=1` (bag of channels), 256 x 256
   patches; each pair 1 x 5 x 256 x 256 read (the MIP runs on the device, after transfer).
@@ -55,7 +55,7 @@ CONFIGS: dict[str, dict] = {
                      session={"z_range": [0, 5]}, viscy_channels=CHANNELS, viscy_z=(0, 5)),
     "ngff-0.5-sharded": dict(version="0.5", shard=True, fovs=24, T=24, Z=5, HW=256, chunk_yx=128, tracks=8, patch=128,
                              session={"z_range": [0, 5]}, viscy_channels=CHANNELS, viscy_z=(0, 5)),
-    "2d-mip-bag": dict(version="0.5", shard=True, fovs=12, T=16, Z=8, HW=512, chunk_yx=256, tracks=8, patch=256,
+    "2d-mip-bag": dict(version="0.5", shard=True, fovs=8, T=12, Z=8, HW=512, chunk_yx=256, tracks=8, patch=256,
                        session={"z_window": 1, "z_extraction_window": 5, "channels_per_sample": 1},
                        client={"z_reduction": "mip"}, viscy_channels=["Phase3D"], viscy_z=(2, 7)),
 }
@@ -194,7 +194,7 @@ def service(server: Server, name: str, batches: int, num_workers: int, cache_poo
     from cellfeed.client import MultiExperimentDataModule
 
     cfg = CONFIGS[name]
-    dm = MultiExperimentDataModule(server=server.flight_uri, num_workers=num_workers, prefetch=2, shared_memory=shared_memory,
+    dm = MultiExperimentDataModule(server=server.flight_uri, num_workers=num_workers, prefetch_factor=2, shared_memory=shared_memory,
                                    final_yx_patch_size=(cfg["patch"], cfg["patch"]), **session_config(name, cache_pool_bytes),
                                    **cfg.get("client", {}))
     started = time.perf_counter()
