@@ -98,9 +98,29 @@ class TableDataModule(RemoteDataModule):
         token: str | None = None,
         split: str | None = None,
     ) -> None:
-        """`train_split` names the training split (shuffled, streamed by train_dataloader); the
-        other split streams in order from the val/test/predict loaders. `split` is its
-        deprecated old name (it never chose the split to stream) and warns."""
+        """Rows of a preprocessed parquet dataset; no I/O until setup().
+
+        Args:
+            server: Flight address of the cellfeed server; None: $CELLFEED_SERVER, else
+                grpc://127.0.0.1:8815.
+            dataset: server-side folder (inside its --data-root) of a `cellfeed preprocess` output
+                (output/<name>), or a list of them streamed as one (with `dataset_name`).
+            train_split: the training split (shuffled, streamed by train_dataloader); the other
+                split streams in order from the val/test/predict loaders. None: "train", else the only split.
+            columns: columns to stream (None: all of them).
+            batch_size: rows per batch.
+            shuffle: shuffle the training split (seeded, a new order each epoch).
+            seed: the shuffle's seed.
+            drop_last: drop each epoch's last, short batch.
+            rank: this process's DDP rank; None: from the trainer or torch.distributed.
+            world_size: DDP world size; None: from the trainer or torch.distributed.
+            num_workers: parallel Flight streams per loader, read in threads (no forked workers).
+            prefetch_factor: decoded batches queued per stream.
+            window: row groups whose rows are shuffled together (larger: more random, less
+                contiguous reads).
+            token: bearer token, when the server has one; None: $CELLFEED_TOKEN. Never saved.
+            split: deprecated old name of `train_split` (it never chose the split to stream); warns.
+        """
         super().__init__(token)
         if dataset is None:
             raise ValueError("TableDataModule: give `dataset`, the server-side folder of a preprocessed dataset (output/<name>)")
