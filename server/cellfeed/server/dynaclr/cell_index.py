@@ -270,7 +270,7 @@ def read_cell_index(path: Path, label: str) -> CellIndexInput:
     perturbation wells come from (perturbation, well), start_hpi from hours_post_perturbation at t.
     Rows of one cell and frame repeat per channel; they are one observation here.
     """
-    wanted = (*REQUIRED, "marker", "tracks_path", "interval_minutes", "hours_post_perturbation", "organelle", "microscope",
+    wanted = (*REQUIRED, "cell_id", "marker", "tracks_path", "interval_minutes", "hours_post_perturbation", "organelle", "microscope",
               "pixel_size_xy_um", "pixel_size_z_um", "parent_track_id", "z")
     try:
         names = pq.read_schema(path).names
@@ -285,6 +285,15 @@ def read_cell_index(path: Path, label: str) -> CellIndexInput:
     df = table.to_pandas(strings_to_categorical=True)  # int codes: grouping 10^7 rows stays cheap
     if "marker" not in df:
         df["marker"] = df["channel_name"]
+    if "cell_id" in df:  # VisCy main's validate_cell_index: one row per (cell, channel)
+        repeated = df.duplicated(["cell_id", "channel_name"]) & df["cell_id"].notna()  # rows without an id: not checked
+        if repeated.any():
+            first = df.loc[repeated.idxmax()]
+            raise CellfeedError(
+                f"{label}: (cell_id, channel_name) must be unique; {int(repeated.sum())} rows repeat one "
+                f"(first: cell_id {first['cell_id']!r}, channel {first['channel_name']!r})"
+            )
+        df = df.drop(columns=["cell_id"])
     experiments: list[ExperimentConfig] = []
     tables: dict[tuple[str, str], dict[str, np.ndarray]] = {}
     for name, sub in df.groupby("experiment", sort=False, observed=True):
