@@ -20,6 +20,7 @@ from cellfeed.server.errors import CellfeedError
 from cellfeed.server.jobs.models import iso
 from cellfeed.server.paths import DataRoot
 from cellfeed.server.preprocess.atomic import remove_stale
+from cellfeed.server.preprocess.h5ad_reader import cells_of  # noqa: F401  (the service sizes files with it)
 from cellfeed.server.preprocess.layout import Layout
 from cellfeed.server.preprocess.logs import FileLog
 from cellfeed.server.preprocess.pipeline import Options, run_file
@@ -75,27 +76,6 @@ class JobLog:
 
     def event(self, event: str, level: str = "info", **fields: Any) -> None:
         self({"time": stamp(), "level": level, "dataset": fields.pop("dataset", None), "event": event, **fields})
-
-
-def cells_of(path: str | Path) -> int:
-    """The cells (n_obs) of an h5ad from its shape, without reading any data; 0 when it cannot be
-    told (not an h5ad, unreadable: the file then fails when it runs, with its message)."""
-    try:
-        import h5py
-
-        with h5py.File(path, "r") as h5:
-            x = h5.get("X")
-            if isinstance(x, h5py.Dataset) and x.ndim >= 1:
-                return int(x.shape[0])
-            if x is not None and "shape" in x.attrs:
-                return int(x.attrs["shape"][0])
-            obs = h5.get("obs")
-            index = obs.attrs.get("_index", "_index") if obs is not None else None
-            if obs is not None and index in obs:
-                return int(obs[index].shape[0])
-    except Exception:  # any unreadable input: unknown size
-        return 0
-    return 0
 
 
 def outputs_of(kind: str, path: str, dataset: str, options: dict[str, Any]) -> list[Path]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from tqdm import tqdm
 
 from cellfeed.server.errors import CellfeedError
 from cellfeed.server.preprocess import steps, summary
+from cellfeed.server.preprocess.h5ad_reader import cells_of
 from cellfeed.server.preprocess.layout import Layout, dataset_name, find_inputs
 from cellfeed.server.preprocess.pipeline import FileResult, Options, run_file
 from cellfeed.wire.malloc import reuse_freed_memory
@@ -59,15 +61,71 @@ def _report(results: list[FileResult], layout: Layout, write: bool = True) -> in
     return 1 if any(r.status == "FAILED" for r in results) else 0
 
 
+class JobProgress:
+    """The whole run in cells (every input's n_obs, read from its shape up front): a tqdm bar with
+    the ETA on a terminal, and one line per finished file on stderr
+    (`[2/5] b: SUCCESS; 2,400 of 6,000 cells (40%), 3.1 s elapsed, ETA 4.6 s`)."""
+
+    def __init__(self, files: list[Path], disable: bool) -> None:
+        self.sizes = [cells_of(p) for p in files]
+        self.total = sum(self.sizes)
+        self.disable = disable
+        self.started = time.monotonic()
+        self.finished = 0  # cells of files done
+        self.files = 0
+        self.bar = tqdm(desc="all files", total=self.total, unit="cells", unit_scale=True, disable=disable or None, leave=False, position=1)
+
+    def file(self, index: int) -> Callable[[int, int], None]:
+        """The progress callback of file `index` (its own bar, and the overall one)."""
+        size = self.sizes[index]
+
+        def update(done: int, total: int) -> None:
+            self.bar.n = self.finished + min(done * size // max(1, total), size)
+            self.bar.refresh()
+
+        return update
+
+    def done(self, index: int, name: str, status: str) -> None:
+        self.finished += self.sizes[index]
+        self.files += 1
+        self.bar.n = self.finished
+        self.bar.refresh()
+        if self.disable:
+            return
+        elapsed = time.monotonic() - self.started
+        share = self.finished / self.total if self.total else 1.0
+        eta = elapsed * (self.total - self.finished) / self.finished if self.finished else None
+        eta_text = f"ETA {eta:.1f} s" if eta is not None else "ETA unknown"
+        print(
+            f"[{self.files}/{len(self.sizes)}] {name}: {status}; {self.finished:,} of {self.total:,} cells ({share:.0%}), "
+            f"{elapsed:.1f} s elapsed, {eta_text}",
+            file=sys.stderr, flush=True,
+        )
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 def _each_file(args: argparse.Namespace, layout: Layout, fn: Callable[..., FileResult]) -> list[FileResult]:
     files = find_inputs(args.h5ad_path, args.input_dir)
     results = []
-    for path in files:
-        update, close = _bar(dataset_name(path), args.no_progress)
-        try:
-            results.append(fn(path, update))
-        finally:
-            close()
+    overall = JobProgress(files, args.no_progress)
+    try:
+        for i, path in enumerate(files):
+            update, close = _bar(dataset_name(path), args.no_progress)
+            whole = overall.file(i)
+
+            def both(done: int, total: int, update=update, whole=whole) -> None:
+                update(done, total)
+                whole(done, total)
+
+            try:
+                results.append(fn(path, both))
+            finally:
+                close()
+            overall.done(i, results[-1].dataset, results[-1].status)
+    finally:
+        overall.close()
     return results
 
 
@@ -140,17 +198,24 @@ def cmd_sort(args: argparse.Namespace) -> int:
     failed = 0
     if args.output and len(args.inputs) > 1:
         raise CellfeedError("--output names one file: give it with one input only (or use --output-dir)")
-    for path in [Path(p) for p in args.inputs]:
+    inputs = [Path(p) for p in args.inputs]
+    overall = JobProgress(inputs, args.no_progress)
+    for i, path in enumerate(inputs):
         output = Path(args.output) if args.output else Path(args.output_dir) / f"{path.stem}.sorted{path.suffix}" if args.output_dir else None
         update, close = _bar(path.name, args.no_progress)
+        whole = overall.file(i)
+        status = "FAILED"
         try:
-            done = sort_file(path, output, options, progress=update)
+            done = sort_file(path, output, options, progress=lambda d, t: (update(d, t), whole(d, t)))
             print(f"✓ {path} -> {done.output} ({done.message})")
+            status = "SUCCESS"
         except CellfeedError as exc:
             failed += 1
             print(f"✗ {path}: {exc}", file=sys.stderr)
         finally:
             close()
+        overall.done(i, path.name, status)
+    overall.close()
     return 1 if failed else 0
 
 

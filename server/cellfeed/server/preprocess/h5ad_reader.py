@@ -160,3 +160,22 @@ class H5adInput:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def cells_of(path: str | Path) -> int:
+    """The cells (n_obs) of an h5ad from its shape, without reading any data; 0 when it cannot be
+    told (not an h5ad, unreadable: the file then fails when it runs, with its message)."""
+    try:
+        with h5py.File(path, "r") as h5:
+            x = h5.get("X")
+            if isinstance(x, h5py.Dataset) and x.ndim >= 1:
+                return int(x.shape[0])
+            if x is not None and "shape" in x.attrs:
+                return int(x.attrs["shape"][0])
+            obs = h5.get("obs")
+            index = obs.attrs.get("_index", "_index") if obs is not None else None
+            if obs is not None and index in obs:
+                return int(obs[index].shape[0])
+    except Exception:  # any unreadable input: unknown size
+        return 0
+    return 0
