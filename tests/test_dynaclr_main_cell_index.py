@@ -166,3 +166,14 @@ def test_a_bad_job_request_or_collection_fails_naming_it(server, data):
     (root / "broken.yml").write_text((root / "collection.yml").read_text().replace("perturbation_wells", "perturbation_well"))
     job = _job(server, {"kind": "build-cell-index", "inputs": ["broken.yml"]})
     assert job["state"] == "failed" and "unknown key 'perturbation_well'" in job["files"][0]["message"]
+
+
+def test_a_cell_index_repeating_a_cell_and_channel_is_refused(built, server, data):
+    from cellfeed.client import RequestError
+    from cellfeed.client.connection import Connection
+
+    root, _ = data
+    table = pq.read_table(root / "index/cells.parquet")
+    pq.write_table(pa.concat_tables([table, table.slice(5, 1)]), root / "index/repeated.parquet")
+    with pytest.raises(RequestError, match=r"\(cell_id, channel_name\) must be unique; 1 rows repeat one"):
+        Connection(server.flight_uri).open_session("dynaclr", {"cell_index_path": "index/repeated.parquet", "z_window": 3, "yx_patch_size": [24, 24]})
