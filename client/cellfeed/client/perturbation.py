@@ -206,6 +206,46 @@ class PerturbationDataModule(RemoteDataModule):
     the TOML has a [training] table, else protoplast's; see docs/protocol/perturbation.md).
     Other keyword arguments (protoplast's `sparse_key`, `pin_memory`, ...) have no effect here:
     each is warned about and listed in `ignored_kwargs`.
+
+    Args:
+        files: server-side .h5ad files (inside its --data-root), sorted by target then batch; or
+            give `config_path`.
+        pert_embedding_file: server-side torch.load-able dict target -> vector (`pert_emb`);
+            None: one-hot targets.
+        hvg_file: local text file, one gene name per line: the batches' gene axis becomes those
+            genes, in that order (the client drops the others).
+        config_path: local TOML (protoplast's or cell-load's schema) naming the datasets and
+            splits; its paths are server-side. Its [loader] table may set num_workers and
+            prefetch_factor.
+        num_workers: parallel Flight streams per loader, read in threads; None: the TOML's
+            [loader] num_workers, else 2.
+        prefetch_factor: decoded batches queued per stream; None: the TOML's [loader]
+            prefetch_factor, else 2.
+        cell_type_label: obs column of cell types.
+        target_label: obs column of perturbation targets.
+        control_label: the `target_label` value of control cells.
+        batch_label: obs column of batches (for one-hots and batch-matched controls).
+        use_batches: protoplast's name for `match_controls_by_batch`.
+        group_size_S: cells per item (S): perturbed cells of one target, each with a matched control.
+        barcodes: add `pert_cell_barcode` / `ctrl_cell_barcode` (obs_names) to batches.
+        block_size: rows per contiguous read block (adjacent groups merge up to this).
+        batch_size: items per batch (B); a batch holds B * S perturbed cells.
+        server: Flight address of the cellfeed server; None: $CELLFEED_SERVER, else
+            grpc://127.0.0.1:8815.
+        token: bearer token, when the server has one; None: $CELLFEED_TOKEN. Never saved.
+        seed: seed of the epoch plans and control draws (a batch is a function of it and the epoch).
+        match_controls_by_batch: draw each item's controls from its own batch.
+        rank: this process's DDP rank; None: from the trainer or torch.distributed.
+        world_size: DDP world size; None: from the trainer or torch.distributed.
+        window_blocks: blocks whose items are shuffled together.
+        prefix_batches_with_file: batch vocabulary entries become "<file stem>:<batch>".
+        control_table_max_bytes: when all control rows fit in this many bytes, they are sent once
+            with the session and batches name their rows (0: always inline).
+        shared_memory: CSR rows in shared-memory slots when the server is on this host (None: when
+            available; True: required; False: never).
+        basal_mapping_strategy: cell-load's name: "batch" (= match_controls_by_batch) or "random".
+        toml_schema: how `config_path` is read: "auto" (cell-load's if it has a [training] table,
+            else protoplast's), "protoplast" or "cell-load".
     """
 
     kind = "perturbation"
