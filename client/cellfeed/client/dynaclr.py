@@ -202,8 +202,47 @@ class MultiExperimentDataModule(RemoteDataModule):
         (app-dynaclr form, with `z_range`), `collection_yaml` or `cell_index_path` (main form,
         with `z_window`).
 
-        Args (VisCy main's, beside app-dynaclr's; in the experiments_yaml form they default to
-        app-dynaclr's behaviour):
+        The main form's arguments (from `collection_yaml` on) default, in the experiments_yaml
+        form, to app-dynaclr's behaviour.
+
+        Args:
+            experiments_yaml: app-dynaclr's experiments registry (server-side path, inside its
+                --data-root): plates, tracks, channels, conditions, intervals.
+            z_range: [start, stop) Z slices read (experiments_yaml form; the main form uses z_window).
+            yx_patch_size: YX patch read around each cell (before augmentations).
+            final_yx_patch_size: YX size after the final centre crop (what the model sees).
+            val_experiments: experiments held out for validation (whole experiments).
+            tau_range: (min, max) hours between an anchor and its positive.
+            tau_decay_rate: exponential decay of the tau draw over that range (favours short tau).
+            batch_size: anchor/positive pairs per batch.
+            num_workers: parallel Flight streams per loader, read in threads (the server reads).
+            experiment_aware: every training batch from one experiment.
+            condition_balanced: balance conditions within each training batch.
+            leaky: share of an experiment-aware batch drawn from other experiments.
+            temporal_enrichment: oversample anchors near a focal time (hours post perturbation).
+            temporal_window_hours: half-width of the focal window, in hours.
+            temporal_global_fraction: share of each enriched batch drawn from all times.
+            experiment_weights: sampling weight per experiment name.
+            condition_ratio: share of each condition in a condition-balanced batch.
+            channel_dropout_channels: channels ChannelDropout may zero while training (default [1]).
+            channel_dropout_prob: probability of dropping each of those channels per sample.
+            normalizations: transforms on VisCy's batch dict, on the device, in every split.
+            augmentations: transforms on VisCy's batch dict, on the device, training only.
+            hcl_beta: stored as a hyperparameter only (the loss belongs to the model), as in VisCy.
+            cache_pool_bytes: the server's tensorstore chunk cache for these plates (0: the
+                server's one pool for all plates).
+            seed: seed of the epoch plans (a batch is a function of it and the epoch).
+            include_wells: only these wells ("A/1"); None: all.
+            exclude_fovs: skip these FOVs ("A/1/0").
+            server: Flight address of the cellfeed server; None: $CELLFEED_SERVER, else
+                grpc://127.0.0.1:8815.
+            token: bearer token, when the server has one; None: $CELLFEED_TOKEN. Never saved.
+            prefetch: deprecated alias of `prefetch_factor` (warns).
+            return_index: add `index` (and `positive_index`) to train and val batches.
+            rank: this process's DDP rank; None: from the trainer or torch.distributed.
+            world_size: DDP world size; None: from the trainer or torch.distributed.
+            shared_memory: patches in shared-memory slots when the server is on this host (None:
+                when available; True: required; False: never).
             collection_yaml: VisCy main's collection YAML (server-side path or the text itself).
             cell_index_path: a cell index parquet (VisCy main's schema; `cellfeed build-cell-index`).
             z_window: Z slices the model consumes (the final crop); replaces `z_range`.
