@@ -268,6 +268,40 @@ class PerturbationDataModule(pl.LightningDataModule):
     `token` (default: env CELLFEED_TOKEN). Paths inside the TOML and `perturbation_features_file`
     are the server's, inside its data root; the TOML file itself is read here and sent.
     `num_workers` is the number of parallel Flight streams (0 counts as 1).
+
+    Args:
+        toml_config_path: local TOML in cell-load's schema ([datasets], [training], [zeroshot],
+            [fewshot]); read here and sent, its paths are the server's.
+        batch_size: cell sentences per batch (B); a batch holds B * cell_sentence_len cells.
+        num_workers: parallel Flight streams per loader, read in threads (0 counts as 1).
+        random_seed: seed of the epoch plans and control draws.
+        pert_col: obs column of perturbations.
+        batch_col: obs column of batches (e.g. gem groups).
+        cell_type_key: obs column of cell types.
+        control_pert: the `pert_col` value of control cells.
+        embed_key: obsm matrix whose rows are the cells (e.g. "X_hvg"); None: X rows.
+        output_space: cell-load's output space: "gene", "all" or "embedding".
+        downsample: cell-load's downsampling of counts (with output_space "all").
+        downsample_cells: cap on cells per (cell type, perturbation) group.
+        is_log1p: whether X holds log1p values (cell-load's downsampling undoes and redoes it).
+        basal_mapping_strategy: how controls are matched to perturbed cells: "random", or "batch"
+            (from the same `batch_col` value).
+        n_basal_samples: cell-load's argument; its batches use one control per cell whatever it is.
+        should_yield_control_cells: also yield control cells as items (cell-load's default).
+        cell_sentence_len: cells per sentence (S).
+        cache_perturbation_control_pairs: draw each perturbed cell's control once and reuse it
+            every epoch.
+        drop_last: drop partial sentences instead of padding them.
+        val_subsample_fraction: share of the val (dataset, cell type) subsets kept.
+        additional_obs: obs columns added to every batch.
+        use_consecutive_loading: cell-load's contiguous-read mode; accepted, no effect (the server
+            always reads contiguous runs).
+        h5_open_kwargs: cell-load's h5py.File options; accepted, no effect (the server opens files).
+        server: Flight address of the cellfeed server; None: $CELLFEED_SERVER, else
+            grpc://127.0.0.1:8815.
+        token: bearer token, when the server has one; None: $CELLFEED_TOKEN. Never saved.
+
+    Which values the server serves, and what differs from cell-load: docs/cell-load.md.
     """
 
     def __init__(
