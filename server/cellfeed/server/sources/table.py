@@ -102,6 +102,12 @@ class CombinedFolder:
                     counts[name] += own[name]
         return counts
 
+    def cache_key(self, group: int) -> tuple:
+        """What the block cache keys a row group by: its dataset's folder handle and its row
+        group there (shared by every session over that folder), and the dataset's name."""
+        k, local = self.groups[group]
+        return (self.parts[k][1], local, self.parts[k][0], "combined")
+
     def read_group(self, group: int, columns: list[str]) -> pa.Table:
         k, local = self.groups[group]
         name, folder = self.parts[k]
@@ -279,7 +285,9 @@ class TableSource(Source):
         return pa.RecordBatch.from_arrays(arrays + [pa.array(padding, pa.bool_())], schema=self._schema)
 
     def _group(self, folder: Any, split: str, group: int) -> pa.Table:
-        key = (folder, group, tuple(self.columns))  # the handle: one version of the folder
+        # the handle: one version of the folder (several datasets: the dataset's own handle)
+        where = folder.cache_key(group) if isinstance(folder, CombinedFolder) else (folder, group)
+        key = (*where, tuple(self.columns))
         return self.ctx.blocks.get(key, lambda: folder.read_group(group, self.columns))
 
 
