@@ -7,6 +7,12 @@ Where the server is: the `server` argument, else CELLFEED_SERVER, else grpc://12
 token: `token`, else CELLFEED_TOKEN. Neither variable is saved in hparams, so a secret set in the
 environment stays out of LightningCLI's saved config.yaml (`token` is never saved).
 
+Fast, visible failure: the first `setup()` checks the address within `connect_timeout` (else
+CELLFEED_CONNECT_TIMEOUT, else 5 s) and says what is probably wrong (nothing listening, cellfeed's
+HTTP port given for its Flight port, an unknown host; cellfeed.client.preflight). Once
+connected, reconnecting mid-epoch has its own budget, `retry_seconds` (else
+CELLFEED_RETRY_SECONDS, else 60 s).
+
 A module pickles at any point (Lightning's ddp_spawn, multiprocessing, a deep copy): the Flight
 connection, the loaders and the shared-memory reader stay behind; the session's facts and each
 loader's position travel, and the copy reconnects when it next needs the server.
@@ -28,7 +34,7 @@ from lightning.pytorch.core.mixins import hparams_mixin
 
 from cellfeed.client.connection import Connection, Session
 from cellfeed.client.distributed import resolve_rank
-from cellfeed.client import shm
+from cellfeed.client import preflight, shm
 from cellfeed.client.loader import RemoteLoader
 from cellfeed.client.shm import SlotReader
 
@@ -109,6 +115,18 @@ class RemoteDataModule(pl.LightningDataModule):
         return resolve_server(self.hparams.get("server"))
 
     @property
+    def connect_timeout(self) -> float:
+        """Seconds `setup()` gives the server to answer before it fails, saying why
+        (`connect_timeout`, else CELLFEED_CONNECT_TIMEOUT, else 5)."""
+        return preflight.env_seconds("CELLFEED_CONNECT_TIMEOUT", self.hparams.get("connect_timeout"), preflight.DEFAULT_CONNECT_TIMEOUT)
+
+    @property
+    def retry_seconds(self) -> float | None:
+        """The retry budget once connected (mid-epoch reconnection): `retry_seconds`, else
+        CELLFEED_RETRY_SECONDS, else the Connection's default (60)."""
+        return preflight.env_seconds("CELLFEED_RETRY_SECONDS", self.hparams.get("retry_seconds"), None)
+
+    @property
     def prefetch(self) -> int:
         """Decoded batches queued per stream: `prefetch_factor` (else a deprecated `prefetch`, else 2)."""
         factor = self.hparams.get("prefetch_factor")
@@ -129,8 +147,10 @@ class RemoteDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         """Open the session once (every stage shares it) and find this process's rank."""
         if self.session is None:
+            config = self.session_config()  # a local file's fault is named before the network's
+            preflight.check(self.server, self.connect_timeout)
             connection = self._connect()
-            self.session = connection.open_session(self.kind, self.session_config())
+            self.session = connection.open_session(self.kind, config)
             self.on_session(self.session)
         self._connect_slots()
         self.rank, self.world_size = resolve_rank(self.trainer, self.hparams.rank, self.hparams.world_size)
@@ -138,7 +158,7 @@ class RemoteDataModule(pl.LightningDataModule):
     def _connect(self) -> Connection:
         """The connection to the server, made on first need (again after unpickling)."""
         if self._connection is None:
-            self._connection = Connection(self.server, self.token)
+            self._connection = Connection(self.server, self.token, retry_seconds=self.retry_seconds)
             self._slots_probed = False
         return self._connection
 

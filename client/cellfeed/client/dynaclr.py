@@ -167,6 +167,7 @@ class MultiExperimentDataModule(RemoteDataModule):
         exclude_fovs: list[str] | None = None,
         server: str | None = None,
         token: str | None = None,
+        connect_timeout: float | None = None, retry_seconds: float | None = None,
         prefetch: int | None = None,
         return_index: bool = False,
         rank: int | None = None,
@@ -237,6 +238,10 @@ class MultiExperimentDataModule(RemoteDataModule):
             server: Flight address of the cellfeed server; None: $CELLFEED_SERVER, else
                 grpc://127.0.0.1:8815.
             token: bearer token, when the server has one; None: $CELLFEED_TOKEN. Never saved.
+            connect_timeout: seconds the first setup() gives the server to answer before it fails,
+                saying why; None: $CELLFEED_CONNECT_TIMEOUT, else 5.
+            retry_seconds: retry budget once connected (mid-epoch reconnection); None:
+                $CELLFEED_RETRY_SECONDS, else 60.
             prefetch: deprecated alias of `prefetch_factor` (warns).
             return_index: add `index` (and `positive_index`) to train and val batches.
             rank: this process's DDP rank; None: from the trainer or torch.distributed.

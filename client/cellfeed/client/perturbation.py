@@ -233,6 +233,10 @@ class PerturbationDataModule(RemoteDataModule):
         server: Flight address of the cellfeed server; None: $CELLFEED_SERVER, else
             grpc://127.0.0.1:8815.
         token: bearer token, when the server has one; None: $CELLFEED_TOKEN. Never saved.
+        connect_timeout: seconds the first setup() gives the server to answer before it fails,
+            saying why; None: $CELLFEED_CONNECT_TIMEOUT, else 5.
+        retry_seconds: retry budget once connected (mid-epoch reconnection); None:
+            $CELLFEED_RETRY_SECONDS, else 60.
         seed: seed of the epoch plans and control draws (a batch is a function of it and the epoch).
         match_controls_by_batch: draw each item's controls from its own batch.
         rank: this process's DDP rank; None: from the trainer or torch.distributed.
@@ -270,6 +274,7 @@ class PerturbationDataModule(RemoteDataModule):
         server: str | None = None,
         token: str | None = None,
         seed: int = 0,
+        connect_timeout: float | None = None, retry_seconds: float | None = None,
         match_controls_by_batch: bool | None = None,
         rank: int | None = None,
         world_size: int | None = None,

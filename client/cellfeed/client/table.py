@@ -96,6 +96,7 @@ class TableDataModule(RemoteDataModule):
         prefetch_factor: int = 2,
         window: int = 4,
         token: str | None = None,
+        connect_timeout: float | None = None, retry_seconds: float | None = None,
         split: str | None = None,
     ) -> None:
         """Rows of a preprocessed parquet dataset; no I/O until setup().
@@ -119,6 +120,10 @@ class TableDataModule(RemoteDataModule):
             window: row groups whose rows are shuffled together (larger: more random, less
                 contiguous reads).
             token: bearer token, when the server has one; None: $CELLFEED_TOKEN. Never saved.
+            connect_timeout: seconds the first setup() gives the server to answer before it fails,
+                saying why; None: $CELLFEED_CONNECT_TIMEOUT, else 5.
+            retry_seconds: retry budget once connected (mid-epoch reconnection); None:
+                $CELLFEED_RETRY_SECONDS, else 60.
             split: deprecated old name of `train_split` (it never chose the split to stream); warns.
         """
         super().__init__(token)

@@ -300,6 +300,10 @@ class PerturbationDataModule(pl.LightningDataModule):
         server: Flight address of the cellfeed server; None: $CELLFEED_SERVER, else
             grpc://127.0.0.1:8815.
         token: bearer token, when the server has one; None: $CELLFEED_TOKEN. Never saved.
+        connect_timeout: seconds the first setup() gives the server to answer before it fails,
+            saying why; None: $CELLFEED_CONNECT_TIMEOUT, else 5.
+        retry_seconds: retry budget once connected (mid-epoch reconnection); None:
+            $CELLFEED_RETRY_SECONDS, else 60.
 
     Which values the server serves, and what differs from cell-load: docs/cell-load.md.
     """
@@ -331,6 +335,7 @@ class PerturbationDataModule(pl.LightningDataModule):
         h5_open_kwargs: dict | None = None,
         server: str | None = None,
         token: str | None = None,
+        connect_timeout: float | None = None, retry_seconds: float | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__()
@@ -390,6 +395,7 @@ class PerturbationDataModule(pl.LightningDataModule):
             batch_size=self.batch_size,
             server=self.server,
             token=token,
+            connect_timeout=connect_timeout, retry_seconds=retry_seconds,
             seed=int(random_seed),
             basal_mapping_strategy=basal_mapping_strategy,
             toml_schema="cell-load",
