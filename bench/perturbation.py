@@ -8,6 +8,14 @@ stream are measured in interleaved rounds (the machine's speed drifts), each ove
 time and as a rate over that whole time; each round gives one ratio. The best single pass of the
 ceiling is reported too. The loader goes on from epoch to epoch as a training loop's does; the
 rounds follow a cold first epoch and two warm-up epochs, whose rates are reported on their own.
+
+Then a STATE-style run in cell-load's format (`cell_load_run`): the same cells and X, with
+cell-load's obs columns (`gene`, `cell_type`, `gem_group`) and a 2,000-wide dense `obsm["X_hvg"]`,
+read through cellfeed's cell-load drop-in and through cell-load 0.10.4 itself, side by side in
+this process on the same files and TOML: `embed_key="X_hvg"` (rows of the obsm matrix), and
+`output_space="gene"` on X rows; cell-load's defaults otherwise (control cells as items, random
+controls), batch 16 x sentence 128. cell-load is timed in each of its modes (num_workers 0, 2, 4;
+use_consecutive_loading off and on) after its first batch, and its fastest is the reference.
 """
 
 from __future__ import annotations
@@ -155,6 +163,100 @@ def run(server: Server, files: list[Path], rounds: int, epochs_per_round: int, n
             "time_to_first_batch_s": first, "setup_s": setup_s, "batches_per_epoch": len(loader)}
 
 
+CELL_LOAD_B, CELL_LOAD_S = 16, 128
+CELL_LOAD_CASES = {"embed_key_X_hvg": {"embed_key": "X_hvg", "output_space": "gene"}, "output_space_gene": {"output_space": "gene"}}
+
+
+def generate_cell_load(root: Path) -> Path:
+    """The bench files in cell-load's format (under root/cell_load) and their TOML."""
+    import anndata as ad
+    import numpy as np
+    import pandas as pd
+
+    out = root / "cell_load"
+    out.mkdir(exist_ok=True)
+    for name in ("k562", "rpe1"):
+        path = out / f"{name}.h5ad"
+        if path.exists():
+            continue
+        adata = ad.read_h5ad(root / f"{name}.h5ad")
+        adata.obs = pd.DataFrame(
+            {"gene": adata.obs.target_gene, "cell_type": adata.obs.cell_type, "gem_group": adata.obs.batch_var}, index=adata.obs_names
+        )
+        rng = np.random.default_rng(len(name))
+        adata.obsm["X_hvg"] = rng.random((adata.n_obs, 2000), dtype=np.float32)
+        adata.write_h5ad(path)
+    toml = root / "cell_load.toml"
+    toml.write_text(f'[datasets]\nbench = "{out}/{{k562,rpe1}}.h5ad"\n[training]\nbench = "train"\n')
+    return toml
+
+
+def _rate(loader, seconds: float, max_batches: int | None = None) -> tuple[float, int]:
+    """Cells/s of a loader after its first batch (worker start-up left out), over `seconds`
+    (or `max_batches`), going on to the next epoch when one ends."""
+    it = iter(loader)
+    next(it)
+    cells = batches = 0
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds and (max_batches is None or batches < max_batches):
+        try:
+            batch = next(it)
+        except StopIteration:
+            it = iter(loader)
+            continue
+        cells += batch["pert_cell_emb"].shape[0]
+        batches += 1
+    return cells / (time.perf_counter() - t0), batches
+
+
+def cell_load_run(server: Server, toml: Path, seconds: float, workers: list[int], rounds: int = 3) -> dict:
+    """Per case: every cell-load mode for `seconds` (its fastest is the reference), then `rounds`
+    interleaved rounds of cellfeed's drop-in and cell-load's fastest mode, `seconds` each, so
+    that each round's ratio compares like with like on this shared machine."""
+    import cell_load.data_modules as cl
+    from cellfeed.client.cell_load.data_modules import PerturbationDataModule as Dropin
+
+    common = dict(pert_col="gene", batch_col="gem_group", cell_type_key="cell_type", control_pert="non-targeting",
+                  batch_size=CELL_LOAD_B, cell_sentence_len=CELL_LOAD_S)
+
+    def cell_load_rate(n: int, consecutive: bool, options: dict) -> tuple[float, int]:
+        dm = cl.PerturbationDataModule(toml_config_path=str(toml), num_workers=n, use_consecutive_loading=consecutive,
+                                       **common, **options)
+        dm.setup()
+        return _rate(dm.train_dataloader(), seconds)
+
+    out = {}
+    for case, options in CELL_LOAD_CASES.items():
+        modes = {}
+        for consecutive in (False, True):
+            for n in workers:
+                rate, batches = cell_load_rate(n, consecutive, options)
+                modes[(n, consecutive)] = {"cells_per_s": round(rate), "batches": batches}
+        fastest = max(modes, key=lambda k: modes[k]["cells_per_s"])
+        ours = Dropin(toml_config_path=str(toml), num_workers=2, server=server.flight_uri, **common, **options)
+        ours.setup("fit")
+        loader = ours.train_dataloader()
+        for _ in loader:  # a first epoch: the server's reads warm, as in training
+            pass
+        per_round = []
+        for _ in range(rounds):
+            mine, _ = _rate(loader, seconds)
+            theirs, _ = cell_load_rate(*fastest, options)
+            per_round.append({"cellfeed": round(mine), "cell_load": round(theirs), "ratio": round(mine / theirs, 1)})
+        ours.teardown("fit")
+        name = lambda k: f"num_workers={k[0]}{', consecutive' if k[1] else ''}"  # noqa: E731
+        out[case] = {
+            "options": options,
+            "cellfeed_cells_per_s": round(statistics.median(r["cellfeed"] for r in per_round)),
+            "cell_load_fastest_cells_per_s": round(statistics.median(r["cell_load"] for r in per_round)),
+            "cell_load_fastest_mode": name(fastest),
+            "speedup_median": statistics.median(r["ratio"] for r in per_round),
+            "rounds": per_round,
+            "cell_load_modes": {name(k): v for k, v in modes.items()},
+        }
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--root", default="bench/data/perturbation")
@@ -163,12 +265,31 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds of ceiling and stream")
     parser.add_argument("--epochs-per-round", type=int, default=6, help="timed warm epochs per round")
     parser.add_argument("--num-workers", type=int, default=2)
+    parser.add_argument("--cell-load-seconds", type=float, default=8.0, help="time per cell-load mode (cellfeed: twice)")
+    parser.add_argument("--cell-load-workers", default="0,2,4", help="cell-load num_workers settings tried")
+    parser.add_argument("--skip-cell-load", action="store_true", help="only the protoplast-format run")
+    parser.add_argument("--only-cell-load", action="store_true", help="only the cell-load-format run")
     args = parser.parse_args()
     root = Path(args.root).resolve()
     root.mkdir(parents=True, exist_ok=True)
     generate(root, args.cells_per_target, args.genes)
 
     files = [root / "k562.h5ad", root / "rpe1.h5ad"]
+    cell_load = None
+    if not args.skip_cell_load:
+        toml = generate_cell_load(root)
+        with Server(root) as server:
+            cell_load = cell_load_run(server, toml, args.cell_load_seconds, [int(w) for w in args.cell_load_workers.split(",")])
+        print("perturbation, cell-load format (STATE-style; batch 16 x sentence 128)")
+        for case, figures in cell_load.items():
+            print(f"  {case:22s} cellfeed {figures['cellfeed_cells_per_s']:>9,} cells/s   cell-load 0.10.4 fastest "
+                  f"{figures['cell_load_fastest_cells_per_s']:>7,} cells/s ({figures['cell_load_fastest_mode']})   "
+                  f"x{figures['speedup_median']} (rounds: {', '.join(str(r['ratio']) for r in figures['rounds'])})")
+            for mode, m in figures["cell_load_modes"].items():
+                print(f"      cell-load {mode:32s} {m['cells_per_s']:>7,} cells/s (survey)")
+        if args.only_cell_load:
+            write_result("perturbation_cell_load", cell_load)
+            return
     raw_h5py_rate(files)  # warm the page cache, as the server's reads are warm after its first epoch
     # also the ceiling as earlier runs of this bench took it: best of 3 passes, before the server starts
     ceiling_before = max(raw_h5py_rate(files)[1] for _ in range(3)) / 2
@@ -205,6 +326,7 @@ def main() -> None:
         "epochs_per_round": args.epochs_per_round,
         "num_workers": args.num_workers,
         "targets": {"cells_per_s": 200_000, "ratio_to_ceiling": 0.5},
+        "cell_load_format": cell_load,
     }
     print("perturbation stream")
     for key, value in result.items():

@@ -87,8 +87,8 @@ class PerturbationBatchDecoder:
         control's rows gathered from the controls table by `ctrl_row`."""
         names = rb.schema.names
         n = rb.num_rows
-        if f"{prefix}_dense" in names:  # a copy: arrow's buffers are read-only, a batch may be written to
-            return np.array(codec.tensor_from_column(rb.column(f"{prefix}_dense")), dtype=np.float32)
+        if f"{prefix}_dense" in names:  # a view of the batch's buffer (a shared-memory slot's, say), as sent
+            return codec.tensor_from_column(rb.column(f"{prefix}_dense"))
         if f"{prefix}_data" in names:
             indptr, indices, data = codec.csr_from_columns(rb, prefix)
         else:

@@ -323,7 +323,11 @@ class PerturbationSource(Source):
             out = alloc((n, shape.width), np.dtype(np.float32)) if alloc is not None else np.empty((n, shape.width), np.float32)
             at = 0
             for f, lo, hi, rel in pieces:
-                np.take(self._rows(f, lo, hi, key), rel, axis=0, out=out[at : at + len(rel)])
+                block = self._rows(f, lo, hi, key)
+                if len(rel) and (int(rel.min()) < 0 or int(rel.max()) >= len(block)):
+                    raise IndexError(f"rows outside the {len(block)} rows of block {lo}..{hi} of {key}")
+                # mode="clip" (bounds checked above): "raise" would buffer the whole gather once more
+                np.take(block, rel, axis=0, out=out[at : at + len(rel)], mode="clip")
                 at += len(rel)
             if thin is not None:
                 flat = out.reshape(-1)
