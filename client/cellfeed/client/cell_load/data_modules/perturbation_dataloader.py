@@ -3,8 +3,7 @@
 A cell-load user changes one import and adds `server=`:
 
     from cellfeed.client.cell_load.data_modules import PerturbationDataModule
-    dm = PerturbationDataModule(toml_config_path="exp.toml", should_yield_control_cells=False,
-                                server="grpc://feeder:8815", ...)
+    dm = PerturbationDataModule(toml_config_path="exp.toml", server="grpc://feeder:8815", ...)
 
 The constructor takes cell-load's arguments, names and defaults. It is built on cellfeed's own
 perturbation client (`cellfeed.client.perturbation.PerturbationDataModule`): the arguments are
@@ -14,18 +13,22 @@ cells:
 
 | key | cell-load | here |
 |---|---|---|
-| `pert_cell_emb`, `ctrl_cell_emb` | float32 [B*S, G] dense X rows | same |
+| `pert_cell_emb`, `ctrl_cell_emb` | float32 [B*S, G] dense X rows (obsm[embed_key] rows) | same |
+| `pert_cell_counts`, `ctrl_cell_counts` | float32 (int32 with exp_counts) X or X_hvg rows | same |
 | `pert_emb` | float32 [B*S, D] (one-hot or `perturbation_features_file`) | same |
 | `cell_type_onehot`, `batch` | float32 [B*S, C] / [B*S, NB] one-hots | same |
 | `pert_name`, `cell_type`, `batch_name`, `dataset_name` | list[str] of B*S | same |
 | `pert_cell_barcode`, `ctrl_cell_barcode` | list[str] (barcode=True) | same |
+| each of `additional_obs` | list[str], or a tensor for numbers | same |
 
 `test_dataloader()` / `predict_dataloader()` give one unpadded sentence per batch, as cell-load
 does (batch size 1, no padding); train and val give B padded sentences.
 
-Arguments that need what the server cannot do yet are refused with a message naming them
-(docs/cell-load.md lists each, and the server change it needs); arguments that have no effect in
-cell-load either (with what is supported) are accepted.
+cell-load's options that change what is served (embed_key, should_yield_control_cells,
+additional_obs, drop_last, downsample, ...) become session config keys (`_session_options`).
+The one argument the server cannot do yet (cache_perturbation_control_pairs=True) is refused with
+a message naming it (docs/cell-load.md); arguments that have no effect in cell-load either are
+accepted.
 """
 
 from __future__ import annotations
