@@ -9,8 +9,9 @@ passes; anything else ends in `ServerUnavailable` naming what the address probab
 - an HTTP/1 answer: an HTTP server, and when `/healthz` answers as cellfeed's does, cellfeed's
   own HTTP (control-plane) port given instead of its Flight port;
 - a name that does not resolve: an unknown host;
-- no answer in time (a host that drops packets, a firewall), or a peer that accepts and says
-  nothing gRPC understands.
+- no answer in time (a host that drops packets, a firewall), or a peer that answers in a way
+  gRPC does not. A peer that accepts and then says nothing (a hung server, too) is left to the
+  Connection's call deadlines and retry budget, with a WARNING.
 
 Failures that may pass (refused while a server starts, a slow DNS) are retried until the
 deadline, each retry logged at WARNING with the address and its cause. Mid-epoch reconnection
@@ -115,7 +116,11 @@ def _look(host: str, port: int, address: str, deadline: float, probe: bool) -> N
             sock.sendall(_PREFACE)
             answer = _read_some(sock)
         except (socket.timeout, TimeoutError):
-            raise _Verdict(f"{address} accepted the connection but sent nothing back in time: not a gRPC (Flight) server?") from None
+            # a hung server looks the same as a silent stranger: leave it to the Connection's
+            # call deadlines and retry budget, whose message says how long it waited
+            log.warning("cellfeed: %s accepted the connection but sent nothing back within connect_timeout "
+                        "(a hung server, or not a gRPC one?); trying the Flight call anyway", address)
+            return
         except OSError as exc:
             answer = b""
             if not isinstance(exc, ConnectionResetError):
