@@ -194,10 +194,10 @@ class Connection:
 
         return self._call(f"DoAction({name})", call, retry=retry)
 
-    def open_session(self, kind: str, config: dict[str, Any]) -> Session:
+    def open_session(self, kind: str, config: dict[str, Any], *, retry: bool = True) -> Session:
         request = pb.OpenSession(kind=kind, config_json=json.dumps(config))
         reply = pb.SessionInfo()
-        reply.ParseFromString(self.action("open_session", request.SerializeToString()))
+        reply.ParseFromString(self.action("open_session", request.SerializeToString(), retry=retry))
         return Session(
             session_id=reply.session_id,
             kind=reply.kind,
@@ -206,7 +206,9 @@ class Connection:
             config=config,
         )
 
-    def plan(self, session: Session, split: str, epoch: int, rank: int, world_size: int, stream_count: int, first_batch: int) -> Plan:
+    def plan(
+        self, session: Session, split: str, epoch: int, rank: int, world_size: int, stream_count: int, first_batch: int, *, retry: bool = True
+    ) -> Plan:
         request = pb.StreamRequest(
             session_id=session.session_id,
             split=split,
@@ -221,6 +223,7 @@ class Connection:
             f"GetFlightInfo({split!r})",
             lambda client: client.get_flight_info(descriptor, self.options(self.call_timeout)),
             session=session,
+            retry=retry,
         )
         plan = pb.Plan()
         plan.ParseFromString(info.app_metadata)

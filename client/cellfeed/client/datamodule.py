@@ -36,6 +36,7 @@ from cellfeed.client.connection import Connection, Session
 from cellfeed.client.distributed import resolve_rank
 from cellfeed.client import preflight, shm
 from cellfeed.client.loader import RemoteLoader
+from cellfeed.client.replicas import ReplicaSet, preflight_any
 from cellfeed.client.shm import SlotReader
 
 DEFAULT_SERVER = "grpc://127.0.0.1:8815"
@@ -74,6 +75,7 @@ class RemoteDataModule(pl.LightningDataModule):
         self.token = resolve_token(token)
         self.session: Session | None = None
         self._connection: Connection | None = None
+        self._replicas: ReplicaSet | None = None  # every replica `server` names; _connection is the first
         self._loaders: dict[str, RemoteLoader] = {}
         self._pending_state: dict[str, Any] = {}
         self._slots: SlotReader | None = None
@@ -110,8 +112,9 @@ class RemoteDataModule(pl.LightningDataModule):
         return max(1, int(self.hparams.num_workers))
 
     @property
-    def server(self) -> str:
-        """The Flight address this module reads from (`server`, else CELLFEED_SERVER, else local)."""
+    def server(self) -> str | list[str]:
+        """The Flight address(es) this module reads from (`server`, else CELLFEED_SERVER, else
+        local): one, a list or a comma-separated string of replicas (cellfeed.client.replicas)."""
         return resolve_server(self.hparams.get("server"))
 
     @property
@@ -148,9 +151,9 @@ class RemoteDataModule(pl.LightningDataModule):
         """Open the session once (every stage shares it) and find this process's rank."""
         if self.session is None:
             config = self.session_config()  # a local file's fault is named before the network's
-            preflight.check(self.server, self.connect_timeout)
-            connection = self._connect()
-            self.session = connection.open_session(self.kind, config)
+            replicas = self._connect_replicas()
+            preflight_any(replicas, self.connect_timeout)
+            self.session = replicas.open_session(self.kind, config)
             self.on_session(self.session)
         self._connect_slots()
         self.rank, self.world_size = resolve_rank(self.trainer, self.hparams.rank, self.hparams.world_size)
@@ -158,9 +161,19 @@ class RemoteDataModule(pl.LightningDataModule):
     def _connect(self) -> Connection:
         """The connection to the server, made on first need (again after unpickling)."""
         if self._connection is None:
-            self._connection = Connection(self.server, self.token, retry_seconds=self.retry_seconds)
+            self._connection = self._connect_replicas().primary
             self._slots_probed = False
         return self._connection
+
+    def _connect_replicas(self) -> ReplicaSet:
+        """One Connection per replica `server` names (a list, commas, a name of several hosts)."""
+        if getattr(self, "_replicas", None) is None:
+            self._replicas = ReplicaSet(self.server, lambda location: Connection(location, self.token, retry_seconds=self.retry_seconds))
+            self._connection = None
+        if self._connection is None:
+            self._connection = self._replicas.primary
+            self._slots_probed = False
+        return self._replicas
 
     def _connect_slots(self) -> None:
         """Probe once per connection for shared-memory slots (after the session is open)."""
@@ -177,6 +190,7 @@ class RemoteDataModule(pl.LightningDataModule):
             pending[split] = loader.state_dict()  # the copy goes on where this one stands
         state["_pending_state"] = pending
         state["_connection"] = None
+        state["_replicas"] = None
         state["_loaders"] = {}
         state["_slots"] = None
         state["_slots_probed"] = False
@@ -224,6 +238,7 @@ class RemoteDataModule(pl.LightningDataModule):
                 prefetch=self.prefetch,
                 fixed_epoch=split != self.train_split,
                 slots=self._slots,
+                replicas=getattr(self, "_replicas", None),
             )
             if split in self._pending_state:
                 loader.load_state_dict(self._pending_state.pop(split))

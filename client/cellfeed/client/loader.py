@@ -25,6 +25,7 @@ import pyarrow.flight as flight
 from cellfeed.client import shm
 from cellfeed.client.connection import TRANSIENT, Connection, Session, Stream
 from cellfeed.client.errors import RequestError, ServerUnavailable
+from cellfeed.client.replicas import ReplicaSet
 from cellfeed.client.shm import SlotReader, SlotsUnavailable
 from cellfeed.wire.errors import ErrorKind, kind_of, message_of
 from cellfeed.wire import cellfeed_pb2 as pb
@@ -53,8 +54,10 @@ class RemoteLoader:
         epoch: int = 0,
         fixed_epoch: bool = False,
         slots: SlotReader | None = None,
+        replicas: ReplicaSet | None = None,
     ) -> None:
         self.connection = connection
+        self.replicas = replicas if replicas is not None else ReplicaSet(connection)  # stream i reads from replicas.pick(i)
         self.session = session
         self.split = split
         self.decode = decode
@@ -95,7 +98,7 @@ class RemoteLoader:
 
     def __len__(self) -> int:
         if self._num_batches is None:
-            plan = self.connection.plan(self.session, self.split, self._epoch, self.rank, self.world_size, self.num_streams, 0)
+            plan = self.replicas.plan(self.session, self.split, self._epoch, self.rank, self.world_size, self.num_streams, 0)
             self._num_batches = plan.num_batches
         return self._num_batches
 
@@ -279,7 +282,7 @@ class _Fetcher:
         """Stream i's batches from k on, into its queue. A transport failure (the server died,
         hung or restarted) reopens the stream from the batch it owed, after backoff, until the
         retry budget is spent; a refusal or a decode error goes to the consumer at once."""
-        loader, conn = self.loader, self.loader.connection
+        loader, replicas = self.loader, self.loader.replicas
         step = loader.num_streams
         last_ok = time.monotonic()
         delay = 0.1
@@ -287,13 +290,17 @@ class _Fetcher:
         reopens = 0  # sessions reopened since the last batch came
         while k < self.total and not self.stop.is_set():
             stream: Stream | None = None
+            conn = replicas.pick(i)  # another replica once this one failed, the same one otherwise
             generation = conn.generation
+            moving = False
             slots: SlotReader | None = None
             try:
+                replicas.ensure_session(conn, loader.session)  # on each replica once (lazily)
                 slots = loader.slots_for_stream()  # this stream's choice, whatever other streams decide meanwhile
                 stream = conn.open_stream(loader.ticket(epoch, i, k, shared_memory=slots is not None))
                 generation = stream.generation
                 self.readers[i] = stream
+                stream_opened = time.monotonic()
                 if self.stop.is_set():  # closed while the stream opened: close() may have missed it
                     return
                 while (data := stream.read()) is not None:
@@ -303,10 +310,15 @@ class _Fetcher:
                     if not self._put(i, ((epoch, k), batch)):
                         return
                     k += step
+                    if last_ok < stream_opened:
+                        replicas.succeeded(conn)
+                    last_ok, delay, reopens = time.monotonic(), 0.1, 0
                     if k >= self.total and loader.continues:  # the server goes on likewise
                         epoch, k = epoch + 1, i
-                    last_ok, delay, reopens = time.monotonic(), 0.1, 0
-                if k < self.total and not self.stop.is_set():
+                        if replicas.pick(i) is not conn:  # a replica came back: rebalance at the epoch's start
+                            moving = True
+                            break
+                if k < self.total and not self.stop.is_set() and not moving:
                     raise flight.FlightUnavailableError("stream ended early")
             except SlotsUnavailable as exc:
                 if self.stop.is_set():  # a closed pass: its server-side batches were given up
@@ -331,12 +343,17 @@ class _Fetcher:
                         if reopens:  # again with no batch between: wait a little first
                             self.stop.wait(delay)
                             delay = min(delay * 2, 5.0)
-                        conn.reopen(loader.session)
+                        if len(replicas) > 1:
+                            replicas.ensure_session(conn, loader.session, reopen=True)
+                        else:
+                            conn.reopen(loader.session)
                         reopens += 1
                         continue
                     except (ServerUnavailable, RequestError) as exc2:
                         self._put(i, ((epoch, k), exc2))
                         return
+                    except TRANSIENT:  # the replica went away meanwhile: another one, or backoff
+                        exc = flight.FlightUnavailableError(f"reopening the session on {conn.location} failed")
                 if what is ErrorKind.SHM_UNAVAILABLE and slots is not None:
                     log.warning("shared memory unavailable (%s); streaming batches over gRPC instead", message_of(exc))
                     loader.slots_off(generation)
@@ -348,7 +365,8 @@ class _Fetcher:
                 if not isinstance(exc, TRANSIENT + (OSError,)):
                     self._put(i, ((epoch, k), exc))  # a decode error must reach the training loop
                     return
-                if not self._backoff(last_ok, conn.retry_seconds, delay, exc, i, epoch, k, generation):
+                replicas.failed(conn)
+                if not self._backoff(last_ok, conn.retry_seconds, delay, exc, i, epoch, k, generation, conn):
                     return
                 delay = min(delay * 2, 5.0)
             finally:
@@ -356,18 +374,22 @@ class _Fetcher:
                 if stream is not None:
                     stream.close()
 
-    def _backoff(self, last_ok: float, budget: float, delay: float, exc: Exception, i: int, epoch: int, k: int, generation: int) -> bool:
-        """Sleep before a retry; past the budget, hand a clear error to the consumer instead."""
-        conn = self.loader.connection
+    def _backoff(
+        self, last_ok: float, budget: float, delay: float, exc: Exception, i: int, epoch: int, k: int, generation: int, conn: Connection
+    ) -> bool:
+        """Sleep before a retry (none when another replica is up: fail over at once); past the
+        budget, hand a clear error to the consumer instead."""
+        replicas = self.loader.replicas
         if time.monotonic() - last_ok > budget:
+            where = conn.location if len(replicas) == 1 else f"replicas {replicas.locations}"
             error = ServerUnavailable(
-                f"cellfeed server at {conn.location} failed for {budget:.0f} s while streaming "
+                f"cellfeed server at {where} failed for {budget:.0f} s while streaming "
                 f"batch {k} of {self.loader.split!r} (epoch {epoch}): {message_of(exc)}"
             )
             self._put(i, ((epoch, k), error))
             return False
         conn.reset(generation)
-        return not self.stop.wait(delay)
+        return not self.stop.wait(0.0 if replicas.others_up(conn) else delay)
 
     def close(self) -> None:
         with self._lock:

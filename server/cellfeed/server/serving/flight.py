@@ -2,13 +2,14 @@
 
 Calls: DoAction("open_session", OpenSession) -> SessionInfo; DoAction("shm_probe") -> whether
 the client shares this server's shared-memory folder; GetFlightInfo(StreamRequest) -> one
-endpoint per stream with its Ticket and the Plan in app_metadata; DoGet(Ticket) -> batches.
+endpoint per stream with its Ticket, this server's advertised URI as its location, and the Plan in app_metadata; DoGet(Ticket) -> batches.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -66,11 +67,22 @@ def _parse(message_type, payload: bytes, what: str):
     return message
 
 
+def _advertised(location: str, port: int) -> str:
+    """This server's URI as a client reaches it: the host it listens on, or this machine's name
+    when it listens on every interface (0.0.0.0, ::), with the port it got."""
+    scheme, _, rest = location.partition("://")
+    host = rest.rpartition(":")[0].strip("[]") or "0.0.0.0"
+    if host in ("0.0.0.0", "::"):
+        host = socket.gethostname()
+    return f"{scheme}://{'[' + host + ']' if ':' in host else host}:{port}"
+
+
 class FlightService(flight.FlightServerBase):
     """cellfeed's Flight server; one per process, serving every session and client."""
 
     def __init__(self, location: str, sessions: SessionRegistry, pools: SlotPools | None = None, **kwargs) -> None:
         super().__init__(location, **kwargs)
+        self.advertised = _advertised(location, self.port)  # each endpoint's location: this server
         self.sessions = sessions
         self.metrics = sessions.ctx.metrics
         self.pools = pools or SlotPools(None)
@@ -101,7 +113,7 @@ class FlightService(flight.FlightServerBase):
             reply = pb.SessionInfo(
                 session_id=session.session_id,
                 kind=session.kind,
-                info_json=json.dumps(session.source.info()),
+                info_json=json.dumps(self._info(session)),
                 tables={name: codec.table_to_ipc(t) for name, t in session.source.tables().items()},
             )
             return [flight.Result(pa.py_buffer(reply.SerializeToString()))]
@@ -112,6 +124,15 @@ class FlightService(flight.FlightServerBase):
             raise
         except Exception as exc:
             raise _server_failure(f"DoAction({action.type})", exc) from None
+
+    def _info(self, session) -> dict:
+        """The source's facts, and `file_versions`: each file the session reads (relative to the
+        data root) with its [size, mtime_ns], so that a client whose replicas give one config two
+        ids can name the file that differs."""
+        info = dict(session.source.info())
+        root = self.sessions.ctx.data_root
+        info["file_versions"] = {str(root.relative(p)): list(v) if v is not None else None for p, v in session.files.items()}
+        return info
 
     def _probe(self, body: bytes) -> bool:
         try:
@@ -142,7 +163,7 @@ class FlightService(flight.FlightServerBase):
                     stream_count=count,
                     first_batch=request.first_batch,
                 )
-                endpoints.append(flight.FlightEndpoint(ticket.SerializeToString(), []))
+                endpoints.append(flight.FlightEndpoint(ticket.SerializeToString(), [self.advertised]))
             plan = pb.Plan(num_batches=num_batches, batch_size=source.batch_size(request.split))
             return flight.FlightInfo(
                 source.schema(request.split),
