@@ -116,6 +116,8 @@ class Connection:
         call_timeout: float | None = None,
         read_timeout: float | None = None,
         tls_root_certs: bytes | None = None,
+        cert_chain: bytes | None = None,
+        private_key: bytes | None = None,
     ) -> None:
         self.location = normalize_location(server)
         self.token = token
@@ -123,6 +125,7 @@ class Connection:
         self.call_timeout = float(call_timeout) if call_timeout is not None else _env_seconds("CELLFEED_CALL_TIMEOUT", 60.0)
         self.read_timeout = float(read_timeout) if read_timeout is not None else _env_seconds("CELLFEED_READ_TIMEOUT", 60.0)
         self.tls_root_certs = tls_root_certs
+        self.cert_chain, self.private_key = cert_chain, private_key  # mutual TLS: the client's certificate and key
         self._generation: _Generation | None = None
         self._made = 0  # generations made so far
         self._lock = threading.Lock()
@@ -134,6 +137,8 @@ class Connection:
             gen = self._generation
             if gen is None:
                 kwargs = {"tls_root_certs": self.tls_root_certs} if self.tls_root_certs else {}
+                if self.cert_chain and self.private_key:
+                    kwargs.update(cert_chain=self.cert_chain, private_key=self.private_key)
                 self._made += 1
                 gen = self._generation = _Generation(self._made, flight.FlightClient(self.location, **kwargs))
             gen.users += 1

@@ -168,12 +168,35 @@ class RemoteDataModule(pl.LightningDataModule):
     def _connect_replicas(self) -> ReplicaSet:
         """One Connection per replica `server` names (a list, commas, a name of several hosts)."""
         if getattr(self, "_replicas", None) is None:
-            self._replicas = ReplicaSet(self.server, lambda location: Connection(location, self.token, retry_seconds=self.retry_seconds))
+            tls = self.tls_files()
+            self._replicas = ReplicaSet(
+                self.server, lambda location: Connection(location, self.token, retry_seconds=self.retry_seconds, **tls)
+            )
             self._connection = None
         if self._connection is None:
             self._connection = self._replicas.primary
             self._slots_probed = False
         return self._replicas
+
+    def tls_files(self) -> dict[str, bytes]:
+        """The Flight client's TLS files, read from the paths `tls_root_certs`, `tls_cert_chain`
+        and `tls_private_key` (hparams of a module that takes them), else CELLFEED_TLS_ROOT_CERTS,
+        CELLFEED_TLS_CERT_CHAIN and CELLFEED_TLS_PRIVATE_KEY; a client certificate needs its key."""
+        paths = {}
+        for arg, name in (("tls_root_certs", "tls_root_certs"), ("tls_cert_chain", "cert_chain"), ("tls_private_key", "private_key")):
+            path = self.hparams.get(arg) or os.environ.get(f"CELLFEED_{arg.upper()}")
+            if path:
+                paths[name] = (arg, path)
+        if ("cert_chain" in paths) != ("private_key" in paths):
+            raise ValueError("tls_cert_chain and tls_private_key go together (mutual TLS): give both, or neither")
+        files = {}
+        for name, (arg, path) in paths.items():
+            try:
+                with open(os.path.expanduser(str(path)), "rb") as handle:
+                    files[name] = handle.read()
+            except OSError as exc:
+                raise ValueError(f"{arg}={str(path)!r}: cannot read it ({exc.strerror or exc})") from None
+        return files
 
     def _connect_slots(self) -> None:
         """Probe once per connection for shared-memory slots (after the session is open)."""
