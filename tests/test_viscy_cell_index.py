@@ -140,8 +140,6 @@ def test_missing_core_columns_raises(ported, flat):
         _session(ported, _write(flat, df, "missing.parquet"))
 
 
-@pytest.mark.xfail(strict=True, reason="not implemented in cellfeed: a cell index with a repeated (cell_id, channel_name) "
-                                       "is read (the repeat is one observation) instead of refused as VisCy main does")
 def test_duplicate_cell_id_channel_name_raises(ported, flat):
     df = _timelapse_df(str(flat / "exp_a.zarr"), "")
     df.loc[1, "cell_id"] = df.loc[0, "cell_id"]
