@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow.flight as flight
 import pytest
 
-from cellfeed.client import MultiExperimentDataModule, PerturbationDataModule, RequestError, TableDataModule
+from cellfeed.client import MultiExperimentDataModule, PerturbationDataModule, RequestError, ServerUnavailable, TableDataModule
 from cellfeed.client.replicas import resolve_locations
 from cellfeed.server.perturbation.synthetic import write_perturbation_h5ad
 from cellfeed.wire import cellfeed_pb2 as pb
@@ -179,3 +179,19 @@ def run_killing_loader(loader, victim, at: int = 1) -> list:
         if i == at:
             victim.kill()
     return got
+
+
+def test_with_every_replica_gone_the_retry_budget_and_serverunavailable_apply(serve, tmp_path):
+    root = tmp_path / "data"
+    write_perturbation_h5ad(root / "k562.h5ad", cell_type="k562", n_targets=8, seed=3)
+    servers = [serve(root) for _ in range(3)]
+    dm = pert_module(servers, retry_seconds=2)
+    loader = dm.train_dataloader()
+    assert len(loader) > 0  # planned while they were up
+    for server in servers:
+        server.kill()
+    started = time.monotonic()
+    where = ", ".join(s.flight_uri for s in servers)
+    with pytest.raises(ServerUnavailable, match=rf"cellfeed server at replicas {where} failed for 2 s while streaming batch 0"):
+        list(loader)
+    assert time.monotonic() - started < 30

@@ -142,7 +142,9 @@ class ReplicaSet:
 
     def others_up(self, connection: Connection) -> bool:
         """Whether a replica other than `connection` is healthy now (fail over without waiting)."""
-        return any(c is not connection for c in self.healthy()) and len(self._replicas) > 1
+        now = time.monotonic()
+        with self._lock:
+            return any(r.connection is not connection and r.down_until <= now for r in self._replicas)
 
     # -- sessions ------------------------------------------------------------------------------
     def open_session(self, kind: str, config: dict[str, Any]) -> Session:
