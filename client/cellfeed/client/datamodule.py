@@ -3,8 +3,10 @@
 Subclasses name their stream `kind`, give `session_config()` and `on_session()` (which builds
 the decoder), and may change how many streams and how much prefetch a loader gets.
 
-Where the server is: the `server` argument, else CELLFEED_SERVER, else grpc://127.0.0.1:8815; the
-token: `token`, else CELLFEED_TOKEN. Neither variable is saved in hparams, so a secret set in the
+Where the server is: the `server` argument, else CELLFEED_SERVER, else grpc://127.0.0.1:8815 (one
+address, or several replicas: a list, commas, or a name of several hosts; see
+cellfeed.client.replicas); the token: `token`, else CELLFEED_TOKEN; the client's TLS files:
+CELLFEED_TLS_ROOT_CERTS, CELLFEED_TLS_CERT_CHAIN, CELLFEED_TLS_PRIVATE_KEY (paths). Neither variable is saved in hparams, so a secret set in the
 environment stays out of LightningCLI's saved config.yaml (`token` is never saved).
 
 Fast, visible failure: the first `setup()` checks the address within `connect_timeout` (else

@@ -5,7 +5,8 @@ It behaves like a DataLoader to Lightning: exact `len`, `sampler.set_epoch`, `st
 threads (stream i carries batches k with k % num_streams == i); batches come out in order, so
 the sequence never depends on the number of streams. A stream that breaks, or gets no batch
 within the connection's read timeout (a hung server), is reopened from the batch it owed, after
-backoff, so nothing is lost or repeated; past the retry budget the loop gets ServerUnavailable.
+backoff (at once on another replica when the job has several: cellfeed.client.replicas), so
+nothing is lost or repeated; past the retry budget the loop gets ServerUnavailable.
 Refusals (cellfeed.wire.errors kinds) reach the loop at once.
 """
 
