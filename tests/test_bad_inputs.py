@@ -443,30 +443,30 @@ def flight_info_path_descriptor(w):
 
 
 def job_nul_in_input(w):
-    return post_job(w, {"kind": "sort", "inputs": ["go\x00od.h5ad"]}), ["input", "NUL byte"]
+    return post_job(w, {"kind": "sort", "inputs": ["go\x00od.h5ad"]}, expect=422), ["input", "NUL byte"]
 
 
 def job_long_input(w):
-    return post_job(w, {"kind": "sort", "inputs": ["i" * 5000]}), ["input", "is too long"]
+    return post_job(w, {"kind": "sort", "inputs": ["i" * 5000]}, expect=422), ["input", "is too long"]
 
 
 def job_nul_in_output_dir(w):
-    return post_job(w, {"kind": "preprocess", "inputs": [GOOD], "options": {"output_dir": "out\x00put"}}), ["output_dir", "NUL byte"]
+    return post_job(w, {"kind": "preprocess", "inputs": [GOOD], "options": {"output_dir": "out\x00put"}}, expect=422), ["output_dir", "NUL byte"]
 
 
 def job_long_output_dir(w):
-    return post_job(w, {"kind": "sort", "inputs": [GOOD], "options": {"output_dir": "o" * 400}}), ["output_dir", "has a name of 400 characters"]
+    return post_job(w, {"kind": "sort", "inputs": [GOOD], "options": {"output_dir": "o" * 400}}, expect=422), ["output_dir", "has a name of 400 characters"]
 
 
 def job_input_outside(w):
-    return post_job(w, {"kind": "sort", "inputs": ["../outside/secret.h5ad"]}), ["'../outside/secret.h5ad'", "outside the server's data root"]
+    return post_job(w, {"kind": "sort", "inputs": ["../outside/secret.h5ad"]}, expect=403), ["'../outside/secret.h5ad'", "outside the server's data root"]
 
 
 def job_folder_with_link_out(w):
     folder = w.root / "job_in"
     folder.mkdir()
     (folder / "x.h5ad").symlink_to(w.outside / "secret.h5ad")
-    return post_job(w, {"kind": "sort", "inputs": ["job_in"]}), ["job_in/x.h5ad", "resolves outside"]
+    return post_job(w, {"kind": "sort", "inputs": ["job_in"]}, expect=403), ["job_in/x.h5ad", "resolves outside"]
 
 
 def job_deep_json(w):

@@ -84,11 +84,11 @@ def test_bad_requests_get_4xx_with_a_message(serve, tmp_path):
     server = serve(root)
     with client(server) as http:
         cases = [
-            ({"kind": "preprocess", "inputs": ["../outside.h5ad"]}, 400, "outside the server's data root"),
-            ({"kind": "preprocess", "inputs": [str(tmp_path / "outside.h5ad")]}, 400, "outside the server's data root"),
-            ({"kind": "preprocess", "inputs": ["missing.h5ad"]}, 400, "file not found"),
-            ({"kind": "preprocess", "inputs": ["ok.h5ad"], "options": {"output_dir": "/etc/cellfeed"}}, 400, "outside"),
-            ({"kind": "preprocess", "inputs": ["ok.h5ad"], "options": {"gene_table": "hgnc.txt"}}, 400, "file not found"),
+            ({"kind": "preprocess", "inputs": ["../outside.h5ad"]}, 403, "outside the server's data root"),
+            ({"kind": "preprocess", "inputs": [str(tmp_path / "outside.h5ad")]}, 403, "outside the server's data root"),
+            ({"kind": "preprocess", "inputs": ["missing.h5ad"]}, 404, "file not found"),
+            ({"kind": "preprocess", "inputs": ["ok.h5ad"], "options": {"output_dir": "/etc/cellfeed"}}, 403, "outside"),
+            ({"kind": "preprocess", "inputs": ["ok.h5ad"], "options": {"gene_table": "hgnc.txt"}}, 404, "file not found"),
             ({"kind": "preprocess", "inputs": ["ok.h5ad", "ok.h5ad"]}, 400, "both write dataset 'ok'"),
             ({"kind": "preprocess", "inputs": []}, 422, "at least 1 item"),
             ({"kind": "preprocess", "inputs": ["ok.h5ad"], "options": {"test_size": 1.5}}, 422, "less than 1"),

@@ -19,6 +19,15 @@ class NotFound(CellfeedError):
     """A named thing (session, dataset, job, split) does not exist."""
 
 
+class MissingFile(CellfeedError):
+    """A file or folder a request names is not in the data root (HTTP 404; on Flight, a refusal
+    like any other: it is not a lost session)."""
+
+
+class OutsideRoot(CellfeedError):
+    """A path a request names resolves outside the server's data root (HTTP 403)."""
+
+
 class StartupError(Exception):
     """The server cannot start as configured (a folder it cannot write, a port taken); the
     message says which setting is at fault."""

@@ -11,13 +11,33 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
+from pydantic import AfterValidator, Field
 
 from cellfeed.server.errors import CellfeedError
+from cellfeed.server.paths import check_name
 
 MAX_JSON_BYTES = 1 << 20
+MAX_PATH_CHARS = 4096
+
+
+def _path_name(value: str) -> str:
+    try:
+        return check_name(value)
+    except CellfeedError as exc:
+        raise ValueError(str(exc)) from None
+
+
+# a path inside the data root as a request names it (jobs' inputs and folders). The schema says
+# what the data root refuses for its form anyway (so a schema-valid name is never refused for
+# it), and the validator says what is wrong in the data root's own words (a NUL byte, too long).
+PathName = Annotated[
+    str,
+    AfterValidator(_path_name),
+    Field(json_schema_extra={"minLength": 1, "maxLength": MAX_PATH_CHARS, "pattern": r"^[^\x00/]{0,255}(/[^\x00/]{0,255})*$"}),
+]
 CELLS_PER_ROW_CAP = 16  # groups x cells per batch: at most this many times the batch cap
 MAX_JSON_DEPTH = 32
 _STRINGS = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)

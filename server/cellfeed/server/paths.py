@@ -25,7 +25,7 @@ import stat
 from collections.abc import Callable
 from pathlib import Path
 
-from cellfeed.server.errors import CellfeedError
+from cellfeed.server.errors import CellfeedError, MissingFile, OutsideRoot
 
 MAX_PATH = 4096  # PATH_MAX on Linux: longer names fail with a bare OSError
 MAX_NAME = 255  # NAME_MAX: one path component
@@ -74,9 +74,9 @@ class DataRoot:
         shown = _short(self.relative_unresolved(raw) if self.inside(Path(os.path.normpath(candidate))) else text)
         resolved = self._realpath(candidate, shown)
         if not self.inside(resolved):
-            raise CellfeedError(f"{what} {shown!r} is outside the server's data root")
+            raise OutsideRoot(f"{what} {shown!r} is outside the server's data root")
         if must_exist and not resolved.exists():
-            raise CellfeedError(f"file not found: {shown!r} (looked in the data root at {self.relative(resolved)!r})")
+            raise MissingFile(f"file not found: {shown!r} (looked in the data root at {self.relative(resolved)!r})")
         return resolved
 
     # paths the server found ------------------------------------------------------------------
@@ -92,7 +92,7 @@ class DataRoot:
         resolved = self._realpath(path if path.is_absolute() else self.path / path, str(path))
         if not self.inside(resolved):
             shown = label or self.relative_unresolved(path)
-            raise CellfeedError(f"{shown} resolves outside the server's data root (a symlink out of it?); refused")
+            raise OutsideRoot(f"{shown} resolves outside the server's data root (a symlink out of it?); refused")
         return resolved
 
     def listdir(self, folder: Path, keep: Callable[[Path], bool] = lambda p: True, *, skip_outside: bool = False, label: str | None = None) -> list[Path]:

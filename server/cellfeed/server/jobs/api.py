@@ -4,17 +4,20 @@ Start-up wiring: the HTTP app calls `make_router(ctx)`, which starts the job ser
 (`start_jobs(ctx)`: SQLite records under <state_dir>/jobs, jobs left running by a previous
 server marked interrupted, the executor chosen by --dask-scheduler) and returns the router. The
 service is reachable as `router.service`. Every route needs the token when one is configured.
-Bad requests answer 4xx with a message: 400 (bad path or option), 404 (no such job), 409
-(wrong state), 422 (malformed body).
+Bad requests answer 4xx with a message: 400 (bad option or path), 403 (a path outside the data
+root), 404 (no such job, or an input not in the data root), 409 (wrong state, or an output
+another job is writing), 413 (a body over 1 MiB), 422 (malformed body). The OpenAPI documents
+each (`ERRORS`), and tests/test_openapi_fuzz.py holds it to that with schemathesis.
 """
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, HTTPException, Query, status
 from fastapi.routing import APIRoute
+from pydantic import BaseModel
 
 from cellfeed.server.context import ServerContext
-from cellfeed.server.errors import CellfeedError, NotFound
+from cellfeed.server.errors import CellfeedError, MissingFile, NotFound, OutsideRoot
 from cellfeed.server.jobs.models import Accepted, Job, JobLogs, JobRequest, LogEntry
 from cellfeed.server.jobs.service import Conflict, JobService
 from cellfeed.server.serving.auth import require_token
@@ -26,8 +29,30 @@ def start_jobs(ctx: ServerContext) -> JobService:
 
 
 def _http(exc: CellfeedError) -> HTTPException:
-    code = status.HTTP_404_NOT_FOUND if isinstance(exc, NotFound) else status.HTTP_409_CONFLICT if isinstance(exc, Conflict) else status.HTTP_400_BAD_REQUEST
+    if isinstance(exc, (NotFound, MissingFile)):
+        code = status.HTTP_404_NOT_FOUND
+    elif isinstance(exc, OutsideRoot):
+        code = status.HTTP_403_FORBIDDEN
+    elif isinstance(exc, Conflict):
+        code = status.HTTP_409_CONFLICT
+    else:
+        code = status.HTTP_400_BAD_REQUEST
     return HTTPException(status_code=code, detail=str(exc))
+
+
+class Problem(BaseModel):
+    detail: str
+
+
+# every status a jobs route answers besides its success, in the OpenAPI
+ERRORS = {
+    400: {"model": Problem, "description": "a bad path or option: the message names it"},
+    401: {"model": Problem, "description": "the server has a token and the request does not carry it"},
+    403: {"model": Problem, "description": "a path outside the server's data root"},
+    404: {"model": Problem, "description": "no such job, or an input that is not in the data root"},
+    409: {"model": Problem, "description": "the job is not in a state that allows this (or its output is being written by another job)"},
+    413: {"model": Problem, "description": "a request body over the server's limit (1 MiB)"},
+}
 
 
 class _JobsRoute(APIRoute):
@@ -48,7 +73,7 @@ class _JobsRoute(APIRoute):
 def make_router(ctx: ServerContext, service: JobService | None = None) -> APIRouter:
     """The /v1/jobs routes, backed by `service` (started here when not given)."""
     service = service or start_jobs(ctx)
-    router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(require_token)], route_class=_JobsRoute)
+    router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(require_token)], route_class=_JobsRoute, responses=ERRORS)
     router.service = service  # type: ignore[attr-defined]
 
     @router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=Accepted, summary="Submit a preprocess or sort job")

@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from cellfeed.server.errors import CellfeedError
+from cellfeed.server.limits import PathName
 
 KIND = "build-cell-index"
 
@@ -22,7 +23,7 @@ KIND = "build-cell-index"
 class CellIndexOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    output: str | None = Field(None, description="parquet to write, inside the data root; default <collection stem>.cell_index.parquet beside it")
+    output: PathName | None = Field(None, description="parquet to write, inside the data root; default <collection stem>.cell_index.parquet beside it")
     include_wells: list[str] | None = Field(None, description="only these wells (A/1 ...)")
     exclude_fovs: list[str] | None = Field(None, description="skip these FOVs (A/1/0 ...), beside each experiment's own exclude_fovs")
     preprocess: bool = Field(False, description="also fill norm_* and z_focus_mean from the plates (VisCy's preprocess-cell-index)")
@@ -33,7 +34,7 @@ class CellIndexJob(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     kind: Literal["build-cell-index"]
-    inputs: list[str] = Field(min_length=1, max_length=100, description="collection YAML files inside the data root")
+    inputs: list[PathName] = Field(min_length=1, max_length=100, description="collection YAML files inside the data root")
     options: CellIndexOptions = Field(default_factory=CellIndexOptions)
 
 

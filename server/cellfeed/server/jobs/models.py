@@ -11,6 +11,8 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from cellfeed.server.limits import PathName
+
 MAX_INPUTS = 10_000  # files or folders named by one job
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled", "interrupted"]
@@ -32,9 +34,9 @@ class _Strict(BaseModel):
 class PreprocessOptions(_Strict):
     """run-all's options; directories are inside the data root."""
 
-    output_dir: str = Field("preprocessed/output", description="output/<name>/{train,test}/chunks go here")
-    interim_dir: str = Field("preprocessed/interim", description="interim/parquet_chunks/<name>/chunks (with keep_interim)")
-    log_dir: str = Field("preprocessed/logs", description="logs/<name>/pipeline.{json,log}")
+    output_dir: PathName = Field("preprocessed/output", description="output/<name>/{train,test}/chunks go here")
+    interim_dir: PathName = Field("preprocessed/interim", description="interim/parquet_chunks/<name>/chunks (with keep_interim)")
+    log_dir: PathName = Field("preprocessed/logs", description="logs/<name>/pipeline.{json,log}")
     chunk_size: int = Field(10_000, ge=1, description="rows per parquet chunk")
     top_genes: int = Field(2000, ge=1, description="genes per cell sentence")
     compression: Literal["zstd", "snappy", "gzip", "brotli", "lz4", "none"] = "zstd"
@@ -46,25 +48,25 @@ class PreprocessOptions(_Strict):
     keep_null_age: bool = Field(False, description="keep cells without an age (dropped by default, as the seed does)")
     donor_column: str | None = Field(None, description="obs donor column; default: first of donor_id, donor, subject_id, individual")
     development_stage_column: str = "development_stage"
-    gene_table: str | None = Field(None, description="an HGNC complete set or step1 gene table inside the data root")
+    gene_table: PathName | None = Field(None, description="an HGNC complete set or step1 gene table inside the data root")
     repo_id: str | None = Field(None, description="upload each dataset to <repo_id>-<name> (needs HF_TOKEN on the server)")
 
 
 class SortOptions(_Strict):
     target_label: str = "target_gene"
     batch_label: str = "batch_var"
-    output_dir: str | None = Field(None, description="folder for <stem>.sorted.h5ad; default: a folder `sorted` in each input's folder (never beside the input)")
+    output_dir: PathName | None = Field(None, description="folder for <stem>.sorted.h5ad; default: a folder `sorted` in each input's folder (never beside the input)")
 
 
 class PreprocessJob(_Strict):
     kind: Literal["preprocess"]
-    inputs: list[str] = Field(min_length=1, max_length=MAX_INPUTS, description=".h5ad files or folders of them, inside the data root")
+    inputs: list[PathName] = Field(min_length=1, max_length=MAX_INPUTS, description=".h5ad files or folders of them, inside the data root")
     options: PreprocessOptions = Field(default_factory=PreprocessOptions)
 
 
 class SortJob(_Strict):
     kind: Literal["sort"]
-    inputs: list[str] = Field(min_length=1, max_length=MAX_INPUTS, description=".h5ad files or folders of them, inside the data root")
+    inputs: list[PathName] = Field(min_length=1, max_length=MAX_INPUTS, description=".h5ad files or folders of them, inside the data root")
     options: SortOptions = Field(default_factory=SortOptions)
 
 

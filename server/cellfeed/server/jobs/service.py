@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from cellfeed.server.context import ServerContext
-from cellfeed.server.errors import CellfeedError, NotFound
+from cellfeed.server.errors import CellfeedError, MissingFile, NotFound
 from cellfeed.server.jobs.executor import Executor, make_executor
 from cellfeed.server.jobs.models import Job, PreprocessJob, SortJob
 from cellfeed.server.jobs.store import JobStore
@@ -190,7 +190,7 @@ class JobService:
                 found = self.ctx.data_root.listdir(path, lambda p: p.suffix in H5AD_SUFFIXES, label=name)
                 found = [p for p in found if p.is_file()]
                 if not found:
-                    raise CellfeedError(f"no .h5ad files in {name!r}")
+                    raise MissingFile(f"no .h5ad files in {name!r}")
                 files += found
             else:
                 files.append(path)
