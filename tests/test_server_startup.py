@@ -113,3 +113,32 @@ def test_json_logs_are_one_object_a_line(tmp_path):
     finally:
         proc.kill()
         proc.wait(timeout=30)
+
+
+def test_auth_failures_are_logged_without_the_secret(serve, tmp_path):
+    import httpx
+    import pyarrow.flight as flight
+
+    server = serve(tmp_path, token="t0p-s3cret")
+    assert httpx.get(f"{server.http_url}/v1/datasets", headers={"authorization": "Bearer guess-123"}).status_code == 401
+    client = flight.FlightClient(server.flight_uri)
+    try:
+        try:
+            list(client.do_action(flight.Action("open_session", b"")))
+        except flight.FlightUnauthenticatedError:
+            pass
+        else:
+            raise AssertionError("an unauthenticated call went through")
+    finally:
+        client.close()
+    import time
+
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        log = server.log.read_text()
+        if "auth failed: Flight" in log:
+            break
+        time.sleep(0.1)
+    assert "auth failed: GET /v1/datasets from 127.0.0.1:" in log and "with a wrong token" in log
+    assert "auth failed: Flight DO_ACTION with no token" in log
+    assert "guess-123" not in log and "t0p-s3cret" not in log

@@ -3,9 +3,19 @@
 from __future__ import annotations
 
 import hmac
+import logging
 
 import pyarrow.flight as flight
 from fastapi import HTTPException, Request
+
+log = logging.getLogger(__name__)
+
+
+def _why(header: str | None) -> str:
+    """What was wrong with the credentials, never what they were."""
+    if not header:
+        return "no token"
+    return "a wrong token" if header.startswith("Bearer ") else "no bearer token"
 
 
 def token_ok(expected: str | None, header: str | None) -> bool:
@@ -25,6 +35,8 @@ class TokenMiddlewareFactory(flight.ServerMiddlewareFactory):
     def start_call(self, info: flight.CallInfo, headers: dict[str, list[str]]) -> None:
         values = headers.get("authorization") or headers.get("Authorization") or []
         if not token_ok(self.token, values[0] if values else None):
+            # Flight gives middleware no peer address; the call is named
+            log.warning("auth failed: Flight %s with %s", info.method.name, _why(values[0] if values else None))
             raise flight.FlightUnauthenticatedError("missing or wrong token: send `authorization: Bearer <token>`")
         return None
 
@@ -32,5 +44,8 @@ class TokenMiddlewareFactory(flight.ServerMiddlewareFactory):
 def require_token(request: Request) -> None:
     """FastAPI dependency: 401 unless the request carries the server's token (when one is set)."""
     expected = request.app.state.ctx.settings.token
-    if not token_ok(expected, request.headers.get("authorization")):
+    header = request.headers.get("authorization")
+    if not token_ok(expected, header):
+        peer = f"{request.client.host}:{request.client.port}" if request.client else "unknown peer"
+        log.warning("auth failed: %s %s from %s with %s", request.method, request.url.path, peer, _why(header))
         raise HTTPException(status_code=401, detail="missing or wrong token: send `Authorization: Bearer <token>`")
