@@ -26,6 +26,8 @@ from cellfeed.wire import codec, csr
 CHUNK_VALUES = 1 << 16
 
 
+LOADER_KEYS = {"num_workers", "prefetch_factor"}  # protoplast's [loader] table, read on the client
+
 class PerturbationBatchDecoder:
     """Turns one record batch into protoplast's batch dict, with no copy of the CSR buffers.
 
@@ -261,7 +263,7 @@ class PerturbationDataModule(RemoteDataModule):
         hvg_file: str | None = None,
         config_path: str | None = None,
         num_workers: int | None = None,
-        prefetch_factor: int = 2,
+        prefetch_factor: int | None = None,
         cell_type_label: str = "cell_type",
         target_label: str = "target_gene",
         control_label: str = "non-targeting",
@@ -340,6 +342,9 @@ class PerturbationDataModule(RemoteDataModule):
                 self._loader_opts = tomllib.loads(text).get("loader", {}) or {}
             except tomllib.TOMLDecodeError as exc:
                 raise ValueError(f"{hp.config_path}: invalid TOML: {exc}") from None
+            unknown = sorted(set(self._loader_opts) - LOADER_KEYS)
+            if unknown:
+                raise ValueError(f"{hp.config_path}: unknown key {unknown[0]!r} in [loader] (known: {', '.join(sorted(LOADER_KEYS))})")
             config["toml"] = text
             config["files"] = None
         return config

@@ -149,7 +149,10 @@ class PerturbationSource(Source):
     def open(cls, config: dict[str, Any], ctx: ServerContext) -> "PerturbationSource":
         cfg = PerturbationConfig.parse(config)
         files = resolve_files(cfg, ctx.data_root)
-        updates = {_DATASET_OPTS[k]: v for k, v in files.dataset_opts.items() if k in _DATASET_OPTS}
+        unknown = sorted(set(files.dataset_opts) - set(_DATASET_OPTS))
+        if unknown:
+            raise CellfeedError(f"TOML config: unknown key {unknown[0]!r} in [dataset_opts] (known: {', '.join(sorted(_DATASET_OPTS))})")
+        updates = {_DATASET_OPTS[k]: v for k, v in files.dataset_opts.items()}
         warnings = list(files.warnings)
         if updates:
             cfg = PerturbationConfig.parse({**cfg.model_dump(), **updates})
