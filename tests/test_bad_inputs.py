@@ -420,6 +420,17 @@ def plate_broken_metadata(w):
     return dynaclr(w, yaml_name), ["broken.zarr"]
 
 
+def plate_chunk_link_out(w):
+    """A chunk file inside the plate swapped for a link out of the data root: tensorstore would read it."""
+    shutil.copytree(w.root / "sec61.zarr", w.root / "linked.zarr")
+    chunk = next(p for p in sorted((w.root / "linked.zarr").rglob("*")) if p.is_file() and not p.name.startswith(".") and p.name != "zarr.json")
+    (w.outside / "chunk").write_bytes(chunk.read_bytes())
+    chunk.unlink()
+    chunk.symlink_to(w.outside / "chunk")
+    yaml_name = _experiments(w, "exp_linked.yml", data_path="linked.zarr")
+    return dynaclr(w, yaml_name), ["linked.zarr/", "resolves outside"]
+
+
 # tickets -------------------------------------------------------------------------------------
 
 
@@ -489,7 +500,7 @@ CASES = [
     config_symlink_out, toml_folder_with_link_out, toml_syntax, toml_pattern_matches_nothing, embeddings_missing,
     embeddings_not_torch, table_chunk_link_out, table_split_folder_link_out, table_garbage_chunk, table_unknown_column,
     table_huge_batch, tracks_csv_link_out, tracks_two_csvs, tracks_missing_column, experiments_yaml_missing,
-    plate_outside, plate_broken_metadata, ticket_garbage, open_session_deep_json_text, flight_info_path_descriptor, job_nul_in_input, job_long_input, job_nul_in_output_dir,
+    plate_outside, plate_broken_metadata, plate_chunk_link_out, ticket_garbage, open_session_deep_json_text, flight_info_path_descriptor, job_nul_in_input, job_long_input, job_nul_in_output_dir,
     job_long_output_dir, job_input_outside, job_folder_with_link_out, job_deep_json, job_huge_body, job_unknown_option,
 ]
 

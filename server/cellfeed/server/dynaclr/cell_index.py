@@ -246,7 +246,7 @@ def build_from_collection(
     plates, channels = {}, {}
     for entry in parsed.experiments:
         path = _resolve(root, entry.data_path, f"experiment {entry.name!r}: data_path")
-        plates[entry.name] = open_plate(path, root.relative(path))
+        plates[entry.name] = open_plate(path, root.relative(path), root)
         channels[entry.name] = list(plates[entry.name].channel_names)
     registry = registry_from_collection(parsed, channels)
     from cellfeed.server.dynaclr.registry import check_plate

@@ -163,7 +163,7 @@ class DynaCLRSource(Source):
         cfg = DynaCLRConfig.parse(config)
         root = ctx.data_root
         inputs = load_inputs(
-            cfg, root, lambda path: ctx.handles.get(path, lambda p: open_plate(p, root.relative(p)), name="omezarr-plate")
+            cfg, root, lambda path: ctx.handles.get(path, lambda p: open_plate(p, root.relative(p), root), name="omezarr-plate")
         )
         registry = inputs.registry
         for name in cfg.val_experiments:
