@@ -43,3 +43,18 @@ def test_an_unreadable_tls_file_is_named(monkeypatch, tmp_path):
     monkeypatch.setenv("CELLFEED_TLS_ROOT_CERTS", str(tmp_path / "missing.pem"))
     with pytest.raises(ValueError, match=r"tls_root_certs=.*missing\.pem.*cannot read it"):
         PerturbationDataModule(server="grpc+tls://127.0.0.1:1", **SMALL).setup("fit")
+
+
+def test_mutual_tls_from_arguments(serve, pert_root, pki, monkeypatch):  # noqa: F811
+    """The same certificates as DataModule arguments (a YAML config names the files)."""
+    for name in ("CELLFEED_TLS_ROOT_CERTS", "CELLFEED_TLS_CERT_CHAIN", "CELLFEED_TLS_PRIVATE_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    server = serve(pert_root, tls_cert=pki["server"], tls_key=pki["server.key"], tls_client_ca=pki["ca"])
+    where = f"grpc+tls://127.0.0.1:{server.flight_port}"
+    dm = PerturbationDataModule(server=where, num_workers=1, tls_root_certs=str(pki["ca"]), tls_cert_chain=str(pki["client"]),
+                                tls_private_key=str(pki["client.key"]), **SMALL)
+    dm.setup("fit")
+    assert len(list(dm.train_dataloader())) == len(dm.train_dataloader()) > 0
+    dm.teardown("fit")
+    with pytest.raises(ValueError, match="tls_cert_chain and tls_private_key go together"):
+        PerturbationDataModule(server=where, tls_cert_chain=str(pki["client"]), **SMALL).setup("fit")

@@ -167,6 +167,9 @@ class MultiExperimentDataModule(RemoteDataModule):
         exclude_fovs: list[str] | None = None,
         server: str | None = None,
         token: str | None = None,
+        tls_root_certs: str | None = None,
+        tls_cert_chain: str | None = None,
+        tls_private_key: str | None = None,
         connect_timeout: float | None = None, retry_seconds: float | None = None,
         prefetch: int | None = None,
         return_index: bool = False,
@@ -238,6 +241,11 @@ class MultiExperimentDataModule(RemoteDataModule):
             server: Flight address of the cellfeed server; None: $CELLFEED_SERVER, else
                 grpc://127.0.0.1:8815.
             token: bearer token, when the server has one; None: $CELLFEED_TOKEN. Never saved.
+            tls_root_certs: PEM file of the root certificates that sign a TLS server's (grpc+tls://);
+                None: $CELLFEED_TLS_ROOT_CERTS, else the system's.
+            tls_cert_chain: PEM client certificate, for a server that requires one (mutual TLS);
+                None: $CELLFEED_TLS_CERT_CHAIN.
+            tls_private_key: PEM key of tls_cert_chain; None: $CELLFEED_TLS_PRIVATE_KEY.
             connect_timeout: seconds the first setup() gives the server to answer before it fails,
                 saying why; None: $CELLFEED_CONNECT_TIMEOUT, else 5.
             retry_seconds: retry budget once connected (mid-epoch reconnection); None:

@@ -96,6 +96,9 @@ class TableDataModule(RemoteDataModule):
         prefetch_factor: int = 2,
         window: int = 4,
         token: str | None = None,
+        tls_root_certs: str | None = None,
+        tls_cert_chain: str | None = None,
+        tls_private_key: str | None = None,
         connect_timeout: float | None = None, retry_seconds: float | None = None,
         split: str | None = None,
     ) -> None:
@@ -120,6 +123,11 @@ class TableDataModule(RemoteDataModule):
             window: row groups whose rows are shuffled together (larger: more random, less
                 contiguous reads).
             token: bearer token, when the server has one; None: $CELLFEED_TOKEN. Never saved.
+            tls_root_certs: PEM file of the root certificates that sign a TLS server's (grpc+tls://);
+                None: $CELLFEED_TLS_ROOT_CERTS, else the system's.
+            tls_cert_chain: PEM client certificate, for a server that requires one (mutual TLS);
+                None: $CELLFEED_TLS_CERT_CHAIN.
+            tls_private_key: PEM key of tls_cert_chain; None: $CELLFEED_TLS_PRIVATE_KEY.
             connect_timeout: seconds the first setup() gives the server to answer before it fails,
                 saying why; None: $CELLFEED_CONNECT_TIMEOUT, else 5.
             retry_seconds: retry budget once connected (mid-epoch reconnection); None:
