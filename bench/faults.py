@@ -100,9 +100,11 @@ def fault_run(root: Path, shared_memory: bool, kills: int, stop_seconds: float, 
         busy = threading.Lock()
 
         def fault(k: int) -> None:
-            # one fault at a time: one due while the last restart is under way waits for it
-            if not pending or pending[0][0] > k or not busy.acquire(blocking=False):
+            # one fault at a time: one due while the last restart is under way waits for it (the
+            # training loop pauses, as for a long validation), so every fault lands in the epoch
+            if not pending or pending[0][0] > k:
                 return
+            busy.acquire()
             what = pending.pop(0)[1]
 
             def act() -> None:
