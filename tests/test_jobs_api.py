@@ -75,6 +75,10 @@ def test_preprocess_job_runs_reports_and_logs(serve, tmp_path):
         assert newer["entries"] == [] and newer["next_offset"] == logs["next_offset"]
         assert [j["id"] for j in http.get("/v1/jobs").json()] == [job["id"]]
         assert (root / "logs/a/pipeline.json").exists() and (root / "logs/a/pipeline.log").exists()
+        # job transitions are in the server's own log too, one line each, at INFO or above
+        server_log = server.log.read_text()
+        for event in ("job.submitted", "job.started", "job.finished"):
+            assert f"cellfeed.jobs: {event} {job['id']}" in server_log, event
 
 
 def test_bad_requests_get_4xx_with_a_message(serve, tmp_path):

@@ -7,6 +7,7 @@ Cancelled when told to stop. Its events also go to the job's log (JSON lines, ap
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import time
@@ -63,6 +64,9 @@ def resolve_options(root: DataRoot, kind: str, options: dict[str, Any]) -> None:
             options[key] = str(root.resolve(options[key], what=key))
 
 
+_server_log = logging.getLogger("cellfeed.jobs")
+
+
 class JobLog:
     """Appends event records to the job's log file as JSON lines (one write per line)."""
 
@@ -75,7 +79,12 @@ class JobLog:
             fh.write(line)
 
     def event(self, event: str, level: str = "info", **fields: Any) -> None:
-        self({"time": stamp(), "level": level, "dataset": fields.pop("dataset", None), "event": event, **fields})
+        dataset = fields.pop("dataset", None)
+        self({"time": stamp(), "level": level, "dataset": dataset, "event": event, **fields})
+        if event.startswith("job."):  # job transitions also go to the server's own log, one line each
+            detail = " ".join(f"{k}={v}" for k, v in fields.items() if v is not None)
+            _server_log.log(logging.getLevelName(level.upper()) if level.upper() in ("WARNING", "ERROR") else logging.INFO,
+                            "%s %s %s", event, self.path.stem, detail)
 
 
 def outputs_of(kind: str, path: str, dataset: str, options: dict[str, Any]) -> list[Path]:
