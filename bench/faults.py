@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import collections
 import hashlib
+import os
 import random
 import signal
 import sys
@@ -144,7 +145,14 @@ def fault_run(root: Path, shared_memory: bool, kills: int, stop_seconds: float, 
     }
 
 
+READ_TIMEOUT_S = 4.0  # the client's read deadline here: the SIGSTOP lasts longer
+
+
 def main() -> int:
+    # the stopped server must outlast the client's deadlines, so that the client detects the hang
+    # (not merely waits it out): its defaults are 60 s, which a 12 s stop would not reach
+    os.environ.setdefault("CELLFEED_READ_TIMEOUT", str(READ_TIMEOUT_S))
+    os.environ.setdefault("CELLFEED_CALL_TIMEOUT", str(READ_TIMEOUT_S))
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parent / "data" / "faults")
     parser.add_argument("--kills", type=int, default=20)
