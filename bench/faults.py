@@ -4,7 +4,8 @@ Per transport (gRPC, and shared-memory slots on the same host): one uninterrupte
 reference; then the same epoch again while, at random batches, the server is SIGKILLed and
 restarted 20 times, SIGSTOPped for longer than the client's read deadline and then continued
 once, and SIGTERMed and restarted once. Reported: batches lost, repeated and differing against
-the reference (target 0 each), and the longest wait for one batch (the stall a fault costs).
+the reference (target 0 each), and the longest wait for one batch (the stall a fault costs; a
+fault due while the last one's restart is under way makes the loop wait, uncounted, for it).
 """
 
 from __future__ import annotations
