@@ -149,7 +149,7 @@ def ceiling(root: Path, name: str, batches: int, cache_pool_bytes: int) -> dict:
     reuse_freed_memory()  # first, as the server does, before any thread takes a malloc arena
     from cellfeed.server.context import ServerContext
     from cellfeed.server.settings import Settings
-    from cellfeed.server.sources.dynaclr import DynaCLRSource
+    from cellfeed.server.kinds.dynaclr.source import DynaCLRSource
 
     source = DynaCLRSource.open(session_config(name, cache_pool_bytes), ServerContext.from_settings(Settings(data_root=str(root))))
     sampler, sel = source.sampler("train"), source.sel
@@ -262,7 +262,7 @@ def viscy(python: Path, root: Path, name: str, batches: int, workers: int) -> di
 
 def index_build(n_tracks: int = 300_000, frames: int = 10) -> dict:
     """Seconds for lineages, the lineage grid and valid anchors over n_tracks * frames rows."""
-    from cellfeed.server.dynaclr.lineage import (
+    from cellfeed.server.kinds.dynaclr.lineage import (
         LineageGrid,
         lineage_roots,
         valid_anchors,

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # start would otherwise take malloc arenas of their own, which the stream threads may then share
 from cellfeed.client import PerturbationDataModule  # noqa: E402
 from bench.common import Server, self_peak_rss_mb, write_result  # noqa: E402
-from cellfeed.server.perturbation.synthetic import PerturbationSpec, write_embeddings, write_perturbation_h5ad  # noqa: E402
+from cellfeed.server.kinds.perturbation.synthetic import PerturbationSpec, write_embeddings, write_perturbation_h5ad  # noqa: E402
 
 
 def generate(root: Path, cells_per_target: int, n_genes: int) -> None:

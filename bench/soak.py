@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cellfeed.client import PerturbationDataModule  # noqa: E402 - before anndata, as the README advises
 from bench.common import Server, write_result  # noqa: E402
-from cellfeed.server.perturbation.synthetic import PerturbationSpec, write_perturbation_h5ad  # noqa: E402
+from cellfeed.server.kinds.perturbation.synthetic import PerturbationSpec, write_perturbation_h5ad  # noqa: E402
 
 IDLE_S = 3
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from cellfeed.server.perturbation.synthetic import write_embeddings, write_perturbation_h5ad
+from cellfeed.server.kinds.perturbation.synthetic import write_embeddings, write_perturbation_h5ad
 
 
 def free_port() -> int:

@@ -26,7 +26,7 @@ import pytest
 
 from cellfeed.client import MultiExperimentDataModule, PerturbationDataModule, RequestError
 from cellfeed.client.connection import Connection
-from cellfeed.server.perturbation.synthetic import write_embeddings, write_perturbation_h5ad
+from cellfeed.server.kinds.perturbation.synthetic import write_embeddings, write_perturbation_h5ad
 from cellfeed.wire import cellfeed_pb2 as pb
 from tests.conftest import ServerProcess
 from tests.fixtures.plates import make_dynaclr_data

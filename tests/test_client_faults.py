@@ -29,7 +29,7 @@ from cellfeed.client.connection import Connection
 from cellfeed.client.loader import RemoteLoader
 from cellfeed.client.perturbation import PerturbationBatchDecoder
 from cellfeed.client.table import decode_table_batch
-from cellfeed.server.perturbation.synthetic import write_perturbation_h5ad
+from cellfeed.server.kinds.perturbation.synthetic import write_perturbation_h5ad
 from cellfeed.wire import cellfeed_pb2 as pb
 from cellfeed.wire import csr, shm
 from cellfeed.wire.errors import ErrorKind, kind_of, message_of, server_error

@@ -19,7 +19,7 @@ import pytest
 from cellfeed.server.errors import CellfeedError
 from cellfeed.server.jobs.work import FileTask, process, resolve_options
 from cellfeed.server.paths import DataRoot
-from cellfeed.server.perturbation.synthetic import write_perturbation_h5ad
+from cellfeed.server.kinds.perturbation.synthetic import write_perturbation_h5ad
 from cellfeed.server.preprocess.atomic import OutputBusy, output_lock, remove_stale, staged_dir
 from tests.fixtures.preprocess_h5ad import write_cellxgene_like
 from tests.test_preprocess_sort import shuffled

@@ -7,11 +7,11 @@ import shutil
 import numpy as np
 import pytest
 
-from cellfeed.server.dynaclr.index import build_index
-from cellfeed.server.dynaclr.lineage import LineageGrid, lineage_roots, valid_anchors
-from cellfeed.server.dynaclr.positives import PositiveSampler
-from cellfeed.server.dynaclr.registry import ExperimentRegistry
-from cellfeed.server.dynaclr.tau import tau_probabilities
+from cellfeed.server.kinds.dynaclr.index import build_index
+from cellfeed.server.kinds.dynaclr.lineage import LineageGrid, lineage_roots, valid_anchors
+from cellfeed.server.kinds.dynaclr.positives import PositiveSampler
+from cellfeed.server.kinds.dynaclr.registry import ExperimentRegistry
+from cellfeed.server.kinds.dynaclr.tau import tau_probabilities
 from cellfeed.server.errors import CellfeedError
 from cellfeed.server.paths import DataRoot
 from cellfeed.server.reading.omezarr import open_plate

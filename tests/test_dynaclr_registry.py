@@ -8,7 +8,7 @@ import re
 import pytest
 import yaml
 
-from cellfeed.server.dynaclr.registry import ExperimentRegistry, check_plate
+from cellfeed.server.kinds.dynaclr.registry import ExperimentRegistry, check_plate
 from cellfeed.server.errors import CellfeedError
 from cellfeed.server.paths import DataRoot
 from cellfeed.server.reading.omezarr import open_plate

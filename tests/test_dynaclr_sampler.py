@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from cellfeed.server.errors import CellfeedError
-from cellfeed.server.samplers.flexible import FlexibleBatchSampler, FlexibleOptions
+from cellfeed.server.kinds.dynaclr.sampler import FlexibleBatchSampler, FlexibleOptions
 from cellfeed.server.samplers.sequential import SequentialSampler
 
 B = 10

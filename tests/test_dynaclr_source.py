@@ -15,7 +15,7 @@ from cellfeed.server.context import ServerContext
 from cellfeed.server.errors import CellfeedError, NotFound
 from cellfeed.server.reading.omezarr import NORM_LEVELS, NORM_STATS
 from cellfeed.server.settings import Settings
-from cellfeed.server.sources.dynaclr import DynaCLRSource
+from cellfeed.server.kinds.dynaclr.source import DynaCLRSource
 from cellfeed.wire import codec
 from tests.fixtures.plates import expected_origin, make_dynaclr_data, read_patch
 

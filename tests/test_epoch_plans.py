@@ -44,7 +44,7 @@ def test_a_failed_build_raises_for_whoever_asks():
 
 
 def test_weighted_plans_built_ahead_equal_cold_builds():
-    from cellfeed.server.samplers.flexible import FlexibleBatchSampler, FlexibleOptions
+    from cellfeed.server.kinds.dynaclr.sampler import FlexibleBatchSampler, FlexibleOptions
 
     rng = np.random.default_rng(0)
     n = 3000

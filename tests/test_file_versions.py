@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from cellfeed.client import PerturbationDataModule, RequestError
-from cellfeed.server.perturbation.synthetic import write_perturbation_h5ad
+from cellfeed.server.kinds.perturbation.synthetic import write_perturbation_h5ad
 from tests.helpers import epoch
 
 

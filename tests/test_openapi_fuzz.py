@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cellfeed.server.perturbation.synthetic import write_perturbation_h5ad
+from cellfeed.server.kinds.perturbation.synthetic import write_perturbation_h5ad
 
 HERE = Path(__file__).resolve().parent
 

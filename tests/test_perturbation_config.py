@@ -6,7 +6,7 @@ import pytest
 
 from cellfeed.server.errors import CellfeedError
 from cellfeed.server.paths import DataRoot
-from cellfeed.server.perturbation.config import PerturbationConfig, resolve_files
+from cellfeed.server.kinds.perturbation.config import PerturbationConfig, resolve_files
 
 
 @pytest.fixture

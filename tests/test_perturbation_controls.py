@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cellfeed.server.perturbation.layout import FileLayout, Group
-from cellfeed.server.samplers.perturbation import _ControlPools
+from cellfeed.server.kinds.perturbation.layout import FileLayout, Group
+from cellfeed.server.kinds.perturbation.sampler import _ControlPools
 
 
 def _pools(sizes: list[int]) -> tuple[_ControlPools, list[np.ndarray]]:

@@ -11,7 +11,7 @@ import torch
 
 from cellfeed.client import PerturbationDataModule, RequestError
 from cellfeed.client.connection import Connection
-from cellfeed.server.perturbation.synthetic import PerturbationSpec, make_perturbation_adata, write_perturbation_h5ad
+from cellfeed.server.kinds.perturbation.synthetic import PerturbationSpec, make_perturbation_adata, write_perturbation_h5ad
 from tests.helpers import barcodes, epoch
 
 

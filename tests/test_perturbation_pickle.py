@@ -63,7 +63,7 @@ def test_pickles_after_one_batch_and_the_copy_goes_on_from_there(pert_server):
 
 
 def test_unpickled_copy_reopens_its_session_on_a_restarted_server(serve, tmp_path):
-    from cellfeed.server.perturbation.synthetic import write_perturbation_h5ad
+    from cellfeed.server.kinds.perturbation.synthetic import write_perturbation_h5ad
 
     root = tmp_path / "data"
     write_perturbation_h5ad(root / "k562.h5ad", cell_type="k562", seed=1)

@@ -12,7 +12,7 @@ import torch
 
 from cellfeed.client import PerturbationDataModule, ServerUnavailable
 from cellfeed.client.connection import Connection
-from cellfeed.server.perturbation.synthetic import write_perturbation_h5ad
+from cellfeed.server.kinds.perturbation.synthetic import write_perturbation_h5ad
 from tests.helpers import barcodes, datamodule, epoch
 
 

@@ -62,7 +62,7 @@ def test_gene_indices_travel_as_uint16_or_int32_by_gene_count(pert_server, serve
     batches decode to the file's rows either way."""
     import anndata as ad
 
-    from cellfeed.server.perturbation.synthetic import write_perturbation_h5ad
+    from cellfeed.server.kinds.perturbation.synthetic import write_perturbation_h5ad
 
     def first_record_batch(dm):
         loader = dm.train_dataloader()

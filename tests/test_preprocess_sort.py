@@ -10,9 +10,9 @@ import pytest
 import scipy.sparse as sp
 
 from cellfeed.server.errors import CellfeedError
-from cellfeed.server.perturbation.config import FileSpec
-from cellfeed.server.perturbation.layout import read_layout
-from cellfeed.server.perturbation.synthetic import PerturbationSpec, make_perturbation_adata
+from cellfeed.server.kinds.perturbation.config import FileSpec
+from cellfeed.server.kinds.perturbation.layout import read_layout
+from cellfeed.server.kinds.perturbation.synthetic import PerturbationSpec, make_perturbation_adata
 from cellfeed.server.preprocess.cli import main
 from cellfeed.server.preprocess.sort import SortOptions, sort_file
 from cellfeed.server.reading.h5ad import H5ad

@@ -14,7 +14,7 @@ import pytest
 
 from cellfeed.client import MultiExperimentDataModule, PerturbationDataModule, RequestError, ServerUnavailable, TableDataModule
 from cellfeed.client.replicas import resolve_locations
-from cellfeed.server.perturbation.synthetic import write_perturbation_h5ad
+from cellfeed.server.kinds.perturbation.synthetic import write_perturbation_h5ad
 from cellfeed.wire import cellfeed_pb2 as pb
 from tests.fixtures.ecosystem_plates import make_ecosystem_data
 from tests.helpers import barcodes

@@ -10,7 +10,7 @@ import pytest
 
 from cellfeed.client import PerturbationDataModule, RequestError
 from cellfeed.client.connection import Connection
-from cellfeed.server.perturbation.synthetic import write_perturbation_h5ad
+from cellfeed.server.kinds.perturbation.synthetic import write_perturbation_h5ad
 
 
 @pytest.fixture

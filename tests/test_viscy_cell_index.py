@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from cellfeed.client import MultiExperimentDataModule, RequestError
-from cellfeed.server.dynaclr.cell_index import CELL_INDEX_SCHEMA
+from cellfeed.server.kinds.dynaclr.cell_index import CELL_INDEX_SCHEMA
 from tests.fixtures.viscy_ports import ported_server, write_plate, write_tracks
 
 CORE = ["cell_id", "experiment", "store_path", "tracks_path", "fov", "well", "y", "x", "z", "perturbation", "channel_name", "microscope"]

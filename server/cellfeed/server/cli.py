@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return preprocess_main(argv[1:])
     if argv and argv[0] == "build-cell-index":
-        from cellfeed.server.dynaclr.build_cli import main as build_cell_index_main
+        from cellfeed.server.kinds.dynaclr.build_cli import main as build_cell_index_main
 
         return build_cell_index_main(argv[1:])
     parser = argparse.ArgumentParser(prog="cellfeed", description=__doc__)

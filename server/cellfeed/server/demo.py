@@ -23,7 +23,7 @@ def _port() -> int:
 
 
 def _generate(root: Path) -> None:
-    from cellfeed.server.perturbation.synthetic import PerturbationSpec, write_embeddings, write_perturbation_h5ad
+    from cellfeed.server.kinds.perturbation.synthetic import PerturbationSpec, write_embeddings, write_perturbation_h5ad
 
     if (root / "rpe1.h5ad").exists():
         return

@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from cellfeed.server.dynaclr.synthetic import (
+from cellfeed.server.kinds.dynaclr.synthetic import (
     PlateSpec,
     experiments_yaml,
     write_experiment,

@@ -47,7 +47,7 @@ def output_of(path: str, options: dict[str, Any]) -> Path:
 
 def run(task, options: dict[str, Any], root, progress, cancelled, log) -> dict[str, Any]:
     """One collection: build, write, and report rows and warnings (never raises for bad input)."""
-    from cellfeed.server.dynaclr.cell_index import build_from_collection
+    from cellfeed.server.kinds.dynaclr.cell_index import build_from_collection
     from cellfeed.server.paths import DataRoot
     from cellfeed.server.preprocess.convert import Cancelled
 

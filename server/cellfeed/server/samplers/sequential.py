@@ -12,7 +12,7 @@ import math
 import numpy as np
 
 from cellfeed.server.samplers.base import Sampler, global_batch
-from cellfeed.server.samplers.flexible import PlannedBatch
+from cellfeed.server.kinds.dynaclr.sampler import PlannedBatch
 
 
 class SequentialSampler(Sampler):

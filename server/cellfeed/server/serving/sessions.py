@@ -15,8 +15,8 @@ from cellfeed.server.context import ServerContext
 from cellfeed.server.errors import CellfeedError, NotFound
 from cellfeed.server.limits import MAX_JSON_DEPTH, check_batch_size, object_depth
 from cellfeed.server.reading.handles import Version, version_of
-from cellfeed.server.sources import source_class
-from cellfeed.server.sources.base import Source
+from cellfeed.server.kinds import source_class
+from cellfeed.server.kinds.base import Source
 
 
 SWEEP_S = 30.0

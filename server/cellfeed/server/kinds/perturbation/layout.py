@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from cellfeed.server.errors import CellfeedError
-from cellfeed.server.perturbation.config import CELL_LOAD, FileSpec
+from cellfeed.server.kinds.perturbation.config import CELL_LOAD, FileSpec
 from cellfeed.server.reading.h5ad import H5ad
 
 SORT_HINT = "rewrite it sorted with `cellfeed preprocess sort` (or POST /v1/jobs with kind \"sort\")"

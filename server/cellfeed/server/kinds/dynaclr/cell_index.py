@@ -20,8 +20,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cellfeed.server.dynaclr.lineage import lineage_roots
-from cellfeed.server.dynaclr.registry import ExperimentConfig, ExperimentRegistry
+from cellfeed.server.kinds.dynaclr.lineage import lineage_roots
+from cellfeed.server.kinds.dynaclr.registry import ExperimentConfig, ExperimentRegistry
 from cellfeed.server.errors import CellfeedError
 from cellfeed.server.reading.omezarr import Plate
 
@@ -95,7 +95,7 @@ def build_cell_index(
 ) -> tuple[pa.Table, list[str]]:
     """The cell index table of the registry's experiments (rows in experiment, FOV, channel,
     track, t order) and the warnings (skipped wells and FOVs)."""
-    from cellfeed.server.dynaclr.index import select_fovs
+    from cellfeed.server.kinds.dynaclr.index import select_fovs
     from cellfeed.server.reading.tracks import find_tracks_csv, read_tracks
 
     fovs, _, warnings = select_fovs(registry, plates, include_wells, exclude_fovs)
@@ -236,8 +236,8 @@ def build_from_collection(
 ) -> dict:
     """`build-cell-index` (and `preprocess-cell-index` with `preprocess`): the collection YAML
     (a file inside the data root) to a cell index parquet at `output` (inside it too)."""
-    from cellfeed.server.dynaclr.collection import parse_collection, registry_from_collection
-    from cellfeed.server.dynaclr.registry import _resolve
+    from cellfeed.server.kinds.dynaclr.collection import parse_collection, registry_from_collection
+    from cellfeed.server.kinds.dynaclr.registry import _resolve
     from cellfeed.server.reading.omezarr import open_plate
 
     source = root.resolve(collection, what="collection")
@@ -249,7 +249,7 @@ def build_from_collection(
         plates[entry.name] = open_plate(path, root.relative(path), root)
         channels[entry.name] = list(plates[entry.name].channel_names)
     registry = registry_from_collection(parsed, channels)
-    from cellfeed.server.dynaclr.registry import check_plate
+    from cellfeed.server.kinds.dynaclr.registry import check_plate
 
     for exp in registry.experiments:
         check_plate(exp, plates[exp.name])

@@ -15,13 +15,13 @@ import numpy as np
 import pyarrow as pa
 
 from cellfeed.server.context import ServerContext
-from cellfeed.server.dynaclr.config import DynaCLRConfig
-from cellfeed.server.dynaclr.geometry import Geometry, experiment_geometry, nearest_exact
-from cellfeed.server.dynaclr.index import CellIndex, build_index
-from cellfeed.server.dynaclr.inputs import load_inputs
-from cellfeed.server.dynaclr.positives import PositiveSampler
-from cellfeed.server.dynaclr.registry import ExperimentRegistry
-from cellfeed.server.dynaclr.selection import MatchPositives, Selection
+from cellfeed.server.kinds.dynaclr.config import DynaCLRConfig
+from cellfeed.server.kinds.dynaclr.geometry import Geometry, experiment_geometry, nearest_exact
+from cellfeed.server.kinds.dynaclr.index import CellIndex, build_index
+from cellfeed.server.kinds.dynaclr.inputs import load_inputs
+from cellfeed.server.kinds.dynaclr.positives import PositiveSampler
+from cellfeed.server.kinds.dynaclr.registry import ExperimentRegistry
+from cellfeed.server.kinds.dynaclr.selection import MatchPositives, Selection
 from cellfeed.server.errors import CellfeedError
 from cellfeed.server.reading.omezarr import (
     NORM_LEVELS,
@@ -32,13 +32,13 @@ from cellfeed.server.reading.omezarr import (
     open_plate,
 )
 from cellfeed.server.samplers.base import Sampler, check_batch_index
-from cellfeed.server.samplers.flexible import (
+from cellfeed.server.kinds.dynaclr.sampler import (
     FlexibleBatchSampler,
     FlexibleOptions,
     PlannedBatch,
 )
 from cellfeed.server.samplers.sequential import SequentialSampler
-from cellfeed.server.sources.base import Alloc, Source
+from cellfeed.server.kinds.base import Alloc, Source
 from cellfeed.wire import codec
 
 log = logging.getLogger(__name__)

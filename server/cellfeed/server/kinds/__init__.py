@@ -5,12 +5,12 @@ from __future__ import annotations
 import importlib
 
 from cellfeed.server.errors import CellfeedError
-from cellfeed.server.sources.base import Source
+from cellfeed.server.kinds.base import Source
 
 _KINDS = {
-    "perturbation": "cellfeed.server.sources.perturbation:PerturbationSource",
-    "dynaclr": "cellfeed.server.sources.dynaclr:DynaCLRSource",
-    "table": "cellfeed.server.sources.table:TableSource",
+    "perturbation": "cellfeed.server.kinds.perturbation.source:PerturbationSource",
+    "dynaclr": "cellfeed.server.kinds.dynaclr.source:DynaCLRSource",
+    "table": "cellfeed.server.kinds.table.source:TableSource",
 }
 
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from cellfeed.server.dynaclr.lineage import LineageGrid
-from cellfeed.server.dynaclr.tau import tau_weight_matrix
+from cellfeed.server.kinds.dynaclr.lineage import LineageGrid
+from cellfeed.server.kinds.dynaclr.tau import tau_weight_matrix
 
 
 class PositiveSampler:

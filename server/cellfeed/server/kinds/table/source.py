@@ -27,8 +27,8 @@ from cellfeed.server.errors import CellfeedError, parse_model
 from cellfeed.server.preprocess.layout import chunk_dirs
 from cellfeed.server.preprocess.outputs import read_manifest
 from cellfeed.server.reading.parquet import ParquetFolder
-from cellfeed.server.samplers.table import TableSampler
-from cellfeed.server.sources.base import Alloc, Source
+from cellfeed.server.kinds.table.sampler import TableSampler
+from cellfeed.server.kinds.base import Alloc, Source
 from cellfeed.wire import codec
 
 log = logging.getLogger(__name__)

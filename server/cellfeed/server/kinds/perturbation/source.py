@@ -18,15 +18,15 @@ from anndata.io import read_elem
 
 from cellfeed.server.context import ServerContext
 from cellfeed.server.errors import CellfeedError
-from cellfeed.server.perturbation.config import CELL_LOAD, SPLITS, PerturbationConfig, resolve_files
-from cellfeed.server.perturbation.embeddings import load_embeddings
-from cellfeed.server.perturbation.layout import FileLayout, read_layout
-from cellfeed.server.perturbation.matrices import X, RowMatrix, Shape, hvg_width
+from cellfeed.server.kinds.perturbation.config import CELL_LOAD, SPLITS, PerturbationConfig, resolve_files
+from cellfeed.server.kinds.perturbation.embeddings import load_embeddings
+from cellfeed.server.kinds.perturbation.layout import FileLayout, read_layout
+from cellfeed.server.kinds.perturbation.matrices import X, RowMatrix, Shape, hvg_width
 from cellfeed.server.reading.blocks import CSRBlock
 from cellfeed.server.reading.h5ad import H5ad
 from cellfeed.server.samplers.base import check_batch_index
-from cellfeed.server.samplers.perturbation import PerturbationSampler
-from cellfeed.server.sources.base import Alloc, Source
+from cellfeed.server.kinds.perturbation.sampler import PerturbationSampler
+from cellfeed.server.kinds.base import Alloc, Source
 from cellfeed.wire import codec, csr, shm
 
 log = logging.getLogger(__name__)

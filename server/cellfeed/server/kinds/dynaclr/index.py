@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from cellfeed.server.dynaclr.lineage import LineageGrid, lineage_roots, valid_anchors
-from cellfeed.server.dynaclr.registry import ExperimentRegistry
+from cellfeed.server.kinds.dynaclr.lineage import LineageGrid, lineage_roots, valid_anchors
+from cellfeed.server.kinds.dynaclr.registry import ExperimentRegistry
 from cellfeed.server.errors import CellfeedError
 from cellfeed.server.reading.omezarr import FOV, Plate
 from cellfeed.server.reading.tracks import find_tracks_csv, read_tracks

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from cellfeed.server.dynaclr.config import DynaCLRConfig
-from cellfeed.server.dynaclr.index import CellIndex
-from cellfeed.server.dynaclr.registry import ExperimentRegistry
+from cellfeed.server.kinds.dynaclr.config import DynaCLRConfig
+from cellfeed.server.kinds.dynaclr.index import CellIndex
+from cellfeed.server.kinds.dynaclr.registry import ExperimentRegistry
 from cellfeed.server.errors import CellfeedError
 
 # Columns that can group, stratify, match positives or label samples. "condition" and

@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from cellfeed.server.dynaclr.config import DynaCLRConfig
-from cellfeed.server.dynaclr.registry import ExperimentConfig, ExperimentRegistry
+from cellfeed.server.kinds.dynaclr.config import DynaCLRConfig
+from cellfeed.server.kinds.dynaclr.registry import ExperimentConfig, ExperimentRegistry
 from cellfeed.server.errors import CellfeedError
 from cellfeed.server.reading.omezarr import Plate, _node, _ome
 

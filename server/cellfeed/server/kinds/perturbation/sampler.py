@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from cellfeed.server.perturbation.layout import FileLayout, Group
+from cellfeed.server.kinds.perturbation.layout import FileLayout, Group
 from cellfeed.server.samplers.base import Sampler, batches_per_rank, global_batch
 from cellfeed.server.samplers.plans import EpochPlans
 

@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict
 
-from cellfeed.server.dynaclr.registry import ExperimentConfig, ExperimentRegistry
+from cellfeed.server.kinds.dynaclr.registry import ExperimentConfig, ExperimentRegistry
 from cellfeed.server.errors import CellfeedError, parse_model
 
 DATASETS_ROOT_VAR = "${datasets_root}"

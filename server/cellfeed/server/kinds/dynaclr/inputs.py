@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from cellfeed.server.dynaclr.cell_index import read_cell_index
-from cellfeed.server.dynaclr.collection import parse_collection, registry_from_collection
-from cellfeed.server.dynaclr.config import DynaCLRConfig
-from cellfeed.server.dynaclr.registry import ExperimentRegistry, _resolve, check_plate
+from cellfeed.server.kinds.dynaclr.cell_index import read_cell_index
+from cellfeed.server.kinds.dynaclr.collection import parse_collection, registry_from_collection
+from cellfeed.server.kinds.dynaclr.config import DynaCLRConfig
+from cellfeed.server.kinds.dynaclr.registry import ExperimentRegistry, _resolve, check_plate
 from cellfeed.server.errors import CellfeedError
 from cellfeed.server.paths import DataRoot
 from cellfeed.server.reading.omezarr import Plate

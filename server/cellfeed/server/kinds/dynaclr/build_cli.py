@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preprocess", action="store_true", help="also fill norm_* and z_focus_mean from the plates and drop rows without timepoint statistics")
     parser.add_argument("--focus-channel", default=None, help="channel of focus_slice for z_focus_mean [each experiment's first channel]")
     args = parser.parse_args(argv)
-    from cellfeed.server.dynaclr.cell_index import build_from_collection
+    from cellfeed.server.kinds.dynaclr.cell_index import build_from_collection
     from cellfeed.server.paths import DataRoot
 
     try:

@@ -1,0 +1,1 @@
+"""Time-lapse microscopy (VisCy DynaCLR): experiments, cell index, lineages, positives, patches."""

@@ -1,0 +1,1 @@
+"""Perturbation scRNA-seq (protoplast and cell-load): configs, file layouts, sampler, source."""

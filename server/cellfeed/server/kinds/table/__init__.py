@@ -1,0 +1,1 @@
+"""Parquet tables (preprocessing outputs) streamed row-wise: config, sampler, source."""

@@ -1,1 +1,0 @@
-"""Perturbation scRNA-seq: configs, file layouts, embeddings."""
