@@ -1,7 +1,7 @@
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -34,7 +34,7 @@ class SessionInfo(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., kind: _Optional[str] = ..., info_json: _Optional[str] = ..., tables: _Optional[_Mapping[str, bytes]] = ...) -> None: ...
 
 class StreamRequest(_message.Message):
-    __slots__ = ("session_id", "split", "epoch", "rank", "world_size", "stream_count", "first_batch")
+    __slots__ = ("session_id", "split", "epoch", "rank", "world_size", "stream_count", "first_batch", "shm_pool", "continue_epochs", "locations")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SPLIT_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
@@ -42,6 +42,9 @@ class StreamRequest(_message.Message):
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     STREAM_COUNT_FIELD_NUMBER: _ClassVar[int]
     FIRST_BATCH_FIELD_NUMBER: _ClassVar[int]
+    SHM_POOL_FIELD_NUMBER: _ClassVar[int]
+    CONTINUE_EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    LOCATIONS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     split: str
     epoch: int
@@ -49,7 +52,10 @@ class StreamRequest(_message.Message):
     world_size: int
     stream_count: int
     first_batch: int
-    def __init__(self, session_id: _Optional[str] = ..., split: _Optional[str] = ..., epoch: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., stream_count: _Optional[int] = ..., first_batch: _Optional[int] = ...) -> None: ...
+    shm_pool: str
+    continue_epochs: bool
+    locations: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, session_id: _Optional[str] = ..., split: _Optional[str] = ..., epoch: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., stream_count: _Optional[int] = ..., first_batch: _Optional[int] = ..., shm_pool: _Optional[str] = ..., continue_epochs: _Optional[bool] = ..., locations: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Ticket(_message.Message):
     __slots__ = ("session_id", "split", "epoch", "rank", "world_size", "stream_index", "stream_count", "first_batch", "shm_pool", "continue_epochs")

@@ -2,7 +2,8 @@
 
 Calls: DoAction("open_session", OpenSession) -> SessionInfo; DoAction("shm_probe") -> whether
 the client shares this server's shared-memory folder; GetFlightInfo(StreamRequest) -> one
-endpoint per stream with its Ticket, this server's advertised URI as its location, and the Plan in app_metadata; DoGet(Ticket) -> batches.
+endpoint per stream with its Ticket (cellfeed.wire.tickets) and its locations (the request's replicas,
+or this server), and the Plan in app_metadata; DoGet(Ticket) -> batches.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from cellfeed.server.errors import CellfeedError, NotFound
 from cellfeed.server.serving.sessions import SessionRegistry, StreamProgress
 from cellfeed.server.serving.shm import ShmUnavailable, SlotPool, SlotPools, to_refs
 from cellfeed.wire import cellfeed_pb2 as pb
-from cellfeed.wire import codec, shm
+from cellfeed.wire import codec, shm, tickets
 from cellfeed.wire.errors import ErrorKind, server_error
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,20 @@ def _parse(message_type, payload: bytes, what: str):
     except DecodeError:
         raise CellfeedError(f"malformed {what}: not a cellfeed.v1.{message_type.__name__} message") from None
     return message
+
+
+MAX_LOCATIONS = 256  # replicas a StreamRequest may name
+
+
+def _request_locations(locations) -> list[str]:
+    """The replica URIs a StreamRequest names, checked: at most MAX_LOCATIONS, each a Flight URI."""
+    if len(locations) > MAX_LOCATIONS:
+        raise CellfeedError(f"StreamRequest: {len(locations)} locations; at most {MAX_LOCATIONS} are accepted")
+    for uri in locations:
+        scheme, sep, rest = uri.partition("://")
+        if not sep or scheme not in ("grpc", "grpc+tcp", "grpc+tls") or not rest or len(uri) > 1024:
+            raise CellfeedError(f"StreamRequest: location {uri[:100]!r} is not a grpc://, grpc+tcp:// or grpc+tls:// URI")
+    return list(locations)
 
 
 def _advertised(location: str, port: int) -> str:
@@ -151,19 +166,11 @@ class FlightService(flight.FlightServerBase):
             world, count = request.world_size, request.stream_count
             num_batches = source.num_batches(request.split, world)
             _check_first_batch("StreamRequest", request.first_batch, num_batches, request.split)
-            endpoints = []
-            for index in range(count):
-                ticket = pb.Ticket(
-                    session_id=request.session_id,
-                    split=request.split,
-                    epoch=request.epoch,
-                    rank=request.rank,
-                    world_size=world,
-                    stream_index=index,
-                    stream_count=count,
-                    first_batch=request.first_batch,
-                )
-                endpoints.append(flight.FlightEndpoint(ticket.SerializeToString(), [self.advertised]))
+            locations = _request_locations(request.locations) or [self.advertised]
+            endpoints = [
+                flight.FlightEndpoint(ticket.SerializeToString(), tickets.endpoint_locations(locations, request.rank, index, count))
+                for index, ticket in enumerate(tickets.tickets(request))
+            ]
             plan = pb.Plan(num_batches=num_batches, batch_size=source.batch_size(request.split))
             return flight.FlightInfo(
                 source.schema(request.split),
@@ -200,7 +207,7 @@ class FlightService(flight.FlightServerBase):
             raise
         except Exception as exc:
             raise _server_failure("DoGet", exc) from None
-        first = t.first_batch + (t.stream_index - t.first_batch) % t.stream_count
+        first = tickets.stream_start(t.first_batch, t.stream_index, t.stream_count)
         progress = self.sessions.start_stream(
             StreamProgress(
                 session_id=t.session_id,
@@ -211,7 +218,7 @@ class FlightService(flight.FlightServerBase):
                 stream_index=t.stream_index,
                 stream_count=t.stream_count,
                 first_batch=t.first_batch,
-                total_batches=len(range(first, total, t.stream_count)),
+                total_batches=len(tickets.stream_batches(t.first_batch, t.stream_index, t.stream_count, total)),
                 peer=context.peer(),
             )
         )
@@ -276,7 +283,7 @@ class FlightService(flight.FlightServerBase):
                     progress.updated_at = time.time()
                 if not t.continue_epochs or t.stream_index >= total:
                     break
-                epoch, first = epoch + 1, t.stream_index
+                epoch, first = tickets.roll_over(epoch, t.stream_index)
                 progress.epoch, progress.sent, progress.total_batches = epoch, 0, len(range(first, total, t.stream_count))
             progress.state = "done"
         except CellfeedError as exc:
