@@ -160,8 +160,9 @@ def test_predict_streams_every_cell_once(source):
 
 
 def test_unknown_split_and_batch_out_of_range(source):
-    with pytest.raises(NotFound, match="unknown split 'test'"):
+    with pytest.raises(CellfeedError, match="unknown split 'test'") as info:
         source.num_batches("test", 1)
+    assert not isinstance(info.value, NotFound)  # invalid: a client must not reopen and retry
     with pytest.raises(CellfeedError, match="outside this epoch"):
         source.batch("train", 0, 0, 1, source.num_batches("train", 1))
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 import pyarrow as pa
 
-from cellfeed.server.errors import NotFound
+from cellfeed.server.errors import CellfeedError
 
 Alloc = Callable[[tuple[int, ...], np.dtype], np.ndarray]
 
@@ -50,11 +50,12 @@ class Source(ABC):
         return list(self.samplers)
 
     def sampler(self, split: str) -> "Sampler":
-        """The sampler of `split`; an unknown split is refused with the ones there are."""
+        """The sampler of `split`; an unknown split is refused (invalid, not not_found: retrying
+        cannot make it exist) with the ones there are."""
         try:
             return self.samplers[split]
         except KeyError:
-            raise NotFound(f"unknown split {split!r}; this {self.kind} session has {', '.join(self.splits())}") from None
+            raise CellfeedError(f"unknown split {split!r}; this {self.kind} session has {', '.join(self.splits())}") from None
 
     @abstractmethod
     def schema(self, split: str) -> pa.Schema:
