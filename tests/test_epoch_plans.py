@@ -56,3 +56,40 @@ def test_weighted_plans_built_ahead_equal_cold_builds():
         cold_items, cold_padding = FlexibleBatchSampler(*args, options).epoch_items(epoch, 2)
         np.testing.assert_array_equal(items, cold_items)
         np.testing.assert_array_equal(padding, cold_padding)
+
+
+def _samplers():
+    """One sampler of each planner: dynaclr's flexible and sequential, and the table's."""
+    from cellfeed.server.kinds.dynaclr.sampler import FlexibleBatchSampler, FlexibleOptions
+    from cellfeed.server.kinds.table.sampler import TableSampler
+    from cellfeed.server.samplers.sequential import SequentialSampler
+
+    n = 50
+    rng = np.random.default_rng(1)
+    flexible = FlexibleBatchSampler(rng.integers(0, 2, n), rng.integers(0, 2, n), rng.uniform(0, 5, n), FlexibleOptions(batch_size=8, condition_balanced=False))
+    table = TableSampler(np.array([0, 20, 50]), 8, shuffle=True, seed=3, drop_last=False, window=1)
+    return {"flexible": (flexible, n), "sequential": (SequentialSampler(n, 8), n), "table": (table, n)}
+
+
+@pytest.mark.parametrize("name", ["flexible", "sequential", "table"])
+def test_every_sampler_plans_typed_batches_and_the_base_checks_ranks(name):
+    from cellfeed.server.samplers.base import PlannedBatch
+
+    sampler, n = _samplers()[name]
+    world = 3
+    per_rank = sampler.num_batches(world)
+    served = []
+    for rank in range(world):
+        for k in range(per_rank):
+            planned = sampler.batch(0, rank, world, k)
+            assert isinstance(planned, PlannedBatch)
+            assert planned.global_index == k * world + rank
+            assert planned.items.shape == planned.padding.shape
+            served.append(planned)
+    real = np.concatenate([p.items[~p.padding] for p in served])
+    assert sorted(real.tolist()) == list(range(n))  # every item once, the rest declared padding
+    assert sum(int(p.padding.sum()) for p in served) == sum(len(p.items) for p in served) - n
+    with pytest.raises(CellfeedError, match=r"rank 3 is outside world size 3"):
+        sampler.batch(0, 3, world, 0)
+    with pytest.raises(CellfeedError, match=rf"batch {per_rank} is outside this epoch's {per_rank} batches per rank"):
+        sampler.batch(0, 0, world, per_rank)

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from cellfeed.server.kinds.perturbation.layout import FileLayout, Group
-from cellfeed.server.kinds.perturbation.sampler import _ControlPools
+from cellfeed.server.kinds.perturbation.sampler import ControlPools
 
 
-def _pools(sizes: list[int]) -> tuple[_ControlPools, list[np.ndarray]]:
+def _pools(sizes: list[int]) -> tuple[ControlPools, list[np.ndarray]]:
     """One file per pool size; pool p holds rows p*10_000 + 0..size-1."""
     groups, layouts, pools = [], [], []
     for p, size in enumerate(sizes):
@@ -17,7 +17,7 @@ def _pools(sizes: list[int]) -> tuple[_ControlPools, list[np.ndarray]]:
         pools.append(rows)
         layouts.append(FileLayout(spec=None, h5=None, groups=[], control_span=(0, 0), control_rows={"ct": rows}))
         groups.append(Group(file=p, cell_type="ct", target="t", rows=np.array([0]), batches=np.array(["b"]), split="train"))
-    return _ControlPools(groups, layouts), pools
+    return ControlPools(groups, layouts), pools
 
 
 @pytest.mark.parametrize("sizes", [[5000, 2000], [40, 100], [8, 3000], [1, 32 * 32]])

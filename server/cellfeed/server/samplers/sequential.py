@@ -11,8 +11,7 @@ import math
 
 import numpy as np
 
-from cellfeed.server.samplers.base import Sampler, global_batch
-from cellfeed.server.kinds.dynaclr.sampler import PlannedBatch
+from cellfeed.server.samplers.base import PlannedBatch, Sampler, wrap_around
 
 
 class SequentialSampler(Sampler):
@@ -25,11 +24,12 @@ class SequentialSampler(Sampler):
     def num_batches(self, world_size: int) -> int:
         return math.ceil(math.ceil(self.n / self.B) / world_size) if self.n else 0
 
-    def batch(self, epoch: int, rank: int, world_size: int, index: int) -> PlannedBatch:
-        j = global_batch(index, rank, world_size)
+    def plan(self, epoch: int, world_size: int, global_index: int) -> PlannedBatch:
+        j = global_index
         real = math.ceil(self.n / self.B)
         if j < real:
             items = np.arange(j * self.B, min(self.n, (j + 1) * self.B), dtype=np.int64)
             return PlannedBatch(items=items, padding=np.zeros(len(items), dtype=bool), global_index=j)
-        items = ((j - real) * self.B + np.arange(self.B, dtype=np.int64)) % self.n
+        # past the real batches: whole batches from the start again, all padding
+        items, _ = wrap_around((j - real) * self.B + np.arange(self.B), self.n)
         return PlannedBatch(items=items, padding=np.ones(self.B, dtype=bool), global_index=j)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cellfeed.server.errors import CellfeedError
-from cellfeed.server.samplers.base import Sampler, batches_per_rank, global_batch
+from cellfeed.server.samplers.base import PlannedBatch, Sampler, batches_per_rank, wrap_around
 from cellfeed.server.samplers.plans import EpochPlans
 
 
@@ -44,15 +44,6 @@ class FlexibleOptions:
             or self.experiment_weights is not None
             or (self.experiment_aware and self.leaky > 0)
         )
-
-
-@dataclass(frozen=True)
-class PlannedBatch:
-    """Positions (into the sampler's items) of one batch, and which of them are declared padding."""
-
-    items: np.ndarray
-    padding: np.ndarray
-    global_index: int
 
 
 class FlexibleBatchSampler(Sampler):
@@ -84,10 +75,9 @@ class FlexibleBatchSampler(Sampler):
             return math.ceil(total / world_size)
         return batches_per_rank(self.n, B, world_size)
 
-    def batch(self, epoch: int, rank: int, world_size: int, index: int) -> PlannedBatch:
+    def plan(self, epoch: int, world_size: int, global_index: int) -> PlannedBatch:
         items, padding = self._plans.get(epoch, world_size)
-        j = global_batch(index, rank, world_size)
-        return PlannedBatch(items=items[j], padding=padding[j], global_index=j)
+        return PlannedBatch(items=items[global_index], padding=padding[global_index], global_index=global_index)
 
     def epoch_items(self, epoch: int, world_size: int) -> tuple[np.ndarray, np.ndarray]:
         """The whole epoch: [batches, batch_size] item positions and padding flags (global order)."""
@@ -115,9 +105,9 @@ class FlexibleBatchSampler(Sampler):
         for pool in pools:
             perm = rng.permutation(pool)
             count = math.ceil(len(perm) / B)
-            slots = np.arange(count * B)
-            batches.append(perm[slots % len(perm)].reshape(count, B))
-            pads.append((slots >= len(perm)).reshape(count, B))
+            slots, padded = wrap_around(np.arange(count * B), len(perm))
+            batches.append(perm[slots].reshape(count, B))
+            pads.append(padded.reshape(count, B))
         items, padding = np.concatenate(batches), np.concatenate(pads)
         order = rng.permutation(len(items)) if self.options.experiment_aware else np.arange(len(items))
         items, padding = items[order], padding[order]

@@ -31,12 +31,8 @@ from cellfeed.server.reading.omezarr import (
     normalization_table,
     open_plate,
 )
-from cellfeed.server.samplers.base import Sampler, check_batch_index
-from cellfeed.server.kinds.dynaclr.sampler import (
-    FlexibleBatchSampler,
-    FlexibleOptions,
-    PlannedBatch,
-)
+from cellfeed.server.samplers.base import PlannedBatch, Sampler
+from cellfeed.server.kinds.dynaclr.sampler import FlexibleBatchSampler, FlexibleOptions
 from cellfeed.server.samplers.sequential import SequentialSampler
 from cellfeed.server.kinds.base import Alloc, Source
 from cellfeed.wire import codec
@@ -252,9 +248,7 @@ class DynaCLRSource(Source):
         return self._schemas[split]
 
     def batch(self, split: str, epoch: int, rank: int, world_size: int, index: int, *, alloc: Alloc | None = None) -> pa.RecordBatch:
-        sampler = self.sampler(split)
-        check_batch_index(index, rank, world_size, sampler.num_batches(world_size))
-        planned: PlannedBatch = sampler.batch(epoch, rank, world_size, index)
+        planned: PlannedBatch = self.sampler(split).batch(epoch, rank, world_size, index)
         items = self.items[split][planned.items]
         sel = self.sel
         anchors, slots = sel.item_row[items], sel.item_slot[items]

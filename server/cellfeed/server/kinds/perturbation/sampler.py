@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from cellfeed.server.kinds.perturbation.layout import FileLayout, Group
-from cellfeed.server.samplers.base import Sampler, batches_per_rank, global_batch
+from cellfeed.server.samplers.base import PlannedBatch, Sampler, batches_per_rank, wrap_around
 from cellfeed.server.samplers.plans import EpochPlans
 
 
@@ -41,15 +41,26 @@ class EpochPlan:
     n_real: np.ndarray  # [n_items] how many of the item's rows (the first ones) are not padding
 
 
-@dataclass
-class PerturbationBatch:
-    """One batch: B items of S perturbed cells each, with their S control cells."""
+@dataclass(frozen=True)
+class BlockRead:
+    """Items [lo, hi) of a planned batch, whose perturbed cells all lie in `block`: one read."""
+
+    block: Block
+    lo: int
+    hi: int
+
+
+@dataclass(frozen=True)
+class PerturbationPlannedBatch(PlannedBatch):
+    """One batch: B items of S perturbed cells each, with their S control cells, ordered so that
+    the items of one block are together (`reads`). `items` index the epoch's items; an item is
+    padding when none of its cells is real."""
 
     group: np.ndarray  # [B]
     pert_rows: np.ndarray  # [B, S]
     ctrl_rows: np.ndarray  # [B, S]
-    global_index: int
     n_real: np.ndarray  # [B] real cells of each item (its first n_real rows); 0 for a padding item
+    reads: tuple[BlockRead, ...]
 
 
 class PerturbationSampler(Sampler):
@@ -87,7 +98,7 @@ class PerturbationSampler(Sampler):
         for g, b in enumerate(self.block_of_group):
             self.groups_of_block[b].append(g)
         self.num_items = sum(self._items_of(len(g.rows)) for g in groups)
-        self.pools = _ControlPools(groups, layouts, by_batch=match_controls_by_batch)
+        self.pools = ControlPools(groups, layouts, by_batch=match_controls_by_batch)
         self._plans: EpochPlans[EpochPlan] = EpochPlans(self._build_plan)
 
     def _items_of(self, n: int) -> int:
@@ -102,26 +113,37 @@ class PerturbationSampler(Sampler):
         # drop_last (training): the epoch's partial last batch is dropped, as cell-load's sampler
         return batches_per_rank(self.num_items, self.B, world_size, drop_last=self.drop_last and not self.once)
 
-    def plan(self, epoch: int) -> EpochPlan:
+    def epoch_plan(self, epoch: int) -> EpochPlan:
+        """Every item of `epoch`: its group, rows and real cells (built once, the next ahead)."""
         return self._plans.get(epoch)
 
-    def batch(self, epoch: int, rank: int, world_size: int, index: int) -> PerturbationBatch:
-        plan = self.plan(epoch)
-        j = global_batch(index, rank, world_size)
+    def plan(self, epoch: int, world_size: int, global_index: int) -> PerturbationPlannedBatch:
+        plan = self.epoch_plan(epoch)
+        j = global_index
         if self.once:
             # every item once: the last batch is short, batches past the end one padding item
             lo = j * self.B
             items = np.arange(lo, min(lo + self.B, self.num_items)) if lo < self.num_items else np.zeros(1, np.int64)
             n_real = plan.n_real[items] if lo < self.num_items else np.zeros(1, np.int64)
         else:
-            flat = np.arange(j * self.B, (j + 1) * self.B)
-            items = flat % self.num_items  # wrap-around = declared padding
-            n_real = np.where(flat < self.num_items, plan.n_real[items], 0)
+            items, wrapped = wrap_around(np.arange(j * self.B, (j + 1) * self.B), self.num_items)
+            n_real = np.where(wrapped, 0, plan.n_real[items])
         group = plan.group[items]
-        pert_rows = plan.rows[items]
         rng = np.random.default_rng([self.seed, self.stream_key, epoch, j, 1])
         ctrl_rows = self.pools.draw(rng, group, self.S)
-        return PerturbationBatch(group=group, pert_rows=pert_rows, ctrl_rows=ctrl_rows, global_index=j, n_real=n_real)
+        # items of one block together: one gather per block
+        blocks = self.block_of_group[group]
+        order = np.argsort(blocks, kind="stable")
+        items, group, n_real, ctrl_rows, blocks = items[order], group[order], n_real[order], ctrl_rows[order], blocks[order]
+        bounds = np.flatnonzero(np.diff(blocks)) + 1
+        reads = tuple(
+            BlockRead(self.blocks[blocks[lo]], lo, hi)
+            for lo, hi in zip(np.r_[0, bounds].tolist(), np.r_[bounds, len(blocks)].tolist())
+        )
+        return PerturbationPlannedBatch(
+            items=items, padding=n_real == 0, global_index=j,
+            group=group, pert_rows=plan.rows[items], ctrl_rows=ctrl_rows, n_real=n_real, reads=reads,
+        )
 
     def _build_plan(self, epoch: int) -> EpochPlan:
         rng = np.random.default_rng([self.seed, self.stream_key, epoch])
@@ -174,7 +196,7 @@ class PerturbationSampler(Sampler):
         }
 
 
-class _ControlPools:
+class ControlPools:
     """The control rows of every pool, concatenated, for vectorised draws.
 
     A group's pool is its file and cell type's controls; with `by_batch` (every group then lies

@@ -24,8 +24,7 @@ from cellfeed.server.kinds.perturbation.layout import FileLayout, read_layout
 from cellfeed.server.kinds.perturbation.matrices import X, RowMatrix, Shape, hvg_width
 from cellfeed.server.reading.blocks import CSRBlock
 from cellfeed.server.reading.h5ad import H5ad
-from cellfeed.server.samplers.base import check_batch_index
-from cellfeed.server.kinds.perturbation.sampler import PerturbationSampler
+from cellfeed.server.kinds.perturbation.sampler import PerturbationPlannedBatch, PerturbationSampler
 from cellfeed.server.kinds.base import Alloc, Source
 from cellfeed.wire import codec, csr, shm
 
@@ -251,22 +250,17 @@ class PerturbationSource(Source):
         return self._schema
 
     def batch(self, split: str, epoch: int, rank: int, world_size: int, index: int, *, alloc: Alloc | None = None) -> pa.RecordBatch:
-        sampler: PerturbationSampler = self.sampler(split)
-        check_batch_index(index, rank, world_size, sampler.num_batches(world_size))
-        planned = sampler.batch(epoch, rank, world_size, index)
-        blocks = sampler.block_of_group[planned.group]
-        order = np.argsort(blocks, kind="stable")  # items of one block together: one gather per block
-        group, pert_rows, ctrl_rows, blocks = planned.group[order], planned.pert_rows[order], planned.ctrl_rows[order], blocks[order]
+        planned: PerturbationPlannedBatch = self.sampler(split).batch(epoch, rank, world_size, index)
+        group, pert_rows, ctrl_rows = planned.group, planned.pert_rows, planned.ctrl_rows
         S = self.config.group_size_S
-        cell_mask = (np.arange(S)[None, :] < planned.n_real[order][:, None]).ravel()
+        cell_mask = (np.arange(S)[None, :] < planned.n_real[:, None]).ravel()
         files, target_codes, ct_codes = self._group_codes[split][group].T
 
         keys = self._prefix_keys()
-        pert_pieces = []
-        bounds = np.flatnonzero(np.diff(blocks)) + 1
-        for lo, hi in zip(np.r_[0, bounds].tolist(), np.r_[bounds, len(blocks)].tolist()):
-            block = sampler.blocks[blocks[lo]]
-            pert_pieces.append((block.file, block.start, block.stop, (pert_rows[lo:hi] - block.start).ravel()))
+        pert_pieces = [
+            (read.block.file, read.block.start, read.block.stop, (pert_rows[read.lo : read.hi] - read.block.start).ravel())
+            for read in planned.reads
+        ]
         j = planned.global_index
         columns: dict[str, pa.Array] = self._matrix_columns("pert", keys["pert"], pert_pieces, alloc, self._thinning("pert", split, epoch, j))
         if "pert_counts" in keys:

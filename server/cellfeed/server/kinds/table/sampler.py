@@ -5,15 +5,15 @@ of `window` row groups are formed, and the rows inside each window are permuted,
 reads from at most two windows of row groups (coalesced reads, cache-friendly) while the order
 changes every epoch. Without shuffle, rows come in file order. Global batch j goes to rank
 j % world_size; with several ranks and drop_last off, the last batches are filled by wrapping to
-the start of the epoch's order (declared padding: `batch_with_padding` flags those rows); alone,
-the last batch is simply shorter.
+the start of the epoch's order (declared padding, flagged in the planned batch); alone, the last
+batch is simply shorter.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from cellfeed.server.samplers.base import Sampler, batches_per_rank, check_batch_index, global_batch
+from cellfeed.server.samplers.base import PlannedBatch, Sampler, batches_per_rank, wrap_around
 from cellfeed.server.samplers.plans import EpochPlans
 
 
@@ -47,24 +47,12 @@ class TableSampler(Sampler):
             pieces.append(rows[rng.permutation(len(rows))])
         return np.concatenate(pieces)
 
-    def batch(self, epoch: int, rank: int, world_size: int, index: int) -> np.ndarray:
-        """Global row numbers of rank-local batch `index`, in batch order."""
-        return self.batch_with_padding(epoch, rank, world_size, index)[0]
-
-    def batch_with_padding(self, epoch: int, rank: int, world_size: int, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """The rows of rank-local batch `index` and, per row, whether it is padding: a position past
-        the epoch's end, wrapped around to its start (a row that another batch also serves)."""
-        check_batch_index(index, rank, world_size, self.num_batches(world_size))
-        j = global_batch(index, rank, world_size)
-        first = j * self.batch_size
+    def plan(self, epoch: int, world_size: int, global_index: int) -> PlannedBatch:
+        """Global row numbers of global batch `global_index` (`items`), in batch order; a position
+        past the epoch's end wraps around to its start (declared padding)."""
+        first = global_index * self.batch_size
         stop = first + self.batch_size
         if world_size == 1 and not self.drop_last:
             stop = min(stop, self.num_rows)
-        positions = np.arange(first, stop)
-        return self._orders.get(epoch)[positions % self.num_rows], positions >= self.num_rows
-
-    def padding(self, world_size: int) -> int:
-        """Rows repeated per epoch to give every rank full, equal batches."""
-        if self.drop_last or world_size == 1:
-            return 0
-        return max(0, self.num_batches(world_size) * world_size * self.batch_size - self.num_rows)
+        positions, padding = wrap_around(np.arange(first, stop), self.num_rows)
+        return PlannedBatch(items=self._orders.get(epoch)[positions], padding=padding, global_index=global_index)

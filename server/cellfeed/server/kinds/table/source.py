@@ -270,7 +270,8 @@ class TableSource(Source):
 
     def batch(self, split: str, epoch: int, rank: int, world_size: int, index: int, *, alloc: Alloc | None = None) -> pa.RecordBatch:
         sampler = self.sampler(split)
-        rows, padding = sampler.batch_with_padding(epoch, rank, world_size, index)
+        planned = sampler.batch(epoch, rank, world_size, index)
+        rows, padding = planned.items, planned.padding
         folder = self.folders[split]
         groups = folder.group_of(rows)
         order = np.argsort(groups, kind="stable")
