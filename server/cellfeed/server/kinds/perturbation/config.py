@@ -69,6 +69,7 @@ class PerturbationConfig(BaseModel):
     downsample: float | None = Field(None, gt=0)  # binomial thinning of pert_counts (cell-load's)
     is_log1p: bool = True  # counts are log1p'd: expm1 before thinning, log1p after
     val_subsample_fraction: float | None = Field(None, gt=0, le=1)
+    fixed_control_pairs: bool = False  # each cell's control drawn once, reused every epoch (cell-load's cache)
 
     @classmethod
     def parse(cls, raw: dict[str, Any]) -> "PerturbationConfig":

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from cellfeed.server.kinds.perturbation.layout import FileLayout, Group
+from cellfeed.server.kinds.perturbation.pairs import FixedPairs
 from cellfeed.server.samplers.base import PlannedBatch, Sampler, batches_per_rank, wrap_around
 from cellfeed.server.samplers.plans import EpochPlans
 
@@ -81,6 +82,7 @@ class PerturbationSampler(Sampler):
         once: bool = False,
         drop_last: bool = False,
         max_cells_per_group: int | None = None,
+        fixed_control_pairs: bool = False,
     ) -> None:
         self.groups = groups
         self.layouts = layouts
@@ -99,6 +101,8 @@ class PerturbationSampler(Sampler):
             self.groups_of_block[b].append(g)
         self.num_items = sum(self._items_of(len(g.rows)) for g in groups)
         self.pools = ControlPools(groups, layouts, by_batch=match_controls_by_batch)
+        # cell-load's cache_perturbation_control_pairs: each cell's control drawn once (pairs.py)
+        self.pairs = FixedPairs(groups, self.pools.pools, self.pools.pool_of_group, seed=seed, stream_key=stream_key) if fixed_control_pairs else None
         self._plans: EpochPlans[EpochPlan] = EpochPlans(self._build_plan)
 
     def _items_of(self, n: int) -> int:
@@ -130,7 +134,7 @@ class PerturbationSampler(Sampler):
             n_real = np.where(wrapped, 0, plan.n_real[items])
         group = plan.group[items]
         rng = np.random.default_rng([self.seed, self.stream_key, epoch, j, 1])
-        ctrl_rows = self.pools.draw(rng, group, self.S)
+        ctrl_rows = self.pools.draw(rng, group, self.S) if self.pairs is None else self.pairs.controls(group, plan.rows[items])
         # items of one block together: one gather per block
         blocks = self.block_of_group[group]
         order = np.argsort(blocks, kind="stable")

@@ -112,6 +112,7 @@ class PerturbationSource(Source):
                 once=split != "train",
                 drop_last=config.drop_last,
                 max_cells_per_group=config.max_cells_per_group,
+                fixed_control_pairs=config.fixed_control_pairs,
             )
             for k, split in enumerate(SPLITS)
         }
