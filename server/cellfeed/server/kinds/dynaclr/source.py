@@ -22,6 +22,7 @@ from cellfeed.server.kinds.dynaclr.inputs import load_inputs
 from cellfeed.server.kinds.dynaclr.positives import PositiveSampler
 from cellfeed.server.kinds.dynaclr.registry import ExperimentRegistry
 from cellfeed.server.kinds.dynaclr.selection import MatchPositives, Selection
+from cellfeed.server.kinds.dynaclr.validation import validation_sampler
 from cellfeed.server.errors import CellfeedError
 from cellfeed.server.reading.omezarr import (
     NORM_LEVELS,
@@ -36,41 +37,18 @@ from cellfeed.server.kinds.dynaclr.sampler import FlexibleBatchSampler, Flexible
 from cellfeed.server.samplers.sequential import SequentialSampler
 from cellfeed.server.kinds.base import Alloc, Source
 from cellfeed.wire import codec
+from cellfeed.wire import dynaclr as wire
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "predict")
-_SPLIT_KEY = {"train": 0, "val": 1, "predict": 2}
-_DICT = pa.dictionary(pa.int32(), pa.string())
-# Index columns: (name, Arrow type, source row column or None when derived).
-_INDEX_NUMERIC = (
-    ("track_id", pa.int64(), "track_id"),
-    ("t", pa.int32(), "t"),
-    ("id", pa.int64(), "id"),
-    ("parent_track_id", pa.float64(), "parent_track_id"),
-    ("parent_id", pa.float64(), "parent_id"),
-    ("lineage_id", pa.int64(), "lineage_track_id"),
-    ("hours_post_infection", pa.float32(), "hpi"),
-    ("z", pa.float32(), "z"),
-    ("y", pa.float32(), "y"),
-    ("x", pa.float32(), "x"),
-)
-# VisCy main's predict index adds these (dictionary strings, one vocabulary per session).
-_INDEX_MAIN = ("perturbation", "marker", "organelle", "well", "microscope")
-# anchor_meta / positive_meta columns (VisCy main's SampleMeta), prefixed "anchor_meta." etc.
-_META_DICT = ("experiment", "perturbation", "microscope", "fov_name", "marker")
-_META_NUMERIC = (
-    ("track_id", pa.int64()),
-    ("t", pa.int32()),
-    ("hours_post_perturbation", pa.float32()),
-    ("lineage_id", pa.int64()),
-    ("y_clamp", pa.float32()),
-    ("x_clamp", pa.float32()),
-)
+SPLITS = ("train", "val", wire.PREDICT)
+_SPLIT_KEY = {"train": 0, "val": 1, wire.PREDICT: 2}
+# the index row column behind each numeric index column of the wire (the same name otherwise)
+_INDEX_ROW_COLUMN = {"lineage_id": "lineage_track_id", "hours_post_infection": "hpi"}
 
 
 class DynaCLRSource(Source):
-    kind = "dynaclr"
+    kind = wire.KIND
 
     def __init__(
         self,
@@ -104,7 +82,7 @@ class DynaCLRSource(Source):
         self.items = {
             "train": sel.items_of(anchor_ok & in_train),
             "val": sel.items_of(anchor_ok & ~in_train),
-            "predict": sel.items_of(np.ones(len(index), dtype=bool)),
+            wire.PREDICT: sel.items_of(np.ones(len(index), dtype=bool)),
         }
         if len(self.items["train"]) == 0:
             raise CellfeedError(
@@ -130,7 +108,7 @@ class DynaCLRSource(Source):
         self.samplers: dict[str, Sampler] = {
             "train": FlexibleBatchSampler(group, stratum, rows["hpi"][sel.item_row[train]], options),
             "val": SequentialSampler(len(self.items["val"]), config.batch_size),
-            "predict": SequentialSampler(len(self.items["predict"]), config.batch_size),
+            wire.PREDICT: SequentialSampler(len(self.items[wire.PREDICT]), config.batch_size),
         }
         self.positives = (
             PositiveSampler(index.grid, rows["experiment"], index.tau_frames, config.tau_decay_rate)
@@ -182,7 +160,9 @@ class DynaCLRSource(Source):
             max_border_shift=cfg.max_border_shift,
             require_anchors=cfg.temporal_positives,
         )
-        return cls(cfg, registry, index, ctx.image_reader(cfg.cache_pool_bytes), geometry=geometry, form=inputs.form)
+        source = cls(cfg, registry, index, ctx.image_reader(cfg.cache_pool_bytes), geometry=geometry, form=inputs.form)
+        source.samplers["val"] = validation_sampler(source, inputs.form)  # VisCy main: val through the training sampler
+        return source
 
     def info(self) -> dict[str, Any]:
         rows, index, sel = self.index.rows, self.index, self.sel
@@ -254,10 +234,10 @@ class DynaCLRSource(Source):
         anchors, slots = sel.item_row[items], sel.item_slot[items]
         n = len(anchors)
         columns: dict[str, pa.Array] = {}
-        if split == "predict":
+        if split == wire.PREDICT:
             images = self._read(anchors, slots, alloc)
-            columns["anchor"] = codec.tensor_column(images)
-            columns["anchor_norm"] = codec.tensor_column(self._norm(anchors, slots))
+            columns[wire.ANCHOR] = codec.tensor_column(images)
+            columns[wire.norm(wire.ANCHOR)] = codec.tensor_column(self._norm(anchors, slots))
         else:
             # Positives are a function of (seed, split, epoch, global batch); val ignores the epoch.
             rng = np.random.default_rng(
@@ -274,20 +254,20 @@ class DynaCLRSource(Source):
                 images = self._read(anchors, slots, alloc, twice=True)
             else:
                 images = self._read(np.concatenate([anchors, positives]), np.concatenate([slots, pos_slots]), alloc)
-            columns["anchor"] = codec.tensor_column(images[:n])
-            columns["positive"] = codec.tensor_column(images[n:])
-            columns["anchor_norm"] = codec.tensor_column(self._norm(anchors, slots))
-            columns["positive_norm"] = codec.tensor_column(self._norm(positives, pos_slots))
-        columns["padding"] = pa.array(planned.padding, pa.bool_())
-        if split == "predict" or self.config.return_index:
+            columns[wire.ANCHOR] = codec.tensor_column(images[:n])
+            columns[wire.POSITIVE] = codec.tensor_column(images[n:])
+            columns[wire.norm(wire.ANCHOR)] = codec.tensor_column(self._norm(anchors, slots))
+            columns[wire.norm(wire.POSITIVE)] = codec.tensor_column(self._norm(positives, pos_slots))
+        columns[wire.PADDING] = pa.array(planned.padding, pa.bool_())
+        if split == wire.PREDICT or self.config.return_index:
             columns.update(self._index_columns(anchors, slots))
-            if split != "predict":
-                columns["positive_track_id"] = pa.array(self.index.rows["track_id"][positives], pa.int64())
-                columns["positive_t"] = pa.array(self.index.rows["t"][positives].astype(np.int32), pa.int32())
+            if split != wire.PREDICT:
+                columns[wire.POSITIVE_TRACK_ID] = pa.array(self.index.rows["track_id"][positives], pa.int64())
+                columns[wire.POSITIVE_T] = pa.array(self.index.rows["t"][positives].astype(np.int32), pa.int32())
         if sel.return_meta:
-            columns.update(self._meta_columns("anchor_meta", anchors, slots))
-            if split != "predict":
-                columns.update(self._meta_columns("positive_meta", positives, pos_slots))
+            columns.update(self._meta_columns(wire.META_PREFIXES[wire.ANCHOR], anchors, slots))
+            if split != wire.PREDICT:
+                columns.update(self._meta_columns(wire.META_PREFIXES[wire.POSITIVE], positives, pos_slots))
         return pa.RecordBatch.from_arrays(list(columns.values()), schema=self._schemas[split])
 
     def _read(self, rows: np.ndarray, slots: np.ndarray, alloc: Alloc | None = None, twice: bool = False) -> np.ndarray:
@@ -357,18 +337,18 @@ class DynaCLRSource(Source):
             "condition": pa.DictionaryArray.from_arrays(r["condition"][rows].astype(np.int32), self._dicts["condition"]),
             "fov_name": pa.DictionaryArray.from_arrays(self._fov_name_code[r["fov"][rows]], self._dicts["fov_name"]),
         }
-        for name, dtype, column in _INDEX_NUMERIC:
-            out[name] = pa.array(r[column][rows].astype(dtype.to_pandas_dtype()), dtype)
-        for name in _INDEX_MAIN:
+        for name, dtype in wire.INDEX_NUMERIC:
+            out[name] = pa.array(r[_INDEX_ROW_COLUMN.get(name, name)][rows].astype(dtype.to_pandas_dtype()), dtype)
+        for name in wire.INDEX_MAIN:
             out[name] = pa.DictionaryArray.from_arrays(self.sel.value_codes(name, rows, slots), self._dicts[name])
         return out
 
     def _meta_columns(self, prefix: str, rows: np.ndarray, slots: np.ndarray) -> dict[str, pa.Array]:
         r, sel = self.index.rows, self.sel
         out: dict[str, pa.Array] = {}
-        for name in _META_DICT:
+        for name in wire.META_DICT:
             codes = self._fov_name_code[r["fov"][rows]] if name == "fov_name" else sel.value_codes(name, rows, slots)
-            out[f"{prefix}.{name}"] = pa.DictionaryArray.from_arrays(codes, self._dicts[name])
+            out[wire.meta(prefix, name)] = pa.DictionaryArray.from_arrays(codes, self._dicts[name])
         exp = r["experiment"][rows]
         native = np.array([g.native for g in self.geometry], dtype=np.int64)
         values = {
@@ -379,44 +359,25 @@ class DynaCLRSource(Source):
             "y_clamp": r["y0"][rows] + native[exp, 1] // 2,
             "x_clamp": r["x0"][rows] + native[exp, 2] // 2,
         }
-        for name, dtype in _META_NUMERIC:
-            out[f"{prefix}.{name}"] = pa.array(np.asarray(values[name]).astype(dtype.to_pandas_dtype()), dtype)
+        for name, dtype in wire.META_NUMERIC:
+            out[wire.meta(prefix, name)] = pa.array(np.asarray(values[name]).astype(dtype.to_pandas_dtype()), dtype)
         for key, codes in sel.label_codes(rows, slots).items():
-            out[f"{prefix}.labels.{key}"] = pa.array(codes, pa.int32())
+            out[wire.label(prefix, key)] = pa.array(codes, pa.int32())
         return out
 
     def _build_schema(self, split: str) -> pa.Schema:
-        C, Z, Y, X = self.patch_shape
-        image = codec.tensor_type((C, Z, Y, X))
-        norm = codec.tensor_type((C, len(NORM_LEVELS), len(NORM_STATS)))
-        fields = [pa.field("anchor", image, nullable=False)]
-        if split != "predict":
-            fields.append(pa.field("positive", image, nullable=False))
-        fields.append(pa.field("anchor_norm", norm, nullable=False))
-        if split != "predict":
-            fields.append(pa.field("positive_norm", norm, nullable=False))
-        fields.append(pa.field("padding", pa.bool_(), nullable=False))
-        if split == "predict" or self.config.return_index:
-            fields += [pa.field(n, _DICT, nullable=False) for n in ("experiment", "condition", "fov_name")]
-            fields += [pa.field(n, t, nullable=False) for n, t, _ in _INDEX_NUMERIC]
-            fields += [pa.field(n, _DICT, nullable=False) for n in _INDEX_MAIN]
-            if split != "predict":
-                fields += [
-                    pa.field("positive_track_id", pa.int64(), nullable=False),
-                    pa.field("positive_t", pa.int32(), nullable=False),
-                ]
-        if self.sel.return_meta:
-            for prefix in ("anchor_meta",) if split == "predict" else ("anchor_meta", "positive_meta"):
-                fields += [pa.field(f"{prefix}.{n}", _DICT, nullable=False) for n in _META_DICT]
-                fields += [pa.field(f"{prefix}.{n}", t, nullable=False) for n, t in _META_NUMERIC]
-                fields += [pa.field(f"{prefix}.labels.{k}", pa.int32(), nullable=False) for k in self.sel.label_vocab]
-        meta = {
-            "kind": self.kind,
-            "split": split,
+        facts = {
             "patch_shape": list(self.patch_shape),
             "channel_keys": self.channel_keys,
             "source_channels": {e.name: self.sel.read_channels[i] for i, e in enumerate(self.registry.experiments)},
             "norm_levels": list(NORM_LEVELS),
             "norm_stats": list(NORM_STATS),
         }
-        return codec.with_metadata(pa.schema(fields), meta)
+        return wire.batch_schema(
+            split,
+            self.patch_shape,
+            (self.patch_shape[0], len(NORM_LEVELS), len(NORM_STATS)),
+            with_index=self.config.return_index,
+            labels=list(self.sel.label_vocab) if self.sel.return_meta else None,
+            facts=facts,
+        )
