@@ -71,6 +71,20 @@ def digest(batch):
 """
 exec(DIGEST)  # the client subprocess runs the same text
 
+TICKET = """
+def ticket(ld, epoch, stream_index, first_batch):
+    \"\"\"Stream `stream_index`'s ticket from `first_batch`, as GetFlightInfo gives it (the client
+    builds no ticket itself).\"\"\"
+    from cellfeed.wire import cellfeed_pb2 as pb
+
+    request = pb.StreamRequest(
+        session_id=ld.session.session_id, split=ld.split, epoch=epoch, rank=ld.rank, world_size=ld.world_size,
+        stream_count=ld.num_streams, first_batch=first_batch, continue_epochs=ld.continues,
+    )
+    return ld.connection.flight_info(request, session=ld.session, retry=False).endpoints[stream_index].ticket.ticket
+"""
+exec(TICKET)
+
 
 # -- (a) 8 threads resetting and streaming while the server is killed, stopped, restarted -------
 CHILD = r'''
@@ -87,7 +101,7 @@ dm = PerturbationDataModule(server=args["server"], num_workers=2, **args["small"
 dm.setup("fit")  # with the default deadlines: a cold open may take seconds on a busy machine
 conn, session = dm._connection, dm.session
 conn.call_timeout, conn.read_timeout, conn.retry_seconds = 2.0, 2.0, 40.0  # the SIGSTOP outlasts them
-''' + DIGEST + r'''
+''' + DIGEST + TICKET + r'''
 
 
 def loader(**kw):
@@ -124,7 +138,7 @@ def worker(t):
             while time.monotonic() < burst_end:
                 conn.reset()
                 try:
-                    stream = conn.open_stream(ld.ticket(0, t % 2, t % 2))
+                    stream = conn.open_stream(ticket(ld, 0, t % 2, t % 2))
                     try:
                         stream.read()
                     finally:
@@ -200,13 +214,13 @@ def test_a_reset_closes_the_old_client_only_after_its_last_stream(fault_server):
     dm = PerturbationDataModule(server=fault_server.flight_uri, **SMALL)
     dm.setup("fit")
     conn, loader = dm._connection, dm.train_dataloader()
-    stream = conn.open_stream(loader.ticket(0, 0, 0))
+    stream = conn.open_stream(ticket(loader, 0, 0, 0))
     old = stream._gen
     assert stream.read() is not None
     conn.reset()
     conn.reset(old.number)  # a second reset of the same generation changes nothing
     assert old.retired and not old.closed and conn.generation == old.number + 1
-    fresh = conn.open_stream(loader.ticket(0, 0, 1))  # the next call reconnects
+    fresh = conn.open_stream(ticket(loader, 0, 0, 1))  # the next call reconnects
     assert fresh.generation == old.number + 1 and fresh.read() is not None
     assert stream.read() is not None  # the old stream reads on, its client open
     stream.close()

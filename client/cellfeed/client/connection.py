@@ -81,6 +81,13 @@ class Plan:
     batch_size: int
 
 
+def plan_of(info: flight.FlightInfo) -> Plan:
+    """The Plan a FlightInfo carries in its app_metadata."""
+    plan = pb.Plan()
+    plan.ParseFromString(info.app_metadata)
+    return Plan(num_batches=plan.num_batches, batch_size=plan.batch_size)
+
+
 def normalize_location(server: str) -> str:
     """Accept `host:port`, `grpc://host:port`, `grpc+tls://...`."""
     return server if "://" in server else f"grpc://{server}"
@@ -223,16 +230,28 @@ class Connection:
             stream_count=stream_count,
             first_batch=first_batch,
         )
+        return plan_of(self.flight_info(request, session=session, retry=retry))
+
+    def flight_info(self, request: pb.StreamRequest, *, session: Session | None = None, retry: bool = True) -> flight.FlightInfo:
+        """GetFlightInfo for `request`: one endpoint per stream, each with its ticket and the
+        replicas to read it from. With `session`, a session the server forgot is reopened once."""
         descriptor = flight.FlightDescriptor.for_command(request.SerializeToString())
-        info = self._call(
-            f"GetFlightInfo({split!r})",
+        return self._call(
+            f"GetFlightInfo({request.split!r})",
             lambda client: client.get_flight_info(descriptor, self.options(self.call_timeout)),
             session=session,
             retry=retry,
         )
-        plan = pb.Plan()
-        plan.ParseFromString(info.app_metadata)
-        return Plan(num_batches=plan.num_batches, batch_size=plan.batch_size)
+
+    def flight_info_once(self, request: pb.StreamRequest) -> flight.FlightInfo:
+        """GetFlightInfo for `request`, one attempt; a failure is raised as Flight raised it, for
+        a caller whose retry policy sorts it (a stream reader: cellfeed.client.pipeline)."""
+        descriptor = flight.FlightDescriptor.for_command(request.SerializeToString())
+        gen = self._acquire()
+        try:
+            return gen.client.get_flight_info(descriptor, self.options(self.call_timeout))
+        finally:
+            self._release(gen)
 
     def open_stream(self, ticket: bytes) -> "Stream":
         """Open one DoGet stream (one attempt: the caller retries from the batch it owes).

@@ -26,10 +26,11 @@ import pyarrow.flight as flight
 from cellfeed.client import shm
 from cellfeed.client.connection import TRANSIENT, Connection, Session, Stream
 from cellfeed.client.errors import RequestError, ServerUnavailable
+from cellfeed.client.pipeline.endpoints import Endpoints
 from cellfeed.client.replicas import ReplicaSet
 from cellfeed.client.shm import SlotReader, SlotsUnavailable
 from cellfeed.wire.errors import ErrorKind, kind_of, message_of
-from cellfeed.wire import cellfeed_pb2 as pb
+from cellfeed.wire import tickets
 from cellfeed.wire.malloc import reuse_freed_memory
 
 STATE_VERSION = 1
@@ -77,6 +78,10 @@ class RemoteLoader:
         self._resume_from: int | None = None
         self._num_batches: int | None = None
         self._running: _Fetcher | None = None  # streams gone on into the next epoch
+        self.endpoints = Endpoints(
+            session, split, rank=rank, world_size=world_size, stream_count=self.num_streams,
+            continue_epochs=self.continues, locations=self.replicas.uris,
+        )  # every stream's ticket and replicas, from GetFlightInfo
 
     # -- what Lightning and torch expect of a loader ------------------------------------------
     @property
@@ -196,19 +201,9 @@ class RemoteLoader:
                     self._slots_off_at = generation
             return self.slots
 
-    def ticket(self, epoch: int, stream_index: int, first_batch: int, *, shared_memory: bool = False) -> bytes:
-        return pb.Ticket(
-            session_id=self.session.session_id,
-            split=self.split,
-            epoch=epoch,
-            rank=self.rank,
-            world_size=self.world_size,
-            stream_index=stream_index,
-            stream_count=self.num_streams,
-            first_batch=first_batch,
-            shm_pool=f"{self._slot_key}{stream_index:04x}" if shared_memory else "",
-            continue_epochs=self.continues,
-        ).SerializeToString()
+    def shm_pool(self, shared_memory: bool) -> str:
+        """The slot-pool key prefix a stream asks for (the server appends the stream's index); "": gRPC."""
+        return self._slot_key if shared_memory else ""
 
 
 class _Fetcher:
@@ -225,15 +220,16 @@ class _Fetcher:
         self.queues = [queue.Queue(maxsize=loader.prefetch) for _ in range(loader.num_streams)]
         self.readers: dict[int, Stream] = {}
         self.threads = []
+        loader.endpoints.anchor(epoch, start)
         for i in range(loader.num_streams):
-            first = start + (i - start) % loader.num_streams
+            first = tickets.stream_start(start, i, loader.num_streams)
             if first < total:
                 thread = threading.Thread(target=self._run, args=(i, epoch, first), name=f"cellfeed-stream-{i}", daemon=True)
                 thread.start()
                 self.threads.append(thread)
 
     def get(self, epoch: int, k: int) -> Any:
-        q = self.queues[k % self.loader.num_streams]
+        q = self.queues[tickets.stream_of(k, self.loader.num_streams)]
         while True:
             try:
                 at, item = q.get(timeout=1.0)
@@ -298,7 +294,8 @@ class _Fetcher:
             try:
                 replicas.ensure_session(conn, loader.session)  # on each replica once (lazily)
                 slots = loader.slots_for_stream()  # this stream's choice, whatever other streams decide meanwhile
-                stream = conn.open_stream(loader.ticket(epoch, i, k, shared_memory=slots is not None))
+                endpoint = loader.endpoints.endpoint(conn, epoch, i, k, loader.shm_pool(slots is not None))
+                stream = conn.open_stream(endpoint.ticket.ticket)
                 generation = stream.generation
                 self.readers[i] = stream
                 stream_opened = time.monotonic()
@@ -315,7 +312,7 @@ class _Fetcher:
                         replicas.succeeded(conn)
                     last_ok, delay, reopens = time.monotonic(), 0.1, 0
                     if k >= self.total and loader.continues:  # the server goes on likewise
-                        epoch, k = epoch + 1, i
+                        epoch, k = tickets.roll_over(epoch, i)
                         if replicas.pick(i) is not conn:  # a replica came back: rebalance at the epoch's start
                             moving = True
                             break

@@ -103,6 +103,11 @@ class ReplicaSet:
         return len(self._replicas)
 
     @property
+    def uris(self) -> list[str]:
+        """Every replica's URI, in order: the `locations` a StreamRequest names."""
+        return [r.connection.location for r in self._replicas]
+
+    @property
     def locations(self) -> str:
         return ", ".join(r.connection.location for r in self._replicas)
 
