@@ -112,3 +112,30 @@ def test_gather_refuses_rows_and_bounds_outside_its_source():
     short = (source[0], source[1], source[2][:-3])  # fewer values than the row pointers say
     with pytest.raises(ValueError, match="corrupt indptr"):
         csr.gather([(short, np.array([9]))])
+
+
+def test_each_kinds_schema_builder_names_the_columns_both_ends_read():
+    from cellfeed.wire import dynaclr, perturbation, shm, table
+
+    pert = perturbation.batch_schema(
+        {"pert": (False, 100), "ctrl": (False, 100), "pert_counts": (True, 7)},
+        controls_by_row=True, barcodes=True, dataset_column=False, obs_types={"age": pa.float32()}, meta={"group_size_S": 4},
+    )
+    assert pert.names == [
+        "pert_indices", "pert_data", perturbation.dense("pert_counts"), perturbation.CTRL_ROW, "target", "cell_type",
+        "batch", "cell_mask", "pert_barcode", "ctrl_barcode", "obs.age",
+    ]
+    assert shm.LIST_KEY in pert.field("pert_data").metadata and pert.field("pert_indices").type == pa.list_(pa.uint16())
+    assert codec.read_metadata(pert) == {"kind": "perturbation", "group_size_S": 4}
+    inline = perturbation.batch_schema({"pert": (True, 5), "ctrl": (True, 5)}, controls_by_row=False, barcodes=False,
+                                       dataset_column=True, obs_types={}, meta={})
+    assert inline.names == ["pert_dense", "ctrl_dense", "target", "cell_type", "batch", "cell_mask", "dataset"]
+
+    train = dynaclr.batch_schema("train", (2, 1, 8, 8), (2, 3, 4), with_index=False, labels=["state"], facts={})
+    assert train.names[:5] == ["anchor", "positive", "anchor_norm", "positive_norm", "padding"]
+    assert "positive_meta.labels.state" in train.names and "track_id" not in train.names
+    predict = dynaclr.batch_schema("predict", (2, 1, 8, 8), (2, 3, 4), with_index=False, labels=None, facts={})
+    assert "positive" not in predict.names and set(dynaclr.INDEX_COLUMNS) <= set(predict.names)
+
+    rows = table.batch_schema([pa.field("x", pa.int64())], "data/x")
+    assert rows.names == ["x", table.PADDING] and codec.read_metadata(rows)["padding"] == table.PADDING

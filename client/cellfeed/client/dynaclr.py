@@ -20,28 +20,9 @@ from cellfeed.client.datamodule import RemoteDataModule
 from cellfeed.client.loader import RemoteLoader
 from cellfeed.client.transforms import BatchedCenterSpatialCropd, ChannelDropout
 from cellfeed.wire import codec
+from cellfeed.wire import dynaclr as wire
 
 
-IMAGE_KEYS = ("anchor", "positive")
-INDEX_COLUMNS = (
-    "experiment",
-    "condition",
-    "fov_name",
-    "track_id",
-    "t",
-    "id",
-    "parent_track_id",
-    "parent_id",
-    "lineage_id",
-    "hours_post_infection",
-    "z",
-    "y",
-    "x",
-)
-# VisCy main's predict index adds these (present when the server sends them).
-INDEX_MAIN = ("perturbation", "marker", "organelle", "well", "microscope")
-META_COLUMNS = ("experiment", "perturbation", "microscope", "fov_name", "marker", "track_id", "t",
-                "hours_post_perturbation", "lineage_id", "y_clamp", "x_clamp")
 Z_REDUCTION_CLASSES = ("BatchedChannelWiseZReductiond",)  # kept in val and predict, as VisCy main does
 
 class TripletBatchDecoder:
@@ -57,35 +38,37 @@ class TripletBatchDecoder:
     def __call__(self, rb: pa.RecordBatch) -> dict[str, Any]:
         names = rb.schema.names
         out: dict[str, Any] = {}
-        for key in IMAGE_KEYS:
+        for key in wire.IMAGES:
             if key in names:
                 out[key] = torch.from_numpy(codec.tensor_from_column(rb.column(key)))
-                out[f"{key}_norm_meta"] = torch.from_numpy(codec.tensor_from_column(rb.column(f"{key}_norm")))
-        out["padding"] = torch.from_numpy(rb.column("padding").to_numpy(zero_copy_only=False))
-        if "track_id" in names:
-            present = [c for c in (*INDEX_COLUMNS, *INDEX_MAIN) if c in names]
+                out[f"{key}_norm_meta"] = torch.from_numpy(codec.tensor_from_column(rb.column(wire.norm(key))))
+        out["padding"] = torch.from_numpy(rb.column(wire.PADDING).to_numpy(zero_copy_only=False))
+        if wire.INDEX_MARKER in names:
+            # VisCy main's index columns (perturbation, marker, ...) only when the server sends them
+            present = [c for c in wire.INDEX_COLUMNS if c in names]
             columns = {c: _values(rb.column(c)) for c in present}
             index = [{c: columns[c][i] for c in present} for i in range(rb.num_rows)]
             for row in index:
                 row["hours_post_perturbation"] = row["hours_post_infection"]
             out["index"] = index
-            if "positive_track_id" in names:
+            if wire.POSITIVE_TRACK_ID in names:
                 out["positive_index"] = {
-                    "track_id": torch.from_numpy(rb.column("positive_track_id").to_numpy()),
-                    "t": torch.from_numpy(rb.column("positive_t").to_numpy()),
+                    "track_id": torch.from_numpy(rb.column(wire.POSITIVE_TRACK_ID).to_numpy()),
+                    "t": torch.from_numpy(rb.column(wire.POSITIVE_T).to_numpy()),
                 }
-        for key in IMAGE_KEYS:
-            if f"{key}_meta.track_id" in names:
-                out[f"{key}_meta"] = self.sample_meta(rb, f"{key}_meta")
+        for key in wire.IMAGES:
+            prefix = wire.META_PREFIXES[key]
+            if wire.meta(prefix, wire.INDEX_MARKER) in names:
+                out[prefix] = self.sample_meta(rb, prefix)
         return out
 
     def sample_meta(self, rb: pa.RecordBatch, prefix: str) -> list[dict[str, Any]]:
         """VisCy main's per-sample metadata dicts (`anchor_meta`), labels as class ids."""
-        columns = {c: _values(rb.column(f"{prefix}.{c}")) for c in META_COLUMNS}
-        labels = {k: rb.column(f"{prefix}.labels.{k}").to_numpy().tolist() for k in self.labels}
+        columns = {c: _values(rb.column(wire.meta(prefix, c))) for c in wire.META_COLUMNS}
+        labels = {k: rb.column(wire.label(prefix, k)).to_numpy().tolist() for k in self.labels}
         out = []
         for i in range(rb.num_rows):
-            row = {c: columns[c][i] for c in META_COLUMNS}
+            row = {c: columns[c][i] for c in wire.META_COLUMNS}
             exp, fov = row["experiment"], row["fov_name"]
             row["store_path"] = self.store_path.get(exp, "")
             row["global_track_id"] = f"{exp}_{fov}_{row['track_id']}"
@@ -135,7 +118,7 @@ class MultiExperimentDataModule(RemoteDataModule):
     runs on this host (None: when available; True: required; False: never).
     """
 
-    kind = "dynaclr"
+    kind = wire.KIND
 
     def __init__(
         self,
@@ -389,7 +372,7 @@ class MultiExperimentDataModule(RemoteDataModule):
         return self.loader_if_any("val")
 
     def predict_dataloader(self) -> RemoteLoader:
-        return self.loader("predict")
+        return self.loader(wire.PREDICT)
 
     # -- on the device -------------------------------------------------------------------------
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
@@ -398,12 +381,12 @@ class MultiExperimentDataModule(RemoteDataModule):
         Anything that is not a batch dict of this DataModule (a bare tensor, as Lightning's model
         summary sends `example_input_array` through this hook) is returned untouched.
         """
-        if not isinstance(batch, dict) or not any(f"{key}_norm_meta" in batch for key in IMAGE_KEYS):
+        if not isinstance(batch, dict) or not any(f"{key}_norm_meta" in batch for key in wire.IMAGES):
             return batch
         training = self.trainer is not None and self.trainer.training
         transforms = self._train_transforms if training else self._eval_transforms
         keys = self.decoder.channel_keys
-        for key in IMAGE_KEYS:
+        for key in wire.IMAGES:
             if f"{key}_norm_meta" not in batch:
                 continue
             images = batch[key]

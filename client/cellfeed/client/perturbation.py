@@ -21,6 +21,7 @@ from cellfeed.client.connection import Session
 from cellfeed.client.datamodule import RemoteDataModule
 from cellfeed.client.loader import RemoteLoader
 from cellfeed.wire import codec, csr
+from cellfeed.wire import perturbation as wire
 
 # values per chunk of the cell-coordinate work (512 KiB of int64): it stays in L2 between passes
 CHUNK_VALUES = 1 << 16
@@ -67,13 +68,14 @@ class PerturbationBatchDecoder:
         self.control_rows: dict[str, Any] = {}
         if controls is not None:
             table = controls.combine_chunks().to_batches()[0]
-            for prefix in ("ctrl", "ctrl_counts"):
-                if f"{prefix}_dense" in table.schema.names:
-                    self.control_rows[prefix] = codec.tensor_from_column(table.column(f"{prefix}_dense"))
-                elif f"{prefix}_data" in table.schema.names:
+            for prefix in wire.CONTROL_MATRICES:
+                if wire.dense(prefix) in table.schema.names:
+                    self.control_rows[prefix] = codec.tensor_from_column(table.column(wire.dense(prefix)))
+                elif wire.csr_data(prefix) in table.schema.names:
                     self.control_rows[prefix] = codec.csr_from_columns(table, prefix)
-            self.controls = self.control_rows.get("ctrl") if isinstance(self.control_rows.get("ctrl"), tuple) else None
-        self.widths = {"pert": self.G, "ctrl": self.G}
+            ctrl = self.control_rows.get(wire.CTRL)
+            self.controls = ctrl if isinstance(ctrl, tuple) else None
+        self.widths = {wire.PERT: self.G, wire.CTRL: self.G}
         for name, width in (info.get("counts_dims") or {}).items():
             self.widths[name] = int(width)
 
@@ -89,13 +91,13 @@ class PerturbationBatchDecoder:
         control's rows gathered from the controls table by `ctrl_row`."""
         names = rb.schema.names
         n = rb.num_rows
-        if f"{prefix}_dense" in names:  # a view of the batch's buffer (a shared-memory slot's, say), as sent
-            return codec.tensor_from_column(rb.column(f"{prefix}_dense"))
-        if f"{prefix}_data" in names:
+        if wire.dense(prefix) in names:  # a view of the batch's buffer (a shared-memory slot's, say), as sent
+            return codec.tensor_from_column(rb.column(wire.dense(prefix)))
+        if wire.csr_data(prefix) in names:
             indptr, indices, data = codec.csr_from_columns(rb, prefix)
         else:
             table = self.control_rows[prefix]  # a control matrix sent once: the batch names rows
-            rows = rb.column("ctrl_row").to_numpy()
+            rows = rb.column(wire.CTRL_ROW).to_numpy()
             if not isinstance(table, tuple):
                 if len(rows) and (rows.min() < 0 or rows.max() >= len(table)):
                     raise ValueError(f"perturbation batch: ctrl_row outside the {len(table)} rows of the controls table")
@@ -113,31 +115,31 @@ class PerturbationBatchDecoder:
         """Everything of a batch but the cells' rows: names, one-hots, mask, barcodes."""
         S = self.S
         B = rb.num_rows // S
-        target = rb.column("target").indices.to_numpy()[::S].astype(np.int64)
-        cell_type = rb.column("cell_type").indices.to_numpy()
-        batch = rb.column("batch").indices.to_numpy()
+        target = rb.column(wire.TARGET).indices.to_numpy()[::S].astype(np.int64)
+        cell_type = rb.column(wire.CELL_TYPE).indices.to_numpy()
+        exp_batch = rb.column(wire.EXP_BATCH).indices.to_numpy()
         out: dict[str, Any] = {
             "pert_emb": torch.from_numpy(self.embeddings[target]),
             "pert_name": self.targets[target].astype(str),
             "cell_type": self.cell_types[cell_type[::S]].astype(str),
             "cell_type_onehot": torch.from_numpy(self.cell_type_eye[cell_type].reshape(B, S, -1)),
-            "batch_onehot": torch.from_numpy(self.batch_eye[batch].reshape(B, S, -1)),
+            "batch_onehot": torch.from_numpy(self.batch_eye[exp_batch].reshape(B, S, -1)),
             "pert_idx": torch.from_numpy(target.reshape(B, 1)),
             # True: a real cell of this pass; False: padding (a repeat that fills the [B, S] shape)
-            "cell_mask": torch.from_numpy(rb.column("cell_mask").to_numpy(zero_copy_only=False).reshape(B, S)),
+            "cell_mask": torch.from_numpy(rb.column(wire.CELL_MASK).to_numpy(zero_copy_only=False).reshape(B, S)),
         }
-        if "pert_barcode" in rb.schema.names:
-            out["pert_cell_barcode"] = np.asarray(rb.column("pert_barcode").to_numpy(zero_copy_only=False), dtype=str).reshape(B, S)
-            out["ctrl_cell_barcode"] = np.asarray(rb.column("ctrl_barcode").to_numpy(zero_copy_only=False), dtype=str).reshape(B, S)
+        if wire.PERT_BARCODE in rb.schema.names:
+            out["pert_cell_barcode"] = np.asarray(rb.column(wire.PERT_BARCODE).to_numpy(zero_copy_only=False), dtype=str).reshape(B, S)
+            out["ctrl_cell_barcode"] = np.asarray(rb.column(wire.CTRL_BARCODE).to_numpy(zero_copy_only=False), dtype=str).reshape(B, S)
         return out
 
     def _pert(self, rb: pa.RecordBatch, B: int) -> torch.Tensor:
-        return self._coo(*codec.csr_from_columns(rb, "pert"), B)
+        return self._coo(*codec.csr_from_columns(rb, wire.PERT), B)
 
     def _ctrl(self, rb: pa.RecordBatch, B: int) -> torch.Tensor:
         if self.controls is None:
-            return self._coo(*codec.csr_from_columns(rb, "ctrl"), B)
-        return self._coo(*csr.gather([(self.controls, rb.column("ctrl_row").to_numpy())]), B)
+            return self._coo(*codec.csr_from_columns(rb, wire.CTRL), B)
+        return self._coo(*csr.gather([(self.controls, rb.column(wire.CTRL_ROW).to_numpy())]), B)
 
     def _cell_coordinates(self, indptr: np.ndarray) -> np.ndarray:
         """A [3, nnz] int64 array whose first two rows hold each value's (item, cell).
@@ -259,7 +261,7 @@ class PerturbationDataModule(RemoteDataModule):
             else protoplast's), "protoplast" or "cell-load".
     """
 
-    kind = "perturbation"
+    kind = wire.KIND
 
     def __init__(
         self,
@@ -358,8 +360,8 @@ class PerturbationDataModule(RemoteDataModule):
         return config
 
     def on_session(self, session: Session) -> None:
-        table = session.tables.get("pert_emb")
-        embeddings = torch.from_numpy(codec.tensor_from_column(table.column("embedding")).copy()) if table is not None else None
+        table = session.tables.get(wire.EMBEDDINGS_TABLE)
+        embeddings = torch.from_numpy(codec.tensor_from_column(table.column(wire.EMBEDDING)).copy()) if table is not None else None
         genes = None
         if self._hvg is not None:
             position = {name: i for i, name in enumerate(session.info["var_names"])}
@@ -370,7 +372,7 @@ class PerturbationDataModule(RemoteDataModule):
                     f"files' var_names (first: {', '.join(missing[:5])})"
                 )
             genes = np.array([position[g] for g in self._hvg], dtype=np.int64)
-        self.decoder = PerturbationBatchDecoder(session.info, embeddings, session.tables.get("controls"), genes)
+        self.decoder = PerturbationBatchDecoder(session.info, embeddings, session.tables.get(wire.CONTROLS_TABLE), genes)
 
     @property
     def num_streams(self) -> int:

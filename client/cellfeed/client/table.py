@@ -23,6 +23,7 @@ import torch
 from cellfeed.client.datamodule import RemoteDataModule
 from cellfeed.client.loader import RemoteLoader
 from cellfeed.wire import csr
+from cellfeed.wire import table as wire
 
 
 
@@ -78,7 +79,7 @@ def decode_table_batch(rb: pa.RecordBatch) -> dict[str, Any]:
 class TableDataModule(RemoteDataModule):
     """Rows of `dataset` (server-side) for training: train split shuffled, test split in order."""
 
-    kind = "table"
+    kind = wire.KIND
 
     def __init__(
         self,

@@ -20,13 +20,15 @@ from cellfeed.server.context import ServerContext
 from cellfeed.server.errors import CellfeedError
 from cellfeed.server.kinds.perturbation.config import CELL_LOAD, SPLITS, PerturbationConfig, resolve_files
 from cellfeed.server.kinds.perturbation.embeddings import load_embeddings
+from cellfeed.server.kinds.perturbation.gene_names import cell_load_gene_names
 from cellfeed.server.kinds.perturbation.layout import FileLayout, read_layout
 from cellfeed.server.kinds.perturbation.matrices import X, RowMatrix, Shape, hvg_width
 from cellfeed.server.reading.blocks import CSRBlock
 from cellfeed.server.reading.h5ad import H5ad
 from cellfeed.server.kinds.perturbation.sampler import PerturbationPlannedBatch, PerturbationSampler
 from cellfeed.server.kinds.base import Alloc, Source
-from cellfeed.wire import codec, csr, shm
+from cellfeed.wire import codec, csr
+from cellfeed.wire import perturbation as wire
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +45,7 @@ _DATASET_OPTS = {
 
 
 class PerturbationSource(Source):
-    kind = "perturbation"
+    kind = wire.KIND
 
     def __init__(
         self,
@@ -187,6 +189,7 @@ class PerturbationSource(Source):
     def info(self) -> dict[str, Any]:
         return {
             "var_names": self.var_names.tolist(),
+            "cell_load_genes": cell_load_gene_names(self.layouts[0].h5, self.var_names.tolist()),  # get_var_names()
             "n_vars": len(self.var_names),
             "embed_key": self.config.embed_key,
             "input_dim": self.input_dim,
@@ -235,15 +238,15 @@ class PerturbationSource(Source):
         """Built once per session, not once per client that opens it."""
         tables: dict[str, pa.Table] = {}
         if self._embeddings is not None:
-            tables["pert_emb"] = pa.table({"target": pa.array(self.targets), "embedding": codec.tensor_column(self._embeddings)})
+            tables[wire.EMBEDDINGS_TABLE] = pa.table({wire.TARGET: pa.array(self.targets), wire.EMBEDDING: codec.tensor_column(self._embeddings)})
         if self.controls_by_row:
             pieces = [(f, lo, hi, np.arange(hi - lo)) for f, (lo, hi) in enumerate(l.control_span for l in self.layouts)]
             columns: dict[str, pa.Array] = {}
-            for prefix in ("ctrl", "ctrl_counts"):
+            for prefix in wire.CONTROL_MATRICES:
                 key = self._prefix_keys().get(prefix)
                 if key is not None:
                     columns.update(self._matrix_columns(prefix, key, pieces, None))
-            tables["controls"] = pa.table(columns)
+            tables[wire.CONTROLS_TABLE] = pa.table(columns)
         return tables
 
     def schema(self, split: str) -> pa.Schema:
@@ -263,50 +266,51 @@ class PerturbationSource(Source):
             for read in planned.reads
         ]
         j = planned.global_index
-        columns: dict[str, pa.Array] = self._matrix_columns("pert", keys["pert"], pert_pieces, alloc, self._thinning("pert", split, epoch, j))
-        if "pert_counts" in keys:
-            columns.update(self._matrix_columns("pert_counts", keys["pert_counts"], pert_pieces, alloc, self._thinning("pert_counts", split, epoch, j)))
+        columns: dict[str, pa.Array] = {}
+        for prefix in wire.PERT_MATRICES:
+            if prefix in keys:
+                columns.update(self._matrix_columns(prefix, keys[prefix], pert_pieces, alloc, self._thinning(prefix, split, epoch, j)))
         if self.controls_by_row:
             ctrl_index = self._control_base[files][:, None] + ctrl_rows
-            columns["ctrl_row"] = pa.array(ctrl_index.ravel().astype(np.int32))
+            columns[wire.CTRL_ROW] = pa.array(ctrl_index.ravel().astype(np.int32))
         else:
             ctrl_pieces = []
             for f in np.unique(files):
                 lo, hi = self.layouts[f].control_span
                 ctrl_pieces.append((int(f), lo, hi, (ctrl_rows[files == f] - lo).ravel()))
-            for prefix in ("ctrl", "ctrl_counts"):
+            for prefix in wire.CONTROL_MATRICES:
                 if prefix in keys:
                     columns.update(self._matrix_columns(prefix, keys[prefix], ctrl_pieces, alloc, self._thinning(prefix, split, epoch, j)))
 
         global_rows = (self._row_offset[files][:, None] + pert_rows).ravel()
-        columns["target"] = pa.DictionaryArray.from_arrays(np.repeat(target_codes.astype(np.int32), S), self._target_dict)
-        columns["cell_type"] = pa.DictionaryArray.from_arrays(np.repeat(ct_codes.astype(np.int32), S), self._cell_type_dict)
-        columns["batch"] = pa.DictionaryArray.from_arrays(self._row_batch_code[global_rows], self._batch_dict)
-        columns["cell_mask"] = pa.array(cell_mask, pa.bool_())
+        columns[wire.TARGET] = pa.DictionaryArray.from_arrays(np.repeat(target_codes.astype(np.int32), S), self._target_dict)
+        columns[wire.CELL_TYPE] = pa.DictionaryArray.from_arrays(np.repeat(ct_codes.astype(np.int32), S), self._cell_type_dict)
+        columns[wire.EXP_BATCH] = pa.DictionaryArray.from_arrays(self._row_batch_code[global_rows], self._exp_batch_dict)
+        columns[wire.CELL_MASK] = pa.array(cell_mask, pa.bool_())
         if self._barcodes is not None:
             ctrl_global_rows = (self._row_offset[files][:, None] + ctrl_rows).ravel()
-            columns["pert_barcode"] = pa.array(self._barcodes[global_rows], pa.string())
-            columns["ctrl_barcode"] = pa.array(self._barcodes[ctrl_global_rows], pa.string())
+            columns[wire.PERT_BARCODE] = pa.array(self._barcodes[global_rows], pa.string())
+            columns[wire.CTRL_BARCODE] = pa.array(self._barcodes[ctrl_global_rows], pa.string())
         if self.config.dataset_column:
-            columns["dataset"] = pa.DictionaryArray.from_arrays(np.repeat(self._file_dataset[files], S), self._dataset_dict)
+            columns[wire.DATASET] = pa.DictionaryArray.from_arrays(np.repeat(self._file_dataset[files], S), self._dataset_dict)
         for name, (values, vocab) in self.obs_columns.items():
             if vocab is None:
-                columns[f"obs.{name}"] = pa.array(values[global_rows])
+                columns[wire.obs(name)] = pa.array(values[global_rows])
             else:
-                columns[f"obs.{name}"] = pa.DictionaryArray.from_arrays(values[global_rows], pa.array(vocab, pa.string()))
+                columns[wire.obs(name)] = pa.DictionaryArray.from_arrays(values[global_rows], pa.array(vocab, pa.string()))
         return pa.RecordBatch.from_arrays(list(columns.values()), schema=self._schema)
 
     def _prefix_keys(self) -> dict[str, str]:
         """Column prefix -> the matrix its rows come from."""
-        keys = {"pert": self.main_key, "ctrl": self.main_key}
+        keys = {wire.PERT: self.main_key, wire.CTRL: self.main_key}
         if self.config.pert_counts:
-            keys["pert_counts"] = self.config.pert_counts
+            keys[wire.PERT_COUNTS] = self.config.pert_counts
         if self.config.ctrl_counts:
-            keys["ctrl_counts"] = self.config.ctrl_counts
+            keys[wire.CTRL_COUNTS] = self.config.ctrl_counts
         return keys
 
     def _control_keys(self) -> list[str]:
-        return [k for p, k in self._prefix_keys().items() if p in ("ctrl", "ctrl_counts")]
+        return [k for p, k in self._prefix_keys().items() if p in wire.CONTROL_MATRICES]
 
     def _matrix_columns(
         self, prefix: str, key: str, pieces: list[tuple[int, int, int, np.ndarray]], alloc: Alloc | None,
@@ -330,7 +334,7 @@ class PerturbationSource(Source):
             if thin is not None:
                 flat = out.reshape(-1)
                 flat[:] = _thin_values(flat, np.repeat(np.arange(n), shape.width), n, self.config.downsample, self.config.is_log1p, thin)
-            return {f"{prefix}_dense": codec.tensor_column(out)}
+            return {wire.dense(prefix): codec.tensor_column(out)}
         index_type = codec.index_type(shape.width)
         indptr, indices, data = csr.gather([(self._rows(f, lo, hi, key).csr, rel) for f, lo, hi, rel in pieces], out=self._slot(alloc, index_type))
         if thin is not None:
@@ -342,7 +346,7 @@ class PerturbationSource(Source):
         """With `downsample`, the generator that thins the X rows of `prefix` in global batch j."""
         if self.config.downsample is None or self._prefix_keys().get(prefix) != X:
             return None
-        k = ("pert", "ctrl", "pert_counts", "ctrl_counts").index(prefix)
+        k = (wire.PERT, wire.CTRL, wire.PERT_COUNTS, wire.CTRL_COUNTS).index(prefix)  # seeds: fixed order
         return np.random.default_rng([self.config.seed, SPLITS.index(split), epoch, j, 2, k])
 
     def _slot(self, alloc: Alloc | None, index_type: pa.DataType | None = None):
@@ -369,41 +373,21 @@ class PerturbationSource(Source):
     def _build_schema(self) -> pa.Schema:
         self._target_dict = pa.array(self.targets, pa.string())
         self._cell_type_dict = pa.array(self.cell_types, pa.string())
-        self._batch_dict = pa.array(self.batches, pa.string())
+        self._exp_batch_dict = pa.array(self.batches, pa.string())
         self._dataset_dict = pa.array(self.datasets, pa.string())
-        in_slots = {shm.LIST_KEY: b"1"}  # the CSR rows may travel in shared-memory slots
-        keys = self._prefix_keys()
-
-        def matrix_fields(prefix: str) -> list[pa.Field]:
-            shape = self._shapes[keys[prefix]]
-            if shape.dense:
-                return [pa.field(f"{prefix}_dense", codec.tensor_type((shape.width,)), nullable=False)]
-            return [f.with_metadata(in_slots) for f in codec.csr_fields(prefix, codec.index_type(shape.width))]
-
-        fields = matrix_fields("pert")
-        if "pert_counts" in keys:
-            fields += matrix_fields("pert_counts")
-        if self.controls_by_row:
-            fields.append(pa.field("ctrl_row", pa.int32(), nullable=False))
-        else:
-            fields += matrix_fields("ctrl")
-            if "ctrl_counts" in keys:
-                fields += matrix_fields("ctrl_counts")
-        fields += [
-            pa.field("target", pa.dictionary(pa.int32(), pa.string()), nullable=False),
-            pa.field("cell_type", pa.dictionary(pa.int32(), pa.string()), nullable=False),
-            pa.field("batch", pa.dictionary(pa.int32(), pa.string()), nullable=False),
-            pa.field("cell_mask", pa.bool_(), nullable=False),
-        ]
-        if self.config.barcodes:
-            fields += [pa.field("pert_barcode", pa.string(), nullable=False), pa.field("ctrl_barcode", pa.string(), nullable=False)]
-        if self.config.dataset_column:
-            fields.append(pa.field("dataset", pa.dictionary(pa.int32(), pa.string()), nullable=False))
-        for name, (values, vocab) in self.obs_columns.items():
-            kind = pa.from_numpy_dtype(values.dtype) if vocab is None else pa.dictionary(pa.int32(), pa.string())
-            fields.append(pa.field(f"obs.{name}", kind, nullable=False))
-        meta = {"kind": self.kind, "group_size_S": self.config.group_size_S, "n_vars": len(self.var_names), "input_dim": self.input_dim}
-        return codec.with_metadata(pa.schema(fields), meta)
+        matrices = {prefix: (self._shapes[key].dense, self._shapes[key].width) for prefix, key in self._prefix_keys().items()}
+        obs_types = {
+            name: pa.from_numpy_dtype(values.dtype) if vocab is None else pa.dictionary(pa.int32(), pa.string())
+            for name, (values, vocab) in self.obs_columns.items()
+        }
+        return wire.batch_schema(
+            matrices,
+            controls_by_row=self.controls_by_row,
+            barcodes=self.config.barcodes,
+            dataset_column=self.config.dataset_column,
+            obs_types=obs_types,
+            meta={"group_size_S": self.config.group_size_S, "n_vars": len(self.var_names), "input_dim": self.input_dim},
+        )
 
 
 def _subsample_val(groups: list, layouts: list[FileLayout], fraction: float | None) -> tuple[list, dict[str, int]]:

@@ -29,12 +29,9 @@ from cellfeed.server.reading.parquet import ParquetFolder
 from cellfeed.server.kinds.table.config import TableConfig
 from cellfeed.server.kinds.table.sampler import TableSampler
 from cellfeed.server.kinds.base import Alloc, Source
-from cellfeed.wire import codec
+from cellfeed.wire import table as wire
 
 log = logging.getLogger(__name__)
-
-PADDING = "padding"  # bool per row: a repeat that only evens out the ranks' shares
-DATASET_NAME = "dataset_name"  # string per row, when several datasets stream as one
 
 
 class CombinedFolder:
@@ -59,11 +56,11 @@ class CombinedFolder:
 
     def null_counts(self) -> dict[str, int | None]:
         counts: dict[str, int | None] = {name: 0 for name in self.schema.names}
-        counts[DATASET_NAME] = 0
+        counts[wire.DATASET_NAME] = 0
         for _, folder in self.parts:
             own = folder.null_counts()
             for name in self.schema.names:
-                if name == DATASET_NAME:
+                if name == wire.DATASET_NAME:
                     continue
                 if name not in own:
                     counts[name] = None if counts[name] is None else counts[name] + folder.num_rows
@@ -87,7 +84,7 @@ class CombinedFolder:
         n = table.num_rows
         arrays = []
         for c in columns:
-            if c == DATASET_NAME:
+            if c == wire.DATASET_NAME:
                 arrays.append(pa.array([name] * n, pa.string()))
             elif c in have:
                 arrays.append(table.column(c).cast(self.schema.field(c).type))
@@ -101,8 +98,8 @@ def _unify(label: str, named: list[tuple[str, pa.Schema]]) -> pa.Schema:
     dataset_name; a column stored with two types is refused, naming both datasets."""
     fields: dict[str, tuple[str, pa.Field]] = {}
     for dataset, schema in named:
-        if DATASET_NAME in schema.names:
-            raise CellfeedError(f"{label}: dataset {dataset!r} has a column {DATASET_NAME!r}, the name the combined stream gives each row's dataset")
+        if wire.DATASET_NAME in schema.names:
+            raise CellfeedError(f"{label}: dataset {dataset!r} has a column {wire.DATASET_NAME!r}, the name the combined stream gives each row's dataset")
         for f in schema:
             seen = fields.get(f.name)
             if seen is None:
@@ -112,11 +109,11 @@ def _unify(label: str, named: list[tuple[str, pa.Schema]]) -> pa.Schema:
                     f"{label}: column {f.name!r} is {seen[1].type} in dataset {seen[0]!r} but {f.type} in {dataset!r}; "
                     "datasets streamed as one must store a shared column with one type"
                 )
-    return pa.schema([f for _, f in fields.values()] + [pa.field(DATASET_NAME, pa.string(), nullable=False)])
+    return pa.schema([f for _, f in fields.values()] + [pa.field(wire.DATASET_NAME, pa.string(), nullable=False)])
 
 
 class TableSource(Source):
-    kind = "table"
+    kind = wire.KIND
 
     def __init__(self, config: TableConfig, label: str, folders: dict[str, Any], manifest: dict[str, Any] | None, ctx: ServerContext, datasets: list[str] | None = None) -> None:
         self.config = config
@@ -127,8 +124,8 @@ class TableSource(Source):
         self.ctx = ctx
         first = next(iter(folders.values()))
         names = first.schema.names
-        if PADDING in names:
-            raise CellfeedError(f"{label}: the dataset has a column {PADDING!r}, the name of the stream's padding mask; rename it")
+        if wire.PADDING in names:
+            raise CellfeedError(f"{label}: the dataset has a column {wire.PADDING!r}, the name of the stream's padding mask; rename it")
         self.columns = config.columns or names
         missing = [c for c in self.columns if c not in names]
         if missing:
@@ -159,8 +156,7 @@ class TableSource(Source):
             for c in self.columns:
                 nulls[c] = nulls[c] or counts.get(c) is None or counts[c] > 0
         fields = [first.schema.field(c).with_nullable(nulls[c]) for c in self.columns]
-        fields.append(pa.field(PADDING, pa.bool_(), nullable=False))
-        self._schema = codec.with_metadata(pa.schema(fields), {"kind": self.kind, "dataset": label, "padding": PADDING})
+        self._schema = wire.batch_schema(fields, label)
 
     @classmethod
     def open(cls, config: dict[str, Any], ctx: ServerContext) -> "TableSource":
@@ -223,7 +219,7 @@ class TableSource(Source):
             "columns": self.columns,
             "types": {f.name: str(f.type) for f in self._schema},
             "nullable": {f.name: f.nullable for f in self._schema},
-            "padding": PADDING,
+            "padding": wire.PADDING,
             "train_split": self.train_split,
             "batch_size": self.config.batch_size,
             "splits": {name: {"rows": f.num_rows, "files": len(f.files), "row_groups": len(f.groups)} for name, f in self.folders.items()},
