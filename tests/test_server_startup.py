@@ -36,6 +36,28 @@ def test_missing_data_root_is_one_clear_line(tmp_path):
     assert f"the data root {tmp_path / 'nope'} is not a folder (by uid {os.getuid()})" in done.stderr
 
 
+def test_invalid_setting_is_one_clear_line_naming_the_variable(tmp_path, monkeypatch):
+    monkeypatch.setenv("CELLFEED_FLIGHT_PORT", "abc")
+    done = _cellfeed("serve", "--data-root", str(tmp_path), "--http-port", "0")
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert "cellfeed serve: CELLFEED_FLIGHT_PORT='abc': Input should be a valid integer" in done.stderr
+    done = _cellfeed("serve", "--data-root", str(tmp_path), "--flight-port", "70000")
+    assert done.returncode == 2
+    assert "--flight-port='70000': Input should be less than or equal to 65535" in done.stderr
+
+
+def test_serve_help_lists_every_setting_with_its_variable_and_description():
+    from cellfeed.server.settings import Settings
+
+    done = _cellfeed("serve", "--help")
+    assert done.returncode == 0
+    text = " ".join(done.stdout.split())
+    for name, field in Settings.model_fields.items():
+        assert f"--{name.replace('_', '-')}" in text
+        assert f"{' '.join(field.description.split())} [CELLFEED_{name.upper()}" in text
+
+
 def test_client_only_install_is_told_what_to_install(tmp_path):
     done = _cellfeed("serve", "--data-root", str(tmp_path), prelude="sys.modules['uvicorn'] = None")
     assert done.returncode == 2

@@ -8,7 +8,6 @@ import logging
 from datetime import datetime, timezone
 import sys
 
-from cellfeed.server.settings import Settings
 from cellfeed.server.version import VERSION
 from cellfeed.wire.malloc import reuse_freed_memory
 
@@ -32,24 +31,24 @@ class JsonFormatter(logging.Formatter):
 
 
 def _serve_parser(sub: argparse._SubParsersAction) -> None:
+    """`serve`'s flags, one per Settings field: its description, variable and default in --help."""
     p = sub.add_parser("serve", help="run the server (Flight data plane + HTTP control plane)")
-    p.add_argument("--data-root", help="directory every client path is resolved in [CELLFEED_DATA_ROOT]")
-    p.add_argument("--host", help="address to bind [CELLFEED_HOST, 127.0.0.1]")
-    p.add_argument("--flight-port", type=int, help="Arrow Flight port [CELLFEED_FLIGHT_PORT, 8815]")
-    p.add_argument("--http-port", type=int, help="HTTP port [CELLFEED_HTTP_PORT, 8000]")
-    p.add_argument("--token", help="bearer token both planes require [CELLFEED_TOKEN]")
-    p.add_argument("--state-dir", help="job records and logs [CELLFEED_STATE_DIR, <data-root>/.cellfeed]")
-    p.add_argument("--dask-scheduler", help="run jobs on this Dask scheduler [CELLFEED_DASK_SCHEDULER]")
-    p.add_argument("--tls-cert", help="PEM certificate: serve Flight over TLS and HTTP over HTTPS [CELLFEED_TLS_CERT]")
-    p.add_argument("--tls-key", help="PEM private key for --tls-cert [CELLFEED_TLS_KEY]")
-    p.add_argument("--tls-client-ca", help="PEM CA bundle: Flight requires client certificates signed by it (mutual TLS) [CELLFEED_TLS_CLIENT_CA]")
-    p.add_argument("--max-batch-size", type=int, help="most rows (cells, groups, patches) one batch may ask for [CELLFEED_MAX_BATCH_SIZE, 65536]")
-    p.add_argument("--session-idle-seconds", type=int, help="close a session with no live stream after this long [CELLFEED_SESSION_IDLE_SECONDS, 600]")
-    p.add_argument("--max-sessions", type=int, help="close the least recently used idle sessions beyond this many [CELLFEED_MAX_SESSIONS, 64]")
-    p.add_argument("--max-session-bytes", type=int, help="... or beyond this many bytes held by sessions [CELLFEED_MAX_SESSION_BYTES, 4 GiB]")
-    p.add_argument("--cache-bytes", type=int, help="bytes of decoded row blocks kept [CELLFEED_CACHE_BYTES, 1 GiB]")
+    try:
+        from cellfeed.server.settings import Settings, env_name, flag_name
+    except ModuleNotFoundError:  # a client-only install: main() refuses `serve`, naming what to install
+        return
+    for name, field in Settings.model_fields.items():
+        default = "" if field.default is None else f", {_shown(field.default)}"
+        p.add_argument(f"--{flag_name(name)}", dest=name, metavar=name.upper(), help=f"{field.description} [{env_name(name)}{default}]")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR [INFO]")
     p.add_argument("--log-format", choices=("text", "json"), default="text", help="json: one JSON object a line, for log collectors [text]")
+
+
+def _shown(default: object) -> str:
+    """A default as --help says it: whole GiB as such (1 GiB), anything else as is."""
+    if isinstance(default, int) and default >= 1 << 30 and default % (1 << 30) == 0:
+        return f"{default >> 30} GiB"
+    return str(default)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     _serve_parser(sub)
     sub.add_parser("preprocess", help="h5ad -> training-ready parquet; `cellfeed preprocess --help`")
     sub.add_parser("build-cell-index", help="DynaCLR collection YAML -> cell index parquet; `cellfeed build-cell-index --help`")
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)  # unknown: serve's flags where the server is not installed
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter() if getattr(args, "log_format", "text") == "json" else logging.Formatter(TEXT_FORMAT))
     logging.basicConfig(level=getattr(args, "log_level", "INFO").upper(), handlers=[handler])
@@ -76,10 +75,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from cellfeed.server.errors import StartupError
         from cellfeed.server.serving.server import serve
+        from cellfeed.server.settings import Settings
     except ModuleNotFoundError as exc:
         print(f"cellfeed serve: {exc.name!r} is not installed; the server needs `pip install 'cellfeed[server]'`", file=sys.stderr)
         return 2
-    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "log_level", "log_format")}
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields}
     try:
         serve(Settings.from_env(**overrides))
     except StartupError as exc:
