@@ -20,6 +20,7 @@ from cellfeed.server.context import ServerContext
 from cellfeed.server.errors import CellfeedError
 from cellfeed.server.kinds.perturbation.config import CELL_LOAD, SPLITS, PerturbationConfig, resolve_files
 from cellfeed.server.kinds.perturbation.embeddings import load_embeddings
+from cellfeed.server.kinds.perturbation.gene_names import cell_load_gene_names
 from cellfeed.server.kinds.perturbation.layout import FileLayout, read_layout
 from cellfeed.server.kinds.perturbation.matrices import X, RowMatrix, Shape, hvg_width
 from cellfeed.server.reading.blocks import CSRBlock
@@ -188,6 +189,7 @@ class PerturbationSource(Source):
     def info(self) -> dict[str, Any]:
         return {
             "var_names": self.var_names.tolist(),
+            "cell_load_genes": cell_load_gene_names(self.layouts[0].h5, self.var_names.tolist()),  # get_var_names()
             "n_vars": len(self.var_names),
             "embed_key": self.config.embed_key,
             "input_dim": self.input_dim,
