@@ -60,13 +60,13 @@ class SortOptions(_Strict):
 
 class PreprocessJob(_Strict):
     kind: Literal["preprocess"]
-    inputs: list[PathName] = Field(min_length=1, max_length=MAX_INPUTS, description=".h5ad files or folders of them, inside the data root")
+    inputs: list[PathName] = Field(min_length=1, max_length=MAX_INPUTS, description=".h5ad (or .h5) files or folders of them, inside the data root")
     options: PreprocessOptions = Field(default_factory=PreprocessOptions)
 
 
 class SortJob(_Strict):
     kind: Literal["sort"]
-    inputs: list[PathName] = Field(min_length=1, max_length=MAX_INPUTS, description=".h5ad files or folders of them, inside the data root")
+    inputs: list[PathName] = Field(min_length=1, max_length=MAX_INPUTS, description=".h5ad (or .h5) files or folders of them, inside the data root")
     options: SortOptions = Field(default_factory=SortOptions)
 
 

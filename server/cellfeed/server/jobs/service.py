@@ -21,7 +21,8 @@ from cellfeed.server.jobs.models import Job, PreprocessJob, SortJob
 from cellfeed.server.jobs.store import JobStore
 from cellfeed.server.jobs.work import OUTCOME, FileTask, JobLog, cells_of, clean_after_kill, outputs_of, resolve_options
 from cellfeed.server.preprocess.convert import Cancelled
-from cellfeed.server.preprocess.layout import H5AD_SUFFIXES, dataset_name
+from cellfeed.server.preprocess.layout import dataset_name
+from cellfeed.server.suffixes import H5AD_NAMES, is_h5ad
 from cellfeed.server.preprocess.outputs import is_done
 
 ACTIVE = ("queued", "running")
@@ -182,15 +183,15 @@ class JobService:
     # paths ----------------------------------------------------------------------------------
 
     def _expand(self, inputs: list[str]) -> list[Path]:
-        """Input files inside the data root (folders give their .h5ad files)."""
+        """Input files inside the data root (folders give their .h5ad and .h5 files)."""
         files: list[Path] = []
         for name in inputs:
             path = self.ctx.data_root.resolve(name, what="input")
             if path.is_dir():
-                found = self.ctx.data_root.listdir(path, lambda p: p.suffix in H5AD_SUFFIXES, label=name)
+                found = self.ctx.data_root.listdir(path, is_h5ad, label=name)
                 found = [p for p in found if p.is_file()]
                 if not found:
-                    raise MissingFile(f"no .h5ad files in {name!r}")
+                    raise MissingFile(f"no {H5AD_NAMES} files in {name!r}")
                 files += found
             else:
                 files.append(path)

@@ -20,6 +20,7 @@ from cellfeed.server.preprocess import steps, summary
 from cellfeed.server.preprocess.h5ad_reader import cells_of
 from cellfeed.server.preprocess.layout import Layout, dataset_name, find_inputs
 from cellfeed.server.preprocess.pipeline import FileResult, Options, run_file
+from cellfeed.server.suffixes import is_h5ad
 from cellfeed.wire.malloc import reuse_freed_memory
 
 
@@ -157,7 +158,7 @@ def cmd_step2(args: argparse.Namespace) -> int:
 
 def _datasets(args: argparse.Namespace, layout: Layout) -> list[str]:
     if args.datasets:
-        return [dataset_name(d) if d.endswith(".h5ad") else d for d in args.datasets]
+        return [dataset_name(d) if is_h5ad(d) else d for d in args.datasets]
     root = layout.interim_dir / "parquet_chunks"
     names = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) if root.is_dir() else []
     if not names:
@@ -230,8 +231,8 @@ def _dirs(p: argparse.ArgumentParser, *, output: bool = True, logs: bool = True)
 
 def _inputs(p: argparse.ArgumentParser) -> None:
     p.add_argument("h5ad_path", nargs="?", help="an .h5ad file or a folder of them (default: --input-dir)")
-    p.add_argument("--input-dir", default="./data/input", help="folder searched for *.h5ad when no path is given")
-    p.add_argument("--batch-mode", action="store_true", help="process every .h5ad found (implied by a folder)")
+    p.add_argument("--input-dir", default="./data/input", help="folder searched for .h5ad and .h5 files when no path is given")
+    p.add_argument("--batch-mode", action="store_true", help="process every .h5ad or .h5 file found (implied by a folder)")
 
 
 def _convert_opts(p: argparse.ArgumentParser) -> None:

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cellfeed.server.errors import CellfeedError
+from cellfeed.server.suffixes import H5AD_NAMES, is_h5ad
 
-H5AD_SUFFIXES = (".h5ad",)
 SPLITS = ("train", "test")
 
 
@@ -20,20 +20,19 @@ def dataset_name(path: str | Path) -> str:
     """The file stem with every run of characters other than letters, digits, `-`, `.` and `_`
     turned into one underscore, and no leading or trailing underscore ("ds one.h5ad" -> "ds_one")."""
     stem = Path(path).name
-    for suffix in H5AD_SUFFIXES:
-        if stem.endswith(suffix):
-            stem = stem[: -len(suffix)]
+    if is_h5ad(stem):
+        stem = Path(stem).stem
     name = re.sub(r"_+", "_", re.sub(r"[^\w\-.]", "_", stem)).strip("_")
     return name or "dataset"
 
 
 def find_inputs(h5ad_path: str | Path | None, input_dir: str | Path) -> list[Path]:
-    """The h5ad files to process: the file given, every *.h5ad of the folder given, or of input_dir."""
+    """The h5ad files to process: the file given, every .h5ad or .h5 file of the folder given, or of input_dir."""
     target = Path(h5ad_path) if h5ad_path is not None else Path(input_dir)
     if target.is_dir():
-        files = sorted(p for p in target.iterdir() if p.suffix in H5AD_SUFFIXES and p.is_file())
+        files = sorted(p for p in target.iterdir() if is_h5ad(p) and p.is_file())
         if not files:
-            raise CellfeedError(f"no .h5ad files in {str(target)!r}")
+            raise CellfeedError(f"no {H5AD_NAMES} files in {str(target)!r}")
         return files
     if not target.exists():
         raise CellfeedError(f"input not found: {str(target)!r}")

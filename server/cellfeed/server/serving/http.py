@@ -22,9 +22,10 @@ from cellfeed.server.serving.auth import require_token
 from cellfeed.server.serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from cellfeed.server.serving.sessions import SessionRegistry
 from cellfeed.server.serving.shm import SlotPools
+from cellfeed.server.suffixes import H5AD_SUFFIXES
 from cellfeed.server.version import VERSION
 
-DATASET_SUFFIXES = {".h5ad": "h5ad", ".h5": "h5ad", ".zarr": "ome-zarr", ".parquet": "parquet", ".pt": "embeddings"}
+DATASET_SUFFIXES = {**dict.fromkeys(H5AD_SUFFIXES, "h5ad"), ".zarr": "ome-zarr", ".parquet": "parquet", ".pt": "embeddings"}
 
 
 class Health(BaseModel):

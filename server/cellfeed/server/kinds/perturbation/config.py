@@ -28,11 +28,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cellfeed.server.errors import CellfeedError
 from cellfeed.server.paths import DataRoot
+from cellfeed.server.suffixes import H5AD_SUFFIXES
 
 SPLITS = ("train", "val", "test")
 PROTOPLAST = "protoplast"
 CELL_LOAD = "cell-load"
-H5AD_SUFFIXES = (".h5ad", ".h5")
 
 
 class PerturbationConfig(BaseModel):
