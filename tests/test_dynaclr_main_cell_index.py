@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 
 import httpx
 import numpy as np
@@ -15,8 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from cellfeed.client import MultiExperimentDataModule
-from tests.conftest import ServerProcess
-from tests.fixtures.dynaclr_main import write_main_data
+from tests.fixtures.jobs import run_job
+from tests.fixtures.dynaclr_main import server, write_main_data  # noqa: F401 (server: a fixture)
 from tests.helpers import epoch
 
 # viscy_data.cell_index.CELL_INDEX_SCHEMA on VisCy main (4b62365c), column for column.
@@ -39,31 +38,11 @@ def data(tmp_path_factory):
     return write_main_data(tmp_path_factory.mktemp("dynaclr-main-index") / "data")
 
 
-@pytest.fixture(scope="module")
-def server(data):
-    process = ServerProcess(data[0])
-    process.start()
-    yield process
-    process.stop()
-
-
-def _job(server, body: dict) -> dict:
-    with httpx.Client(base_url=server.http_url, timeout=30) as http:
-        accepted = http.post("/v1/jobs", json=body)
-        assert accepted.status_code in (200, 201, 202), accepted.text
-        job_id = accepted.json()["id"]
-        deadline = time.monotonic() + 120
-        while True:
-            job = http.get(f"/v1/jobs/{job_id}").json()
-            if job["state"] not in ("queued", "running"):
-                return job
-            assert time.monotonic() < deadline, job
-            time.sleep(0.1)
 
 
 @pytest.fixture(scope="module")
 def built(server, data):
-    job = _job(server, {"kind": "build-cell-index", "inputs": ["collection.yml"], "options": {"output": "index/cells.parquet"}})
+    job = run_job(server.http_url, {"kind": "build-cell-index", "inputs": ["collection.yml"], "options": {"output": "index/cells.parquet"}})
     assert job["state"] == "succeeded", job
     return job
 
@@ -164,7 +143,7 @@ def test_a_bad_job_request_or_collection_fails_naming_it(server, data):
         bad = http.post("/v1/jobs", json={"kind": "build-cell-index", "inputs": ["collection.yml"], "options": {"outptu": "x.parquet"}})
         assert bad.status_code == 422 or bad.status_code == 400
     (root / "broken.yml").write_text((root / "collection.yml").read_text().replace("perturbation_wells", "perturbation_well"))
-    job = _job(server, {"kind": "build-cell-index", "inputs": ["broken.yml"]})
+    job = run_job(server.http_url, {"kind": "build-cell-index", "inputs": ["broken.yml"]})
     assert job["state"] == "failed" and "unknown key 'perturbation_well'" in job["files"][0]["message"]
 
 

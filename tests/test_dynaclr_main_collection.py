@@ -14,7 +14,7 @@ import yaml
 
 from cellfeed.client import MultiExperimentDataModule, RequestError
 from cellfeed.client.connection import Connection
-from tests.fixtures.dynaclr_main import write_main_data
+from tests.fixtures.dynaclr_main import server, write_main_data  # noqa: F401 (server: a fixture)
 from tests.fixtures.ecosystem_plates import IohubPlate
 from tests.fixtures.plates import expected_origin
 from tests.helpers import epoch
@@ -32,14 +32,6 @@ def data(tmp_path_factory):
     return root, legacy
 
 
-@pytest.fixture(scope="module")
-def server(data):
-    from tests.conftest import ServerProcess
-
-    process = ServerProcess(data[0])
-    process.start()
-    yield process
-    process.stop()
 
 
 COMMON = dict(

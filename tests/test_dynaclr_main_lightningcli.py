@@ -1,6 +1,6 @@
 """`fit` through LightningCLI in VisCy main's form (collection YAML, focus-centred Z window with a
 MIP for a 2D-style input, bag of channels grouped by marker, FOV-level split, labels), against a
-real server on iohub plates, with the ContrastiveModule-shaped model of test_dynaclr_lightningcli."""
+real server on iohub plates, with examples/models.py's ContrastiveModule (recorded by tests/fixtures/contrastive.py)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import torch
 import yaml
 from lightning.pytorch.cli import LightningCLI
 
+from tests.fixtures.contrastive import MODELS
 from tests.fixtures.dynaclr_main import write_main_data
 
-MODELS = "tests.test_dynaclr_lightningcli"
 BATCH, FINAL = 8, (24, 24)
 
 
@@ -25,7 +25,7 @@ def test_lightningcli_fit_in_the_main_form(serve, tmp_path):
             "default_root_dir": str(tmp_path / "run"),
         },
         "model": {
-            "class_path": f"{MODELS}.ContrastiveModule",
+            "class_path": f"{MODELS}.RecordedContrastiveModule",
             "init_args": {
                 "encoder": {"class_path": f"{MODELS}.SmallEncoder", "init_args": {"in_channels": 1}},
                 "loss_function": {"class_path": f"{MODELS}.NTXentLoss", "init_args": {"temperature": 0.5}},

@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 
 from cellfeed.client import MultiExperimentDataModule
-from tests.conftest import ServerProcess
-from tests.fixtures.dynaclr_main import write_main_data
+from tests.fixtures.dynaclr_main import server, write_main_data  # noqa: F401 (server: a fixture)
 from tests.fixtures.ecosystem_plates import IohubPlate
 from tests.fixtures.plates import expected_origin
 from tests.helpers import epoch
@@ -25,12 +24,6 @@ def data(tmp_path_factory):
     return write_main_data(tmp_path_factory.mktemp("dynaclr-main-sampling") / "data", exclude=None)
 
 
-@pytest.fixture(scope="module")
-def server(data):
-    process = ServerProcess(data[0])
-    process.start()
-    yield process
-    process.stop()
 
 
 def _dm(server, **kwargs) -> MultiExperimentDataModule:

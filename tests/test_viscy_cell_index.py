@@ -13,9 +13,7 @@ builds and serves time-lapse indices only (listed in docs/dynaclr.md, "Ported Vi
 from __future__ import annotations
 
 import json
-import time
 
-import httpx
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -25,6 +23,7 @@ import yaml
 
 from cellfeed.client import MultiExperimentDataModule, RequestError
 from cellfeed.server.kinds.dynaclr.cell_index import CELL_INDEX_SCHEMA
+from tests.fixtures.jobs import run_job
 from tests.fixtures.viscy_ports import ported_server, write_plate, write_tracks
 
 CORE = ["cell_id", "experiment", "store_path", "tracks_path", "fov", "well", "y", "x", "z", "perturbation", "channel_name", "microscope"]
@@ -38,20 +37,6 @@ def ported(tmp_path_factory):
         yield p
 
 
-def _job(ported, body: dict) -> dict:
-    with httpx.Client(base_url=ported.server.http_url, timeout=30) as http:
-        accepted = http.post("/v1/jobs", json=body)
-        assert accepted.status_code in (200, 201, 202), accepted.text
-        job_id = accepted.json()["id"]
-        deadline = time.monotonic() + 120
-        while True:
-            job = http.get(f"/v1/jobs/{job_id}").json()
-            if job["state"] not in ("queued", "running"):
-                return job
-            assert time.monotonic() < deadline, job
-            time.sleep(0.1)
-
-
 def _collection(path, tracks_path, channels=("nuclei_labels",), wells=None) -> dict:
     return {"name": "test_collection", "experiments": [{
         "name": "test_exp", "data_path": str(path), "tracks_path": str(tracks_path),
@@ -63,7 +48,7 @@ def _collection(path, tracks_path, channels=("nuclei_labels",), wells=None) -> d
 def _build(ported, folder, collection: dict, **options) -> pd.DataFrame:
     (folder / "collection.yml").write_text(yaml.safe_dump(collection))
     rel = folder.relative_to(ported.root)
-    job = _job(ported, {"kind": "build-cell-index", "inputs": [f"{rel}/collection.yml"],
+    job = run_job(ported.server.http_url, {"kind": "build-cell-index", "inputs": [f"{rel}/collection.yml"],
                         "options": {"output": f"{rel}/cells.parquet", **options}})
     assert job["state"] == "succeeded", json.dumps(job)
     return pq.read_table(folder / "cells.parquet").to_pandas()

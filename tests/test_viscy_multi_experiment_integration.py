@@ -4,9 +4,9 @@ experiments with different channel sets through a real Lightning `fit` (fast_dev
 with every sampling axis on; and the config's class paths resolve.
 
 The DataModule is cellfeed's, fed by a real server on loopback over iohub plates. The model is
-the ContrastiveModule-shaped LightningModule of tests/test_dynaclr_lightningcli.py (VisCy's
-ContrastiveModule and NTXentHCL are not dependencies of cellfeed); it trains on a flattening
-encoder of the final patch as VisCy's SimpleEncoder does. The config whose class paths must
+examples/models.py's ContrastiveModule (tests/fixtures/contrastive.py; VisCy's ContrastiveModule
+and NTXentHCL are not dependencies of cellfeed); it trains on a flattening encoder of the final
+patch as VisCy's SimpleEncoder does (`FlatEncoder`). The config whose class paths must
 resolve is the LightningCLI example in docs/dynaclr.md (cellfeed's counterpart of VisCy's
 `configs/training/multi_experiment_fit.yml`).
 """
@@ -20,25 +20,11 @@ from pathlib import Path
 import pytest
 import yaml
 from lightning.pytorch import Trainer, seed_everything
-from torch import Tensor, nn
 
+from tests.fixtures.contrastive import FlatEncoder, NTXentLoss, RecordedContrastiveModule
 from tests.fixtures.viscy_ports import make_experiment, ported_server
-from tests.test_dynaclr_lightningcli import ContrastiveModule, NTXentLoss
 
 C, Z, Y, X = 2, 1, 24, 24
-
-
-class SimpleEncoder(nn.Module):
-    """(B, 2, 1, 24, 24) -> flatten -> fc(64) -> proj(32): (features, projections)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(C * Z * Y * X, 64)
-        self.proj = nn.Linear(64, 32)
-
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        features = self.fc(x.flatten(1))
-        return features, self.proj(features)
 
 
 @pytest.fixture(scope="module")
@@ -47,12 +33,12 @@ def ported(tmp_path_factory):
         yield p
 
 
-def _fit(ported, entries, tmp_path, **kw) -> tuple[Trainer, ContrastiveModule]:
+def _fit(ported, entries, tmp_path, **kw) -> tuple[Trainer, RecordedContrastiveModule]:
     seed_everything(42)
     dm = ported.datamodule(entries, z_range=(0, 1), yx_patch_size=(32, 32), final_yx_patch_size=(24, 24),
                            val_experiments=["exp_beta"], tau_range=(0.5, 2.0), batch_size=4, num_workers=1,
                            channel_dropout_channels=[1], channel_dropout_prob=0.5, **kw)
-    module = ContrastiveModule(SimpleEncoder(), NTXentLoss(temperature=0.07), lr=1e-3, example_input_array_shape=(1, C, Z, Y, X))
+    module = RecordedContrastiveModule(FlatEncoder(C * Z * Y * X), NTXentLoss(temperature=0.07), lr=1e-3, example_input_array_shape=(1, C, Z, Y, X))
     trainer = Trainer(fast_dev_run=True, accelerator="cpu", logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, default_root_dir=tmp_path)
     trainer.fit(module, datamodule=dm)
