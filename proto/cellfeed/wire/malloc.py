@@ -17,6 +17,7 @@ M_MMAP_THRESHOLD = -3
 M_MMAP_MAX = -4
 M_ARENA_MAX = -8
 _done = False
+_libc: ctypes.CDLL | None = None
 
 
 def reuse_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 1 << 30) -> bool:
@@ -27,6 +28,7 @@ def reuse_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 1 <
     name = ctypes.util.find_library("c")
     if not name:
         return False
+    global _libc
     try:
         libc = ctypes.CDLL(name)
         mallopt = libc.mallopt
@@ -37,4 +39,19 @@ def reuse_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 1 <
     # by gRPC) would still be fresh mmaps; serve them from the heap too, and from one arena: a
     # thread arena's 64 MiB heaps are unmapped and mapped again batch after batch.
     _done = _done and bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_ARENA_MAX, 1))
+    _libc = libc if _done else None
     return _done
+
+
+def return_freed_memory() -> bool:
+    """Give free heap pages back to the kernel (glibc's malloc_trim; the high trim threshold above
+    keeps them otherwise): a long-running server calls it after closing sessions."""
+    import pyarrow as pa
+
+    pa.default_memory_pool().release_unused()  # Arrow's own allocator (jemalloc or mimalloc) likewise
+    if _libc is None:
+        return False
+    try:
+        return bool(_libc.malloc_trim(0))
+    except AttributeError:
+        return False

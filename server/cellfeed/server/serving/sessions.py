@@ -17,6 +17,7 @@ from cellfeed.server.limits import MAX_JSON_DEPTH, check_batch_size, object_dept
 from cellfeed.server.reading.handles import Version, version_of
 from cellfeed.server.kinds import source_class
 from cellfeed.server.kinds.base import Source
+from cellfeed.wire.malloc import return_freed_memory
 
 
 SWEEP_S = 30.0
@@ -181,6 +182,7 @@ class SessionRegistry:
         if gone:
             self.evicted += len(gone)
             self.ctx.handles.release(keep=kept_files, idle_seconds=min(60.0, settings.session_idle_seconds))
+            return_freed_memory()  # what the closed sessions held goes back to the system, not just to the heap
         return [s.session_id for s in gone]
 
     def _sweep(self, every: float) -> None:
