@@ -51,6 +51,10 @@ def root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("stranger") / "data"
     write_perturbation_h5ad(root / "k562.h5ad", cell_type="k562", seed=1)
     write_perturbation_h5ad(root / "rpe1.h5ad", cell_type="rpe1", seed=2)
+    screen = write_perturbation_h5ad(root / "obsm" / "k562.h5ad", cell_type="k562", seed=1)
+    rng = np.random.default_rng(0)
+    screen.obsm["X_hvg"] = rng.random((screen.n_obs, 10), dtype=np.float32)  # a dense embedding (cell-load's embed_key)
+    screen.write_h5ad(root / "obsm" / "k562.h5ad")
     make_dynaclr_data(root)
     cells = make_cellxgene_like(n_cells=500, n_genes=80, n_donors=10, seed=7)
     n = cells.n_obs
@@ -241,6 +245,36 @@ def test_perturbation_batches_decode_as_the_docs_say(client, screen, controls):
         assert padded > 0, split  # the data are made so that every split has padding rows
         if split == "val":
             assert fillers == 1  # 10 items in batches of 4: 3 global batches, the 4th a filler
+
+
+@pytest.mark.parametrize("controls", ["table", "inline"])
+def test_perturbation_embed_key_rows_are_dense_tensors(client, root, controls):
+    """`embed_key` of a dense obsm: `pert_dense`/`ctrl_dense` tensors; `pert_counts` X rows as CSR."""
+    a = ad.read_h5ad(root / "obsm" / "k562.h5ad")
+    config = {"files": ["obsm/k562.h5ad"], "embed_key": "X_hvg", "pert_counts": "X", "group_size_S": S, "batch_size": B,
+              "barcodes": True}
+    if controls == "inline":
+        config["control_table_max_bytes"] = 0
+    sid, info, tables = open_session(client, "perturbation", config)
+    assert info["input_dim"] == 10 and info["n_vars"] == 50 and info["counts_dims"] == {"pert_counts": 50}
+    assert info["encoding"] == {"pert": "dense", "ctrl": "dense", "pert_counts": "csr"} and info["controls"] == controls
+    if controls == "table":
+        assert tables["controls"].schema.names == ["ctrl_dense"]
+        control_rows = tables["controls"].column("ctrl_dense").combine_chunks().to_numpy_ndarray()
+    batches, _, schema = read_rank(client, sid, "train", rank=0)
+    ctrl_cols = ["ctrl_row"] if controls == "table" else ["ctrl_dense"]
+    assert schema.names[:4] == ["pert_dense", "pert_counts_indices", "pert_counts_data", *ctrl_cols]
+    assert schema.field("pert_dense").type == pa.fixed_shape_tensor(pa.float32(), [10])
+    for rb in batches[:3]:
+        pert = rb.column("pert_dense").to_numpy_ndarray()
+        assert pert.shape == (rb.num_rows, 10) and pert.dtype == np.float32
+        ctrl = control_rows[rb.column("ctrl_row").to_numpy()] if controls == "table" else rb.column("ctrl_dense").to_numpy_ndarray()
+        counts = csr_rows(rb, "pert_counts", 50)
+        for i, (p_bc, c_bc) in enumerate(zip(rb.column("pert_barcode").to_pylist(), rb.column("ctrl_barcode").to_pylist())):
+            row, crow = a.obs_names.get_loc(p_bc), a.obs_names.get_loc(c_bc)
+            np.testing.assert_array_equal(pert[i], a.obsm["X_hvg"][row])
+            np.testing.assert_array_equal(ctrl[i], a.obsm["X_hvg"][crow])
+            np.testing.assert_array_equal(counts[i], np.asarray(a.X[row].todense()).ravel())
 
 
 def test_a_resumed_stream_and_a_refused_first_batch(client):
