@@ -25,7 +25,6 @@ import scipy.sparse as sp
 import torch
 
 from cellfeed.client.cell_load.data_modules import PerturbationDataModule
-from cellfeed.client.cell_load.data_modules.perturbation_dataloader import NotSupportedYet
 from tests.conftest import ServerProcess
 
 cell_load_dm = pytest.importorskip("cell_load.data_modules")
@@ -210,19 +209,6 @@ def test_loader_looks_like_a_dataloader_to_state(screen):
     dl = ours.train_dataloader()
     assert (dl.num_workers, dl.batch_size) == (2, B)
     assert len(dl) == len(list(dl))
-
-
-REFUSED = [
-    ("cache_perturbation_control_pairs", True),
-]
-
-
-@pytest.mark.parametrize("name,value", REFUSED)
-def test_unsupported_arguments_are_refused_by_name(screen, name, value):
-    root, toml, server, _ = screen
-    kwargs = {**COMMON, name: value}
-    with pytest.raises(NotSupportedYet, match=name):
-        PerturbationDataModule(toml_config_path=str(toml), server=server.flight_uri, **kwargs)
 
 
 def test_cell_load_defaults_are_served(screen):

@@ -26,9 +26,8 @@ does (batch size 1, no padding); train and val give B padded sentences.
 
 cell-load's options that change what is served (embed_key, should_yield_control_cells,
 additional_obs, drop_last, downsample, ...) become session config keys (`_session_options`).
-The one argument the server cannot do yet (cache_perturbation_control_pairs=True) is refused with
-a message naming it (docs/cell-load.md); arguments that have no effect in cell-load either are
-accepted.
+Every argument is honoured (docs/cell-load.md lists each); arguments that have no effect in
+cell-load either are accepted.
 """
 
 from __future__ import annotations
@@ -46,7 +45,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from cellfeed.client.connection import Connection, Session
+from cellfeed.client.connection import Session
 from cellfeed.client.loader import RemoteLoader
 from cellfeed.client.perturbation import PerturbationDataModule as _CellfeedPerturbationDataModule
 from cellfeed.wire import codec
@@ -64,17 +63,6 @@ _CELL_LOAD_KWARGS = {
     "map_controls": True,
     "normalize_counts": False,
 }
-
-_SERVER_CHANGE = "not supported by cellfeed yet"
-
-
-class NotSupportedYet(ValueError):
-    """A cell-load argument whose behaviour the cellfeed server does not offer yet."""
-
-
-def _refuse(argument: str, value: Any, why: str, instead: str) -> NotSupportedYet:
-    return NotSupportedYet(f"{argument}={value!r} is {_SERVER_CHANGE}: {why}. {instead}")
-
 
 def _loaded_datasets(toml_text: str, path: str) -> list[str]:
     """The datasets cell-load loads: those named in [training], [zeroshot] or [fewshot]."""
@@ -292,15 +280,16 @@ class PerturbationDataModule(pl.LightningDataModule):
         n_basal_samples: cell-load's argument; its batches use one control per cell whatever it is.
         should_yield_control_cells: also yield control cells as items (cell-load's default).
         cell_sentence_len: cells per sentence (S).
-        cache_perturbation_control_pairs: draw each perturbed cell's control once and reuse it
-            every epoch.
+        cache_perturbation_control_pairs: each cell's control drawn once per split and reused every
+            epoch (with basal_mapping_strategy "random"; cell-load's "batch" ignores it).
         drop_last: drop partial sentences instead of padding them.
         val_subsample_fraction: share of the val (dataset, cell type) subsets kept.
         additional_obs: obs columns added to every batch.
         use_consecutive_loading: cell-load's contiguous-read mode; accepted, no effect (the server
             always reads contiguous runs).
         h5_open_kwargs: cell-load's h5py.File options; accepted, no effect (the server opens files).
-        server: Flight address of the cellfeed server; None: $CELLFEED_SERVER, else
+        server: Flight address of the cellfeed server, or several replicas (a list or a
+            comma-separated string; every connection uses them all); None: $CELLFEED_SERVER, else
             grpc://127.0.0.1:8815.
         token: bearer token, when the server has one; None: $CELLFEED_TOKEN. Never saved.
         connect_timeout: seconds the first setup() gives the server to answer before it fails,
@@ -336,7 +325,7 @@ class PerturbationDataModule(pl.LightningDataModule):
         additional_obs: list[str] | None = None,
         use_consecutive_loading: bool = False,
         h5_open_kwargs: dict | None = None,
-        server: str | None = None,
+        server: str | list[str] | None = None,
         token: str | None = None,
         connect_timeout: float | None = None, retry_seconds: float | None = None,
         **kwargs: Any,
@@ -409,7 +398,7 @@ class PerturbationDataModule(pl.LightningDataModule):
         self._shared: set[str] | None = None
 
     def _check_supported(self) -> None:
-        """Refuse what the server cannot do yet (each names the argument), accept what has no effect."""
+        """Check values as cell-load does (each error names the argument)."""
         if self.basal_mapping_strategy not in ("random", "batch"):
             raise ValueError(f"basal_mapping_strategy={self.basal_mapping_strategy!r}: use 'random' or 'batch' (as cell-load)")
         if self.output_space not in ("gene", "all", "embedding"):
@@ -429,11 +418,6 @@ class PerturbationDataModule(pl.LightningDataModule):
         if self.additional_obs is not None:
             if isinstance(self.additional_obs, str) or not all(isinstance(k, str) for k in self.additional_obs):
                 raise ValueError(f"additional_obs must be a list of obs column names; got {self.additional_obs!r}")
-        if self.cache_perturbation_control_pairs:
-            raise _refuse(
-                "cache_perturbation_control_pairs", True, "controls are drawn afresh for every batch",
-                "Use cache_perturbation_control_pairs=False",
-            )
         if self.val_subsample_fraction is not None and not 0 < float(self.val_subsample_fraction) <= 1:
             raise ValueError(f"val_subsample_fraction must be in (0, 1]; got {self.val_subsample_fraction!r}")
 
@@ -456,6 +440,8 @@ class PerturbationDataModule(pl.LightningDataModule):
             "downsample": self.downsample if self.output_space == "all" and self.downsample not in (None, 1.0) else None,
             "is_log1p": self.is_log1p,
             "val_subsample_fraction": None if self.val_subsample_fraction is None else float(self.val_subsample_fraction),
+            # cell-load caches pairs in its random strategy only (its batch strategy ignores the flag)
+            "fixed_control_pairs": bool(self.cache_perturbation_control_pairs) and self.basal_mapping_strategy == "random",
         }
 
     # -- set-up ----------------------------------------------------------------------------------
@@ -477,10 +463,11 @@ class PerturbationDataModule(pl.LightningDataModule):
             # cell-load's train_dataloader(test=True): a pass over train on a loader of its own,
             # so the training loader's epoch and position stay as they are
             stream = self._stream
+            replicas = stream._connect_replicas()  # every replica `server` names, as the other loaders
             inner = RemoteLoader(
-                Connection(self.server, stream.token), stream.session, "train", stream.decoder,
+                replicas.primary, stream.session, "train", stream.decoder,
                 rank=stream.rank, world_size=stream.world_size, num_streams=stream.num_streams,
-                prefetch=stream.prefetch, fixed_epoch=True,
+                prefetch=stream.prefetch, fixed_epoch=True, replicas=replicas,
             )
         else:
             inner = self._stream.loader(split)
@@ -521,8 +508,12 @@ class PerturbationDataModule(pl.LightningDataModule):
 
     # -- facts about the data (cell-load's methods) ------------------------------------------------
     def get_var_names(self) -> list[str]:
-        """The files' var_names (cell-load reads var/gene_name when there is one, see docs/cell-load.md)."""
-        return list(self.info["var_names"])
+        """cell-load's gene names of the first file: var/gene_name when it has one, filtered to the
+        highly variable genes (or uns/hvg_names) for output_space="gene" (docs/cell-load.md)."""
+        genes = self.info.get("cell_load_genes") or {}
+        if self.output_space == "gene" and genes.get("hvg") is not None:
+            return list(genes["hvg"])
+        return list(genes.get("names") or self.info["var_names"])
 
     def get_var_dims(self) -> dict[str, Any]:
         G = int(self.info["n_vars"])
@@ -559,12 +550,11 @@ class PerturbationDataModule(pl.LightningDataModule):
         def codes(rb: Any) -> np.ndarray:
             return np.unique(rb.column("target").indices.to_numpy()[rb.column("cell_mask").to_numpy(zero_copy_only=False)])
 
-        connection = Connection(self.server, self._stream.token)
-        try:
-            loader = RemoteLoader(connection, session, split, codes, num_streams=max(1, self.num_workers), fixed_epoch=True)
-            seen = np.unique(np.concatenate([c for c in loader] or [np.zeros(0, np.int64)])).astype(np.int64)
-        finally:
-            connection.close()
+        replicas = self._stream._connect_replicas()  # every replica `server` names, as the loaders
+        loader = RemoteLoader(
+            replicas.primary, session, split, codes, num_streams=max(1, self.num_workers), fixed_epoch=True, replicas=replicas
+        )
+        seen = np.unique(np.concatenate([c for c in loader] or [np.zeros(0, np.int64)])).astype(np.int64)
         return {str(t) for t in targets[seen]}
 
     # -- one-hot maps (STATE saves them with its checkpoints) -------------------------------------
