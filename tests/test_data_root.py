@@ -176,12 +176,12 @@ KILLED_SORT = textwrap.dedent(
     """
     import os, signal, sys
     from pathlib import Path
-    from cellfeed.server.preprocess.sort import SortOptions, sort_file
+    from cellfeed.server.preprocess.sort import sort_file
 
     def die(done, total):
         os.kill(os.getpid(), signal.SIGKILL)  # killed in the middle of writing
 
-    sort_file(Path(sys.argv[1]), Path(sys.argv[2]), SortOptions(memory_bytes=4096), progress=die)
+    sort_file(Path(sys.argv[1]), Path(sys.argv[2]), memory_bytes=4096, progress=die)
     """
 )
 

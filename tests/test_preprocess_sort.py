@@ -14,7 +14,7 @@ from cellfeed.server.kinds.perturbation.config import FileSpec
 from cellfeed.server.kinds.perturbation.layout import read_layout
 from cellfeed.server.kinds.perturbation.synthetic import PerturbationSpec, make_perturbation_adata
 from cellfeed.server.preprocess.cli import main
-from cellfeed.server.preprocess.sort import SortOptions, sort_file
+from cellfeed.server.preprocess.sort import sort_file
 from cellfeed.server.reading.h5ad import H5ad
 
 
@@ -45,7 +45,7 @@ def test_sorted_copy_matches_a_pandas_sort_and_passes_the_sampler_check(tmp_path
     with pytest.raises(CellfeedError, match="cellfeed preprocess sort"):
         layout_of(src)
 
-    result = sort_file(src, tmp_path / "screen.sorted.h5ad", SortOptions(memory_bytes=memory_bytes))
+    result = sort_file(src, tmp_path / "screen.sorted.h5ad", memory_bytes=memory_bytes)
     order = np.lexsort((np.arange(adata.n_obs), adata.obs["batch_var"].cat.codes.to_numpy(), adata.obs["target_gene"].cat.codes.to_numpy()))
     want = adata[order]
     got = ad.read_h5ad(result.output)
@@ -83,3 +83,17 @@ def test_sort_refuses_a_missing_column_without_writing(tmp_path, capsys):
     assert main(["sort", str(src), "--target-label", "gene", "--no-progress"]) == 1
     assert "obs has no column 'gene'" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b.h5ad"]
+
+
+def test_the_cli_and_the_job_api_share_one_sort_options_model(tmp_path):
+    from cellfeed.server.jobs.models import SortJob
+    from cellfeed.server.preprocess.sort import SortOptions
+
+    assert SortJob.model_fields["options"].annotation is SortOptions
+    with pytest.raises(ValueError, match="Extra inputs"):
+        SortOptions.model_validate({"target_label": "t", "memory_bytes": 1})
+    (tmp_path / "in").mkdir()
+    shuffled(tmp_path / "in/screen.h5ad", seed=2)
+    assert main(["sort", str(tmp_path / "in/screen.h5ad"), "--output-dir", str(tmp_path / "out"), "--no-progress"]) == 0
+    layout_of(tmp_path / "out/screen.sorted.h5ad")
+    assert not (tmp_path / "in/sorted").exists()

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field
 
 from cellfeed.server.limits import PathName
+from cellfeed.server.preprocess.sort import SortOptions
 
 MAX_INPUTS = 10_000  # files or folders named by one job
 
@@ -50,12 +51,6 @@ class PreprocessOptions(_Strict):
     development_stage_column: str = "development_stage"
     gene_table: PathName | None = Field(None, description="an HGNC complete set or step1 gene table inside the data root")
     repo_id: str | None = Field(None, description="upload each dataset to <repo_id>-<name> (needs HF_TOKEN on the server)")
-
-
-class SortOptions(_Strict):
-    target_label: str = "target_gene"
-    batch_label: str = "batch_var"
-    output_dir: PathName | None = Field(None, description="folder for <stem>.sorted.h5ad; default: a folder `sorted` in each input's folder (never beside the input)")
 
 
 class PreprocessJob(_Strict):

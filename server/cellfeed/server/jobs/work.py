@@ -98,8 +98,7 @@ def outputs_of(kind: str, path: str, dataset: str, options: dict[str, Any]) -> l
         from cellfeed.server.jobs.cell_index import output_of
 
         return [output_of(path, options)]
-    source = Path(path)
-    return [Path(options["output_dir"]) / f"{source.stem}.sorted{source.suffix}" if options.get("output_dir") else default_output(source)]
+    return [default_output(Path(path), options.get("output_dir"))]
 
 
 def clean_after_kill(root: DataRoot, kind: str, path: str, dataset: str, options: dict[str, Any]) -> list[str]:
@@ -156,15 +155,14 @@ def _preprocess(task: FileTask, options: dict[str, Any], root: DataRoot | None, 
 
 
 def _sort(task: FileTask, options: dict[str, Any], root: DataRoot | None, progress, cancelled) -> dict[str, Any]:
-    opts = dict(options)
-    folder = opts.pop("output_dir")
+    sort_options = SortOptions.model_validate(options)
     path = Path(task.path)
-    output = Path(folder) / f"{path.stem}.sorted{path.suffix}" if folder else default_output(path)
+    output = default_output(path, sort_options.output_dir)
     log = FileLog(None, task.dataset, (JobLog(task.job_log),))
     started = time.time()
     log.event("sort.started", path=str(path), options=task.options)
     try:
-        done = sort_file(path, output, SortOptions(**opts), progress=progress, cancelled=cancelled, root=root)
+        done = sort_file(path, output, sort_options, progress=progress, cancelled=cancelled, root=root)
     except CellfeedError as exc:
         log.event("sort.failed", level="error", error=str(exc))
         return {"state": "failed", "seconds": round(time.time() - started, 3), "message": str(exc)}

@@ -20,6 +20,7 @@ from cellfeed.server.preprocess import steps, summary
 from cellfeed.server.preprocess.h5ad_reader import cells_of
 from cellfeed.server.preprocess.layout import Layout, dataset_name, find_inputs
 from cellfeed.server.preprocess.pipeline import FileResult, Options, run_file
+from cellfeed.server.preprocess.sort import SortOptions
 from cellfeed.server.suffixes import is_h5ad
 from cellfeed.wire.malloc import reuse_freed_memory
 
@@ -193,16 +194,16 @@ def cmd_upload(args: argparse.Namespace) -> int:
 
 
 def cmd_sort(args: argparse.Namespace) -> int:
-    from cellfeed.server.preprocess.sort import SortOptions, sort_file
+    from cellfeed.server.preprocess.sort import sort_file
 
-    options = SortOptions(target_label=args.target_label, batch_label=args.batch_label)
+    options = SortOptions(target_label=args.target_label, batch_label=args.batch_label, output_dir=args.output_dir)
     failed = 0
     if args.output and len(args.inputs) > 1:
         raise CellfeedError("--output names one file: give it with one input only (or use --output-dir)")
     inputs = [Path(p) for p in args.inputs]
     overall = JobProgress(inputs, args.no_progress)
     for i, path in enumerate(inputs):
-        output = Path(args.output) if args.output else Path(args.output_dir) / f"{path.stem}.sorted{path.suffix}" if args.output_dir else None
+        output = Path(args.output) if args.output else None
         update, close = _bar(path.name, args.no_progress)
         whole = overall.file(i)
         status = "FAILED"
@@ -308,9 +309,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sort", help="rewrite perturbation h5ad files sorted by target, then batch")
     p.add_argument("inputs", nargs="+", help=".h5ad files")
     p.add_argument("--output", help="output path (one input only; default: <input folder>/sorted/<stem>.sorted.h5ad)")
-    p.add_argument("--output-dir", help="folder for <stem>.sorted.h5ad [<input folder>/sorted]")
-    p.add_argument("--target-label", default="target_gene")
-    p.add_argument("--batch-label", default="batch_var")
+    sort_fields = SortOptions.model_fields  # the sort job's options: one definition of names, defaults and help
+    p.add_argument("--output-dir", help=sort_fields["output_dir"].description)
+    p.add_argument("--target-label", default=sort_fields["target_label"].default, help=sort_fields["target_label"].description)
+    p.add_argument("--batch-label", default=sort_fields["batch_label"].default, help=sort_fields["batch_label"].description)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_sort)
     return parser

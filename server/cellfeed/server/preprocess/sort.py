@@ -22,8 +22,10 @@ from typing import TYPE_CHECKING
 import h5py
 import numpy as np
 from anndata.io import read_elem, write_elem
+from pydantic import BaseModel, ConfigDict, Field
 
 from cellfeed.server.errors import CellfeedError
+from cellfeed.server.limits import PathName
 from cellfeed.server.preprocess.atomic import remove_at, remove_stale_at, fd_path, output_lock
 from cellfeed.server.preprocess.convert import Cancelled
 from cellfeed.server.reading.h5ad import H5ad
@@ -35,11 +37,20 @@ COPIED = ("var", "varm", "varp", "uns")
 SPARSE = ("csr_matrix", "csc_matrix")
 
 
-@dataclass(frozen=True)
-class SortOptions:
-    target_label: str = "target_gene"
-    batch_label: str = "batch_var"
-    memory_bytes: int = 256 << 20
+SORT_MEMORY_BYTES = 256 << 20  # rows held in memory at once while permuting; beyond, they spill to buckets
+
+
+class SortOptions(BaseModel):
+    """What a sort orders rows by and where it writes: the `options` of a sort job (unknown keys
+    refused) and the flags of `cellfeed preprocess sort`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    target_label: str = Field("target_gene", description="obs column of the perturbation target; rows are grouped by it")
+    batch_label: str = Field("batch_var", description="obs column of the batch; rows are ordered by it within a target")
+    output_dir: PathName | None = Field(
+        None, description="folder for <stem>.sorted.h5ad; default: a folder `sorted` in each input's folder (never beside the input)"
+    )
 
 
 @dataclass
@@ -55,11 +66,12 @@ class SortResult:
 SORTED_DIR = "sorted"
 
 
-def default_output(path: Path) -> Path:
-    """`<input folder>/sorted/<stem>.sorted.h5ad`: never beside the input, so a pattern or a
-    folder naming the inputs does not pick up the sorted copies too."""
+def default_output(path: Path, output_dir: str | Path | None = None) -> Path:
+    """`<output_dir>/<stem>.sorted.h5ad`, else `<input folder>/sorted/<stem>.sorted.h5ad`: never
+    beside the input, so a pattern or a folder naming the inputs does not pick up the sorted copies too."""
     path = Path(path)
-    return path.parent / SORTED_DIR / f"{path.stem}.sorted{path.suffix}"
+    folder = Path(output_dir) if output_dir else path.parent / SORTED_DIR
+    return folder / f"{path.stem}.sorted{path.suffix}"
 
 
 def sort_order(h5: H5ad, options: SortOptions) -> np.ndarray:
@@ -77,12 +89,13 @@ def sort_file(
     output: Path | None = None,
     options: SortOptions = SortOptions(),
     *,
+    memory_bytes: int = SORT_MEMORY_BYTES,
     progress: Callable[[int, int], None] | None = None,
     cancelled: Callable[[], bool] = lambda: False,
     root: "DataRoot | None" = None,
 ) -> SortResult:
-    """Write `output` (default <input folder>/sorted/<stem>.sorted.h5ad) sorted; nothing is
-    written if already sorted. Progress is reported in cells: (done, n_obs).
+    """Write `output` (default: default_output(path, options.output_dir)) sorted; nothing is
+    written if already sorted; at most about `memory_bytes` of rows are held at once. Progress is reported in cells: (done, n_obs).
 
     The output is locked while it is written (OutputBusy if another process writes it), built
     as a hidden temp file beside it (with a spill folder) through the parent's descriptor, and
@@ -90,7 +103,7 @@ def sort_file(
     With `root`, input and output are resolved inside it as they are opened."""
     started = time.time()
     path = Path(path)
-    output = Path(output) if output else default_output(path)
+    output = Path(output) if output else default_output(path, options.output_dir)
     h5 = H5ad(path if root is None else root.contain(path, path.name), path.name)
     try:
         order = sort_order(h5, options)
@@ -113,7 +126,7 @@ def sort_file(
         here = fd_path(parent, output.parent)
         try:
             with h5py.File(path if root is None else root.contain(path), "r") as src, h5py.File(here / tmp, "w") as dst:
-                _Rewriter(src, dst, order, options, here / spill_name, progress, cancelled).run()
+                _Rewriter(src, dst, order, memory_bytes, here / spill_name, progress, cancelled).run()
             os.replace(tmp, output.name, src_dir_fd=parent, dst_dir_fd=parent)
         except (OSError, KeyError, ValueError) as exc:
             raise CellfeedError(f"{path.name}: cannot sort ({type(exc).__name__}: {exc})") from None
@@ -126,13 +139,13 @@ def sort_file(
 class _Rewriter:
     """Copies one h5ad into another with every obs-indexed axis permuted by `order`."""
 
-    def __init__(self, src: h5py.File, dst: h5py.File, order: np.ndarray, options: SortOptions, spill: Path, progress, cancelled) -> None:
+    def __init__(self, src: h5py.File, dst: h5py.File, order: np.ndarray, memory_bytes: int, spill: Path, progress, cancelled) -> None:
         self.src, self.dst = src, dst
         self.order = order
         self.n = len(order)
         self.dest_of = np.empty(self.n, dtype=np.int64)
         self.dest_of[order] = np.arange(self.n)
-        self.budget = options.memory_bytes
+        self.budget = memory_bytes
         self.spill = spill
         self.progress = progress
         self.cancelled = cancelled
