@@ -181,3 +181,10 @@ def test_cell_split_draws_exact_counts_per_age_whatever_the_block_size():
     for value in (20.0, 30.0, 40.0):
         sel = np.array([a == value for a in age])
         assert abs((codes[sel] == TEST).sum() - 0.2 * sel.sum()) <= 1
+
+
+def test_the_converter_block_options_come_from_the_run_options_in_one_place():
+    from cellfeed.server.preprocess.pipeline import Options
+
+    block = Options(top_genes=7, threads=3, compression="gzip", compression_level=5).block_options()
+    assert (block.top_genes, block.threads, block.compression, block.compression_level) == (7, 3, "gzip", 5)

@@ -63,6 +63,10 @@ class Options:
         """The options as recorded in manifests and job records: never the token."""
         return {k: v for k, v in asdict(self).items() if k != "token"}
 
+    def block_options(self) -> BlockOptions:
+        """What the converter takes of these options (ranking, threads, parquet compression)."""
+        return BlockOptions(top_genes=self.top_genes, threads=self.threads, compression=self.compression, compression_level=self.compression_level)
+
 
 @dataclass
 class FileResult:
@@ -238,8 +242,7 @@ def _convert(
         ages = age_source(source.obs_columns, options, source.label)
         split = not options.skip_train_test_split
         donor = donor_column(source.obs_columns, options, source.label) if split else None
-        block = BlockOptions(top_genes=options.top_genes, threads=options.threads, compression=options.compression, compression_level=options.compression_level)
-        converter = Converter(source, symbols, block, ages)
+        converter = Converter(source, symbols, options.block_options(), ages)
         if converter.renamed:
             log.event("obs.renamed", level="warning", columns=converter.renamed)
         if split and donor is None:

@@ -19,7 +19,7 @@ from cellfeed.server.preprocess import age as age_mod
 from cellfeed.server.preprocess.age import AgeCounts
 from cellfeed.server.preprocess.atomic import remove_stale, staged_dir
 from cellfeed.server.preprocess.chunks import ROW_GROUP_ROWS, chunk_files, open_parquet, read_chunks
-from cellfeed.server.preprocess.convert import BlockOptions, Converter, chunk_tasks
+from cellfeed.server.preprocess.convert import Converter, chunk_tasks
 from cellfeed.server.preprocess.genes import GeneTable
 from cellfeed.server.preprocess.layout import Layout, dataset_name
 from cellfeed.server.preprocess.logs import Sink
@@ -45,8 +45,7 @@ def convert(path: Path, layout: Layout, options: Options, *, progress: Progress 
         remove_stale(final)
         source, symbols = open_input(Path(path), options, log)
         with source, staged_dir(final) as staging:
-            block = BlockOptions(top_genes=options.top_genes, threads=options.threads, compression=options.compression, compression_level=options.compression_level)
-            converter = Converter(source, symbols, block)
+            converter = Converter(source, symbols, options.block_options())
             (staging / "chunks").mkdir()
             written = 0
 
