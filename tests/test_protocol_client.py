@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -373,3 +374,47 @@ def test_table_batches_decode_as_the_docs_say(client, root):
         assert null_umi == stored.column("umi_bins").null_count, split
         nulls += null_umi
     assert nulls > 0  # the data set has nulls, and they arrived as nulls
+
+
+# -- the pages name every column a stream sends ---------------------------------------------
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "protocol"
+
+
+def documented(name: str, text: str) -> bool:
+    """`name` in backticks, or a dotted name under its documented pattern (`obs.<name>`,
+    `anchor_meta.labels.<key>`, `.field` shorthand beside `prefix.`; `positive_meta.*` is
+    documented as `anchor_meta.*`)."""
+    if f"`{name}`" in text:
+        return True
+    parts = name.split(".")
+    if len(parts) == 1:
+        return False
+    if parts[0] == "positive_meta" and "`positive_meta.*` | as `anchor_meta.*`" in text:
+        return documented(".".join(["anchor_meta", *parts[1:]]), text)
+    head, parent, last = parts[0], ".".join(parts[:-1]), parts[-1]
+    return re.search(rf"`{re.escape(parent)}\.<\w+>`", text) is not None or (f"`.{last}`" in text and f"`{head}." in text)
+
+
+def test_every_streamed_column_is_documented(client):
+    pert = (DOCS / "perturbation.md").read_text()
+    dyn = (DOCS / "dynaclr.md").read_text()
+    configs = [
+        {"toml": TOML, "barcodes": True, "dataset_column": True, "obs_columns": ["batch_var"]},
+        {"toml": TOML, "control_table_max_bytes": 0, "pert_counts": "X", "ctrl_counts": "X"},
+        {"files": ["obsm/k562.h5ad"], "embed_key": "X_hvg", "pert_counts": "X", "ctrl_counts": "X", "control_table_max_bytes": 0},
+    ]
+    names: set[str] = set()
+    for config in configs:
+        sid, _, tables = open_session(client, "perturbation", config)
+        names |= set(plan(client, sid, "train", rank=0)[0].schema.names)
+        names |= {n for t in tables.values() for n in t.schema.names}
+    missing = sorted(n for n in names if not documented(n, pert))
+    assert not missing, f"docs/protocol/perturbation.md does not name {missing}"
+    base = {"experiments_yaml": "experiments.yml", "z_range": [0, 2], "yx_patch_size": [16, 16], "val_experiments": ["tomm20"]}
+    names = set()
+    for extra in ({"return_index": True}, {"return_meta": True, "label_columns": {"cond": "perturbation"}}):
+        sid, _, _ = open_session(client, "dynaclr", {**base, **extra})
+        for split in ("train", "val", "predict"):
+            names |= set(plan(client, sid, split, rank=0)[0].schema.names)
+    missing = sorted(n for n in names if not documented(n, dyn))
+    assert not missing, f"docs/protocol/dynaclr.md does not name {missing}"
