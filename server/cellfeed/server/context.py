@@ -32,6 +32,7 @@ class ServerContext:
     def __post_init__(self) -> None:
         if self.handles.root is None:  # every file opened through the handles stays inside the root
             self.handles.root = self.data_root
+        self.handles.on_close = self.blocks.forget  # a closed file's blocks leave the cache with it
 
     def image_reader(self, cache_pool_bytes: int) -> "ImageReader":
         """The tensorstore reader (one context, one chunk-cache pool) shared by every DynaCLR

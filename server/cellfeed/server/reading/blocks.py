@@ -90,6 +90,15 @@ class BlockCache:
             _, old = self._blocks.popitem(last=False)
             self._bytes -= old.nbytes
 
+    def forget(self, handle: object) -> int:
+        """Drop the blocks read through `handle` (keys `(handle, ...)`), which is being closed: a
+        file opened again gets a new handle, and its old blocks would only take up the budget."""
+        with self._lock:
+            gone = [key for key in self._blocks if isinstance(key, tuple) and key and key[0] is handle]
+            for key in gone:
+                self._bytes -= self._blocks.pop(key).nbytes
+        return len(gone)
+
     @property
     def nbytes(self) -> int:
         return self._bytes

@@ -44,6 +44,7 @@ class HandleCache:
         self._used: dict[tuple[Path, str], float] = {}  # when each handle was last got
         self._lock = threading.Lock()
         self._recorders = threading.local()
+        self.on_close: Callable[[Any], object] | None = None  # told of each handle closed (caches drop its blocks)
 
     def get(self, path: Path, opener: Callable[[Path], Any], name: str | None = None) -> Any:
         """The handle of the current version of `path` (opened now if it changed or is new).
@@ -103,10 +104,15 @@ class HandleCache:
             for key in gone:
                 self._used.pop(key, None)
         for handle in handles:
-            close = getattr(handle, "close", None)
-            if callable(close):
-                close()
+            self._closed(handle)
         return len(handles)
+
+    def _closed(self, handle: Any) -> None:
+        if self.on_close is not None:
+            self.on_close(handle)
+        close = getattr(handle, "close", None)
+        if callable(close):
+            close()
 
     def paths(self) -> list[Path]:
         with self._lock:
@@ -115,7 +121,5 @@ class HandleCache:
     def close(self) -> None:
         with self._lock:
             for _, handle in self._handles.values():
-                close = getattr(handle, "close", None)
-                if callable(close):
-                    close()
+                self._closed(handle)
             self._handles.clear()
