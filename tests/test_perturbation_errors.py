@@ -74,7 +74,7 @@ CASES = [
     ({"pert_embedding_file": "garbage.pt"}, r"garbage.pt: cannot read the embedding file with torch.load"),
     ({"pert_embedding_file": "nope.pt"}, r"file not found: 'nope.pt'"),
     ({"group_size_S": 0}, r"group_size_S: Input should be greater than or equal to 1"),
-    ({"bogus": 1}, r"bogus: Extra inputs are not permitted"),
+    ({"bogus": 1}, r"perturbation config: unknown key 'bogus' \(known: files, toml, .*batch_size"),
     ({"files": None, "toml": '[datasets]\nsynth = "good.h5ad"\n[zeroshot]\n"synth.k562" = "holdout"\n'}, r"\[zeroshot\] 'synth.k562' = 'holdout' is not a split name"),
     ({"files": None, "toml": '[datasets]\nsynth = "good.h5ad"\n[fewshot."other.k562"]\nval = ["G000"]\n'}, r"names dataset 'other', which \[datasets\] does not define"),
     ({"files": None, "toml": '[datasets]\nsynth = "good.h5ad"\n[fewshot."synth.hela"]\nval = ["G000"]\n'}, r"\[fewshot\] key 'synth.hela' names no cell type or file of dataset 'synth'"),

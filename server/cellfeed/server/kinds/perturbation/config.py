@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from braceexpand import braceexpand
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from cellfeed.server.errors import CellfeedError
+from cellfeed.server.errors import CellfeedError, parse_model
 from cellfeed.server.paths import DataRoot
 from cellfeed.server.suffixes import H5AD_SUFFIXES
 
@@ -73,12 +73,8 @@ class PerturbationConfig(BaseModel):
 
     @classmethod
     def parse(cls, raw: dict[str, Any]) -> "PerturbationConfig":
-        try:
-            config = cls.model_validate(raw)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"]) or "config"
-            raise CellfeedError(f"perturbation config: {where}: {first['msg']}") from None
+        """Validate a client's config (errors.parse_model's messages), then check it names its files once."""
+        config = parse_model(cls, raw, "perturbation config")
         if (config.files is None) == (config.toml is None):
             raise CellfeedError("perturbation config: give exactly one of `files` or a TOML config (`config_path`)")
         return config
