@@ -142,7 +142,12 @@ def build_index(
         pieces.append(table)
         kept.append(ref)
     if not pieces:
-        raise CellfeedError("no tracks found for any selected FOV (see tracks_path in the experiments YAML, or the cell index)")
+        looked = [w for w in warnings if "no tracks CSV" in w]
+        detail = "; ".join(looked[:3]) + (f"; and {len(looked) - 3} more" if len(looked) > 3 else "")
+        raise CellfeedError(
+            "no tracks found for any selected FOV (see tracks_path in the experiments YAML, or the cell index)"
+            + (f": {detail}" if detail else "")
+        )
     rows = {name: np.concatenate([p[name] for p in pieces]) for name in pieces[0]}
     rows = _inside_images(rows, kept, warnings)
     fov_size = np.array([sizes[ref.experiment] for ref in kept], dtype=np.int64).reshape(-1, 2)
