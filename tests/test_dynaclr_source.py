@@ -229,3 +229,26 @@ def test_bad_session_config(ctx, overrides, message):
 def test_inline_yaml_text_is_accepted(ctx, data):
     inline = DynaCLRSource.open(_config(experiments_yaml=data.yaml_text), ctx)
     assert inline.info()["splits"]["train"]["items"] > 0
+
+
+@pytest.mark.parametrize("split", ["train", "predict"])
+def test_patches_are_read_straight_into_shared_memory_slots(source, split, tmp_path):
+    """Serving's slot buffers: the source reads anchors and positives into one slot, the batch
+    travels as references to it (no copy: one slot per batch), and resolves to the same batch."""
+    from cellfeed.client.shm import SlotReader
+    from cellfeed.server.serving.shm import SlotBuffers, SlotPool, to_refs
+    from cellfeed.wire import shm
+
+    pool = SlotPool(tmp_path)
+    buffers = SlotBuffers(pool)
+    rb = source.batch(split, 0, 0, 1, 1, buffers=buffers)
+    schema = shm.ref_schema(source.schema(split))
+    refs = to_refs(rb, schema, buffers)
+    assert len(pool.slots) == 1, "a column was copied rather than written in place"
+    images = ["anchor"] if split == "predict" else ["anchor", "positive"]
+    assert [f.name for f in schema if f.type == shm.REF_TYPE] == images
+    slot = pool.slots[0]
+    assert {refs.column(name).field("slot")[0].as_py() for name in images} == {slot.name}
+    resolved = SlotReader(tmp_path).resolve(refs)
+    assert _same(resolved, source.batch(split, 0, 0, 1, 1))
+    pool.close()

@@ -258,3 +258,32 @@ def test_the_server_stops_promptly_while_clients_pause_mid_stream(data):
     assert time.monotonic() - t0 < 12, "the server waited for clients that stopped reading"
     assert process.proc.returncode == 0
     assert not _slot_files(process)
+
+
+def test_slot_buffers_place_columns_asked_for_together_in_one_slot(tmp_path):
+    """A CSR's indices and values share a slot (values 64-byte aligned); a large column the
+    source built elsewhere is copied into a slot of its own; both resolve to what was built."""
+    from cellfeed.client.shm import SlotReader
+    from cellfeed.server.serving.shm import SlotBuffers, SlotPool, to_refs
+    from cellfeed.wire import codec, perturbation
+
+    pool = SlotPool(tmp_path)
+    buffers = SlotBuffers(pool)
+    made = buffers.arrays({"pert_indices": ((5,), np.dtype(np.uint16)), "pert_data": ((5,), np.dtype(np.float32))})
+    made["pert_indices"][:] = [0, 3, 1, 2, 4]
+    made["pert_data"][:] = [1, 2, 3, 4, 5]
+    columns = codec.csr_columns("pert", np.array([0, 2, 2, 5]), made["pert_indices"], made["pert_data"], pa.uint16())
+    dense = np.arange(3 * 1024, dtype=np.float32).reshape(3, 1024)  # built outside the buffers
+    schema = perturbation.batch_schema({"pert": (False, 8), "ctrl": (True, 1024)}, controls_by_row=False, barcodes=False,
+                                       dataset_column=False, obs_types={}, meta={})
+    rb = pa.RecordBatch.from_arrays([columns["pert_indices"], columns["pert_data"], codec.tensor_column(dense)], names=schema.names[:3])
+    refs = to_refs(rb, shm.ref_schema(pa.schema(list(schema)[:3])), buffers)
+    assert len(pool.slots) == 2  # the CSR's slot, and the dense column's copy
+    csr_slot = pool.slots[0]
+    assert buffers.placed["pert_data"][1] == shm.HEADER_BYTES + 64 and buffers.placed["pert_indices"][0] is csr_slot
+    assert refs.column("pert_data").field("slot").dictionary[0].as_py() == csr_slot.name
+    resolved = SlotReader(tmp_path).resolve(refs)
+    assert resolved.column("pert_indices").to_pylist() == [[0, 3], [], [1, 2, 4]]
+    assert resolved.column("pert_data").to_pylist() == [[1, 2], [], [3, 4, 5]]
+    np.testing.assert_array_equal(codec.tensor_from_column(resolved.column("ctrl_dense")), dense)
+    pool.close()

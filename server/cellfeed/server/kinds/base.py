@@ -7,15 +7,43 @@ the same record batch in any server process, so resume and fail-over need no ser
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Union
 
 import numpy as np
 import pyarrow as pa
 
 from cellfeed.server.errors import CellfeedError
 
-Alloc = Callable[[tuple[int, ...], np.dtype], np.ndarray]
+# what a buffer holds: one column's values, or several columns' (equal shares of its first axis, in order)
+Columns = Union[str, tuple[str, ...]]
+
+
+class Buffers(ABC):
+    """Where a source writes the values of its large columns, handed to it by serving.
+
+    Serving decides what backs them (plain memory over gRPC, shared memory on one host); a source
+    writes each column's final values into the array it got, so nothing is copied afterwards.
+    """
+
+    @abstractmethod
+    def arrays(self, wanted: dict[Columns, tuple[tuple[int, ...], np.dtype]]) -> dict[Columns, np.ndarray]:
+        """C-contiguous arrays of these shapes and dtypes, asked for together (a CSR's indices
+        and values, say): key `(a, b)` is one array whose first half holds column a's values and
+        second half column b's."""
+
+    def array(self, columns: Columns, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        """One array for `columns` (see `arrays`)."""
+        return self.arrays({columns: (shape, dtype)})[columns]
+
+
+class HeapBuffers(Buffers):
+    """New arrays in the process heap: what a batch sent over gRPC is built in."""
+
+    def arrays(self, wanted: dict[Columns, tuple[tuple[int, ...], np.dtype]]) -> dict[Columns, np.ndarray]:
+        return {columns: np.empty(shape, dtype) for columns, (shape, dtype) in wanted.items()}
+
+
+HEAP = HeapBuffers()
 
 if TYPE_CHECKING:
     from cellfeed.server.context import ServerContext
@@ -71,11 +99,11 @@ class Source(ABC):
         return self.sampler(split).num_batches(world_size)
 
     @abstractmethod
-    def batch(self, split: str, epoch: int, rank: int, world_size: int, index: int, *, alloc: Alloc | None = None) -> pa.RecordBatch:
+    def batch(self, split: str, epoch: int, rank: int, world_size: int, index: int, *, buffers: Buffers = HEAP) -> pa.RecordBatch:
         """Rank-local batch `index` of `epoch`. Thread-safe: several streams call it at once.
 
-        `alloc(shape, dtype)`, when given, makes the arrays of large dense columns and of marked
-        list values (in a shared-memory slot); a source that writes into them spares a copy.
+        The values of large tensor columns and of marked list columns are written into arrays
+        from `buffers`, named by their columns (the rest may be made anywhere).
         """
 
     def nbytes(self) -> int:

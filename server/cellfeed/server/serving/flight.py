@@ -13,9 +13,8 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.flight as flight
 from google.protobuf.message import DecodeError
@@ -23,7 +22,8 @@ from google.protobuf.message import DecodeError
 from cellfeed.server import limits
 from cellfeed.server.errors import CellfeedError, NotFound
 from cellfeed.server.serving.sessions import SessionRegistry, StreamProgress
-from cellfeed.server.serving.shm import ShmUnavailable, SlotPool, SlotPools, to_refs
+from cellfeed.server.kinds.base import HEAP, Buffers
+from cellfeed.server.serving.shm import ShmUnavailable, SlotBuffers, SlotPool, SlotPools, to_refs
 from cellfeed.wire import cellfeed_pb2 as pb
 from cellfeed.wire import codec, shm, tickets
 from cellfeed.wire.errors import ErrorKind, server_error
@@ -234,23 +234,30 @@ class FlightService(flight.FlightServerBase):
         )
         progress.kind, progress.transport = session.kind, "shm" if pool is not None else "grpc"
         if pool is None:
-            batches = self._batches(source, t, first, total, progress, ended)
+            batches = self._over_grpc(self._batches(source, t, first, total, progress, ended, lambda: HEAP))
         else:
             taken: dict = {}  # slot -> generation this stream wrote: given up if the stream breaks
-
-            def alloc(shape: tuple[int, ...], dtype) -> np.ndarray:
-                return pool.array(shape, dtype, ended, taken)
-
-            batches = self._in_slots(self._batches(source, t, first, total, progress, ended, alloc), schema, pool, taken, ended)
+            built = self._batches(source, t, first, total, progress, ended, lambda: SlotBuffers(pool, ended, taken))
+            batches = self._in_slots(built, schema, pool, taken, ended)
         # RecordBatchStream (not GeneratorStream) so dictionary batches precede the first record batch.
         return flight.RecordBatchStream(pa.RecordBatchReader.from_batches(schema, batches))
 
-    def _in_slots(self, batches: Iterator[pa.RecordBatch], schema: pa.Schema, pool: SlotPool, taken: dict, ended) -> Iterator[pa.RecordBatch]:
-        """Large tensor columns moved into the pool's slots (read there by the source, or copied)."""
+    @staticmethod
+    def _over_grpc(built: Iterator[tuple[pa.RecordBatch, Buffers]]) -> Iterator[pa.RecordBatch]:
+        """The batches as built, for the gRPC byte stream."""
+        try:
+            for batch, _ in built:
+                yield batch
+        finally:
+            built.close()
+
+    def _in_slots(self, built: Iterator[tuple[pa.RecordBatch, SlotBuffers]], schema: pa.Schema, pool: SlotPool, taken: dict, ended) -> Iterator[pa.RecordBatch]:
+        """Each batch with its large columns as references to the slots they were written in
+        (or copied into, when the source wrote them elsewhere)."""
         finished = False
         try:
-            for batch in batches:
-                yield to_refs(batch, schema, pool, ended, taken)
+            for batch, buffers in built:
+                yield to_refs(batch, schema, buffers)
             finished = True
         except ShmUnavailable as exc:
             if ended():
@@ -261,12 +268,16 @@ class FlightService(flight.FlightServerBase):
         except Exception as exc:
             raise _server_failure("writing a batch into shared-memory slots", exc) from None
         finally:
+            built.close()
             if not finished or ended():
                 pool.give_up(taken)
             self.pools.release(pool)
 
-    def _batches(self, source, t, first: int, total: int, progress: StreamProgress, ended, alloc=None) -> Iterator[pa.RecordBatch]:
-        """The stream's batches of its epoch from `first`; with `continue_epochs`, then those of
+    def _batches(
+        self, source, t, first: int, total: int, progress: StreamProgress, ended, buffers: Callable[[], Buffers]
+    ) -> Iterator[tuple[pa.RecordBatch, Buffers]]:
+        """The stream's batches of its epoch from `first`, each with the buffers (`buffers()`, one
+        set per batch) its large columns were written in; with `continue_epochs`, then those of
         each following epoch, from the stream's first, until the client cancels."""
         epoch, index = t.epoch, first
         try:
@@ -276,9 +287,10 @@ class FlightService(flight.FlightServerBase):
                         progress.state = "cancelled"
                         return
                     t0 = time.perf_counter()
-                    batch = source.batch(t.split, epoch, t.rank, t.world_size, index, alloc=alloc)
+                    into = buffers()
+                    batch = source.batch(t.split, epoch, t.rank, t.world_size, index, buffers=into)
                     self.metrics.served(progress.kind, progress.transport, batch.nbytes, time.perf_counter() - t0)
-                    yield batch
+                    yield batch, into
                     progress.sent += 1
                     progress.updated_at = time.time()
                 if not t.continue_epochs or t.stream_index >= total:

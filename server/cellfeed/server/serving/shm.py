@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 
 from cellfeed.server.errors import CellfeedError
+from cellfeed.server.kinds.base import Buffers, Columns
 from cellfeed.wire import shm
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 IDLE_S = 10.0  # a pool unused this long goes, files and all; remaking one costs a few page faults
 AHEAD = 2  # slots written but not yet taken up by the client: the stream's read-ahead
 POLL_S = (0.0005, 0.01)  # first and longest pause between looks at a slow client's slots
+ALIGN = 64  # arrays sharing a slot start at multiples of this many bytes
 
 
 class ShmUnavailable(CellfeedError):
@@ -52,7 +54,6 @@ class Slot:
             os.close(fd)
         self.header = np.frombuffer(self.map, dtype=np.uint32, count=3)
         self.data = np.frombuffer(self.map, dtype=np.uint8, offset=shm.HEADER_BYTES)
-        self.address = self.data.ctypes.data
         self.abandoned = 0  # a generation whose stream ended before the client took it
 
     @property
@@ -71,9 +72,6 @@ class Slot:
     def fill(self) -> None:
         """Start a new generation: the batch written next is a new one."""
         self.header[shm.GEN] = int(self.header[shm.GEN]) % 0xFFFFFFFF + 1
-
-    def holds(self, address: int, nbytes: int) -> bool:
-        return self.address <= address and address + nbytes <= self.address + self.capacity
 
 
 class SlotPool:
@@ -96,12 +94,16 @@ class SlotPool:
         """
         dtype = np.dtype(dtype)
         nbytes = int(np.prod(shape)) * dtype.itemsize
-        slot = self._take(nbytes, cancelled)
+        return self.take(nbytes, cancelled, taken).data[:nbytes].view(dtype).reshape(shape)
+
+    def take(self, nbytes: int, cancelled=lambda: False, taken: dict | None = None) -> Slot:
+        """A slot of at least `nbytes` for the next batch (waiting as `array` says), recorded in `taken`."""
+        slot = self._wait_free(nbytes, cancelled)
         if taken is not None:
             taken[slot] = slot.generation
-        return slot.data[:nbytes].view(dtype).reshape(shape)
+        return slot
 
-    def _take(self, nbytes: int, cancelled) -> Slot:
+    def _wait_free(self, nbytes: int, cancelled) -> Slot:
         pause = POLL_S[0]
         while True:
             with self.lock:
@@ -134,10 +136,6 @@ class SlotPool:
             for slot, generation in taken.items() if taken is not None else ((s, s.generation) for s in self.slots):
                 if slot.generation == generation and slot.in_flight():
                     slot.abandoned = generation
-
-    def locate(self, address: int, nbytes: int) -> Slot | None:
-        with self.lock:
-            return next((s for s in self.slots if s.holds(address, nbytes)), None)
 
     def close(self) -> None:
         with self.lock:
@@ -226,27 +224,74 @@ class SlotPools:
             pool.close()
 
 
-def to_refs(batch: pa.RecordBatch, schema: pa.Schema, pool: SlotPool, cancelled=lambda: False, taken: dict | None = None) -> pa.RecordBatch:
+class SlotBuffers(Buffers):
+    """One batch's buffers in a pool's slots: the arrays asked for together share one slot, and
+    `placed` records where each column's values lie, so the batch travels as references to them."""
+
+    def __init__(self, pool: SlotPool, cancelled=lambda: False, taken: dict | None = None) -> None:
+        self.pool = pool
+        self.cancelled = cancelled
+        self.taken = taken
+        self.placed: dict[str, tuple[Slot, int, int]] = {}  # column -> (slot, file offset of its values, their bytes)
+
+    def arrays(self, wanted: dict[Columns, tuple[tuple[int, ...], np.dtype]]) -> dict[Columns, np.ndarray]:
+        layout, at = [], 0
+        for columns, (shape, dtype) in wanted.items():
+            dtype = np.dtype(dtype)
+            at = -(-at // ALIGN) * ALIGN
+            nbytes = int(np.prod(shape)) * dtype.itemsize
+            layout.append((columns, shape, dtype, at, nbytes))
+            at += nbytes
+        slot = self.pool.take(at, self.cancelled, self.taken)
+        out: dict[Columns, np.ndarray] = {}
+        for columns, shape, dtype, start, nbytes in layout:
+            names = (columns,) if isinstance(columns, str) else columns
+            share = nbytes // len(names)
+            for k, name in enumerate(names):
+                self.placed[name] = (slot, shm.HEADER_BYTES + start + k * share, share)
+            out[columns] = slot.data[start : start + nbytes].view(dtype).reshape(shape)
+        return out
+
+    def place(self, name: str, values: pa.Array, first: int) -> tuple[Slot, int]:
+        """(slot, file offset of value 0) of column `name`, whose values from `first` on are sent:
+        where the source wrote them, else copied into a slot of their own."""
+        width = values.type.bit_width // 8
+        found = self.placed.get(name)
+        if found is not None:
+            slot, start, nbytes = found
+            if len(values) * width > nbytes:
+                raise ValueError(f"column {name!r}: {len(values) * width:,} bytes of values, but its buffer holds {nbytes:,}")
+            return slot, start
+        nbytes = (len(values) - first) * width
+        target = self.array(name, (nbytes,), np.dtype(np.uint8))
+        if nbytes:
+            buffer = values.buffers()[1]
+            target[:] = np.frombuffer(buffer, dtype=np.uint8, count=nbytes, offset=(values.offset + first) * width)
+        slot, start, _ = self.placed[name]
+        return slot, start - first * width
+
+
+def to_refs(batch: pa.RecordBatch, schema: pa.Schema, buffers: SlotBuffers) -> pa.RecordBatch:
     """The batch with each large tensor column as `shm_ref` rows and each marked list column as
-    `shm_list_ref` rows: no copy when the values already lie in one of the pool's slots (the
-    source wrote them there), else one copy into a new slot."""
+    `shm_list_ref` rows: the values stay where the source wrote them (`buffers`), or are copied
+    into a slot when it wrote them elsewhere."""
     columns = []
     for ref_field, column in zip(schema, batch.columns):
         n = len(column)
         if ref_field.type == shm.REF_TYPE:
             values = column.storage.flatten() if isinstance(column, pa.ExtensionArray) else column.flatten()
-            slot, start = _in_slot(values, pool, cancelled, taken)
+            slot, start = buffers.place(ref_field.name, values, 0)
             row = (len(values) // max(1, n)) * values.type.bit_width // 8
             names = pa.array([slot.name] * n, pa.string())
             offsets = pa.array(start + row * np.arange(n, dtype=np.int64))
             columns.append(pa.StructArray.from_arrays([names, offsets, _generations(slot, n)], fields=list(shm.REF_TYPE)))
         elif ref_field.type == shm.LIST_REF_TYPE:
             bounds = column.offsets.to_numpy()
-            values = column.values.slice(int(bounds[0]), int(bounds[-1] - bounds[0]))
-            slot, start = _in_slot(values, pool, cancelled, taken)
+            values = column.values.slice(0, int(bounds[-1]))
+            slot, start = buffers.place(ref_field.name, values, int(bounds[0]))
             width = values.type.bit_width // 8
             names = pa.DictionaryArray.from_arrays(np.zeros(n, np.int32), pa.array([slot.name]))
-            offsets = pa.array(start + width * (bounds[:-1] - bounds[0]).astype(np.int64))
+            offsets = pa.array(start + width * bounds[:-1].astype(np.int64))
             lengths = pa.array(np.diff(bounds).astype(np.int32))
             columns.append(
                 pa.StructArray.from_arrays([names, offsets, lengths, _generations(slot, n)], fields=list(shm.LIST_REF_TYPE))
@@ -254,21 +299,6 @@ def to_refs(batch: pa.RecordBatch, schema: pa.Schema, pool: SlotPool, cancelled=
         else:
             columns.append(column)
     return pa.RecordBatch.from_arrays(columns, schema=schema)
-
-
-def _in_slot(values: pa.Array, pool: SlotPool, cancelled, taken: dict | None) -> tuple[Slot, int]:
-    """The slot holding a primitive array's values and their offset in the slot file, copying
-    them into a new slot when they lie in none."""
-    buffer = values.buffers()[1]
-    nbytes = len(values) * values.type.bit_width // 8
-    start = buffer.address + values.offset * values.type.bit_width // 8 if nbytes else 0
-    slot = pool.locate(start, nbytes) if nbytes else None
-    if slot is None:
-        target = pool.array((nbytes,), np.uint8, cancelled, taken)
-        if nbytes:
-            target[:] = np.frombuffer(buffer, dtype=np.uint8, count=nbytes, offset=start - buffer.address)
-        slot, start = pool.locate(target.ctypes.data, nbytes), target.ctypes.data
-    return slot, shm.HEADER_BYTES + (start - slot.address)
 
 
 def _generations(slot: Slot, n: int) -> pa.Array:

@@ -35,7 +35,7 @@ from cellfeed.server.reading.omezarr import (
 from cellfeed.server.samplers.base import PlannedBatch, Sampler
 from cellfeed.server.kinds.dynaclr.sampler import FlexibleBatchSampler, FlexibleOptions
 from cellfeed.server.samplers.sequential import SequentialSampler
-from cellfeed.server.kinds.base import Alloc, Source
+from cellfeed.server.kinds.base import HEAP, Buffers, Source
 from cellfeed.wire import codec
 from cellfeed.wire import dynaclr as wire
 
@@ -227,7 +227,7 @@ class DynaCLRSource(Source):
         self.sampler(split)
         return self._schemas[split]
 
-    def batch(self, split: str, epoch: int, rank: int, world_size: int, index: int, *, alloc: Alloc | None = None) -> pa.RecordBatch:
+    def batch(self, split: str, epoch: int, rank: int, world_size: int, index: int, *, buffers: Buffers = HEAP) -> pa.RecordBatch:
         planned: PlannedBatch = self.sampler(split).batch(epoch, rank, world_size, index)
         items = self.items[split][planned.items]
         sel = self.sel
@@ -235,7 +235,7 @@ class DynaCLRSource(Source):
         n = len(anchors)
         columns: dict[str, pa.Array] = {}
         if split == wire.PREDICT:
-            images = self._read(anchors, slots, alloc)
+            images = self._read(anchors, slots, buffers.array(wire.ANCHOR, (n, *self.patch_shape), np.dtype(np.float32)))
             columns[wire.ANCHOR] = codec.tensor_column(images)
             columns[wire.norm(wire.ANCHOR)] = codec.tensor_column(self._norm(anchors, slots))
         else:
@@ -250,10 +250,13 @@ class DynaCLRSource(Source):
             else:  # positive_cell_source="self": the anchor's own crop, two views made on the device
                 positives = anchors
             pos_slots = sel.positive_slots(slots, positives, rng)
+            # one read of anchors and positives, straight into one array: anchors first
+            images = buffers.array(wire.IMAGES, (2 * n, *self.patch_shape), np.dtype(np.float32))
             if positives is anchors:
-                images = self._read(anchors, slots, alloc, twice=True)
+                self._read(anchors, slots, images[:n])
+                images[n:] = images[:n]
             else:
-                images = self._read(np.concatenate([anchors, positives]), np.concatenate([slots, pos_slots]), alloc)
+                self._read(np.concatenate([anchors, positives]), np.concatenate([slots, pos_slots]), images)
             columns[wire.ANCHOR] = codec.tensor_column(images[:n])
             columns[wire.POSITIVE] = codec.tensor_column(images[n:])
             columns[wire.norm(wire.ANCHOR)] = codec.tensor_column(self._norm(anchors, slots))
@@ -270,18 +273,10 @@ class DynaCLRSource(Source):
                 columns.update(self._meta_columns(wire.META_PREFIXES[wire.POSITIVE], positives, pos_slots))
         return pa.RecordBatch.from_arrays(list(columns.values()), schema=self._schemas[split])
 
-    def _read(self, rows: np.ndarray, slots: np.ndarray, alloc: Alloc | None = None, twice: bool = False) -> np.ndarray:
-        """[N (2N if twice), C, Z, Y, X] float32: each row's patch, resampled where pixel sizes differ."""
-        total = 2 * len(rows) if twice else len(rows)
-        out = alloc((total, *self.patch_shape), np.dtype(np.float32)) if alloc is not None else None
+    def _read(self, rows: np.ndarray, slots: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """Each row's patch into `out` ([N, C, Z, Y, X] float32), resampled where pixel sizes differ."""
         if not self._rescaled:
-            if twice:
-                out = out if out is not None else np.empty((total, *self.patch_shape), np.float32)
-                self.reader.read(self.patches(rows, slots), self.patch_shape[1:], out=out[: len(rows)])
-                out[len(rows) :] = out[: len(rows)]
-                return out
             return self.reader.read(self.patches(rows, slots), self.patch_shape[1:], out=out)
-        out = out if out is not None else np.empty((total, *self.patch_shape), np.float32)
         requests = self.patches(rows, slots)
         exp = self.index.rows["experiment"][rows]
         for e in np.unique(exp):
@@ -289,8 +284,6 @@ class DynaCLRSource(Source):
             native = self.geometry[e].native
             part = self.reader.read([requests[i] for i in where], native)
             out[where] = part if tuple(native) == tuple(self.patch_shape[1:]) else nearest_exact(part, self.patch_shape[1:])
-        if twice:
-            out[len(rows) :] = out[: len(rows)]
         return out
 
     def patches(self, rows: np.ndarray, slots: np.ndarray | None = None) -> list[PatchRequest]:

@@ -26,7 +26,7 @@ from cellfeed.server.kinds.perturbation.matrices import X, RowMatrix, Shape, hvg
 from cellfeed.server.reading.blocks import CSRBlock
 from cellfeed.server.reading.h5ad import H5ad
 from cellfeed.server.kinds.perturbation.sampler import PerturbationPlannedBatch, PerturbationSampler
-from cellfeed.server.kinds.base import Alloc, Source
+from cellfeed.server.kinds.base import HEAP, Buffers, Source
 from cellfeed.wire import codec, csr
 from cellfeed.wire import perturbation as wire
 
@@ -81,7 +81,6 @@ class PerturbationSource(Source):
                 self._matrices[(f, key)] = matrix
         self.input_dim = self._shapes[self.main_key].width
         self.hvg_dim = hvg_width(layouts[0].h5)
-        self.index_type = codec.index_type(self.input_dim)
         self.cell_types = sorted(set().union(*(l.cell_types for l in layouts)))
         self.batches = sorted(set().union(*(l.batches for l in layouts)))
         targets = sorted(set().union(*(l.targets for l in layouts)) | {config.control_label})
@@ -245,7 +244,7 @@ class PerturbationSource(Source):
             for prefix in wire.CONTROL_MATRICES:
                 key = self._prefix_keys().get(prefix)
                 if key is not None:
-                    columns.update(self._matrix_columns(prefix, key, pieces, None))
+                    columns.update(self._matrix_columns(prefix, key, pieces, HEAP))
             tables[wire.CONTROLS_TABLE] = pa.table(columns)
         return tables
 
@@ -253,7 +252,7 @@ class PerturbationSource(Source):
         self.sampler(split)
         return self._schema
 
-    def batch(self, split: str, epoch: int, rank: int, world_size: int, index: int, *, alloc: Alloc | None = None) -> pa.RecordBatch:
+    def batch(self, split: str, epoch: int, rank: int, world_size: int, index: int, *, buffers: Buffers = HEAP) -> pa.RecordBatch:
         planned: PerturbationPlannedBatch = self.sampler(split).batch(epoch, rank, world_size, index)
         group, pert_rows, ctrl_rows = planned.group, planned.pert_rows, planned.ctrl_rows
         S = self.config.group_size_S
@@ -269,7 +268,7 @@ class PerturbationSource(Source):
         columns: dict[str, pa.Array] = {}
         for prefix in wire.PERT_MATRICES:
             if prefix in keys:
-                columns.update(self._matrix_columns(prefix, keys[prefix], pert_pieces, alloc, self._thinning(prefix, split, epoch, j)))
+                columns.update(self._matrix_columns(prefix, keys[prefix], pert_pieces, buffers, self._thinning(prefix, split, epoch, j)))
         if self.controls_by_row:
             ctrl_index = self._control_base[files][:, None] + ctrl_rows
             columns[wire.CTRL_ROW] = pa.array(ctrl_index.ravel().astype(np.int32))
@@ -280,7 +279,7 @@ class PerturbationSource(Source):
                 ctrl_pieces.append((int(f), lo, hi, (ctrl_rows[files == f] - lo).ravel()))
             for prefix in wire.CONTROL_MATRICES:
                 if prefix in keys:
-                    columns.update(self._matrix_columns(prefix, keys[prefix], ctrl_pieces, alloc, self._thinning(prefix, split, epoch, j)))
+                    columns.update(self._matrix_columns(prefix, keys[prefix], ctrl_pieces, buffers, self._thinning(prefix, split, epoch, j)))
 
         global_rows = (self._row_offset[files][:, None] + pert_rows).ravel()
         columns[wire.TARGET] = pa.DictionaryArray.from_arrays(np.repeat(target_codes.astype(np.int32), S), self._target_dict)
@@ -313,7 +312,7 @@ class PerturbationSource(Source):
         return [k for p, k in self._prefix_keys().items() if p in wire.CONTROL_MATRICES]
 
     def _matrix_columns(
-        self, prefix: str, key: str, pieces: list[tuple[int, int, int, np.ndarray]], alloc: Alloc | None,
+        self, prefix: str, key: str, pieces: list[tuple[int, int, int, np.ndarray]], buffers: Buffers,
         thin: np.random.Generator | None = None,
     ) -> dict[str, pa.Array]:
         """The columns of `prefix` holding, in order, rows `rel` of each (file, start, stop, rel)
@@ -322,7 +321,7 @@ class PerturbationSource(Source):
         shape = self._shapes[key]
         if shape.dense:
             n = sum(len(rel) for *_, rel in pieces)
-            out = alloc((n, shape.width), np.dtype(np.float32)) if alloc is not None else np.empty((n, shape.width), np.float32)
+            out = buffers.array(wire.dense(prefix), (n, shape.width), np.dtype(np.float32))
             at = 0
             for f, lo, hi, rel in pieces:
                 block = self._rows(f, lo, hi, key)
@@ -336,7 +335,14 @@ class PerturbationSource(Source):
                 flat[:] = _thin_values(flat, np.repeat(np.arange(n), shape.width), n, self.config.downsample, self.config.is_log1p, thin)
             return {wire.dense(prefix): codec.tensor_column(out)}
         index_type = codec.index_type(shape.width)
-        indptr, indices, data = csr.gather([(self._rows(f, lo, hi, key).csr, rel) for f, lo, hi, rel in pieces], out=self._slot(alloc, index_type))
+        indices_name, data_name = (f.name for f in codec.csr_fields(prefix, index_type))
+
+        def values(nnz: int) -> tuple[np.ndarray, np.ndarray]:
+            """The gather writes the batch's CSR values straight into arrays from `buffers`."""
+            made = buffers.arrays({indices_name: ((nnz,), np.dtype(index_type.to_pandas_dtype())), data_name: ((nnz,), np.dtype(np.float32))})
+            return made[indices_name], made[data_name]
+
+        indptr, indices, data = csr.gather([(self._rows(f, lo, hi, key).csr, rel) for f, lo, hi, rel in pieces], out=values)
         if thin is not None:
             n = len(indptr) - 1
             data[:] = _thin_values(data, np.repeat(np.arange(n), np.diff(indptr)), n, self.config.downsample, self.config.is_log1p, thin)
@@ -348,20 +354,6 @@ class PerturbationSource(Source):
             return None
         k = (wire.PERT, wire.CTRL, wire.PERT_COUNTS, wire.CTRL_COUNTS).index(prefix)  # seeds: fixed order
         return np.random.default_rng([self.config.seed, SPLITS.index(split), epoch, j, 2, k])
-
-    def _slot(self, alloc: Alloc | None, index_type: pa.DataType | None = None):
-        """Where a gather writes a batch's CSR values: one block of `alloc` (a shared-memory slot)
-        holding the indices, then the data; or, without `alloc`, new arrays."""
-        if alloc is None:
-            return None
-        index_dtype = np.dtype((index_type or self.index_type).to_pandas_dtype())
-
-        def arrays(nnz: int) -> tuple[np.ndarray, np.ndarray]:
-            data_at = -(-nnz * index_dtype.itemsize // 64) * 64
-            block = alloc((data_at + 4 * nnz,), np.dtype(np.uint8))
-            return block[: nnz * index_dtype.itemsize].view(index_dtype), block[data_at:].view(np.float32)
-
-        return arrays
 
     def _rows(self, file: int, start: int, stop: int, key: str = X) -> CSRBlock | np.ndarray:
         matrix = self._matrices[(file, key)]

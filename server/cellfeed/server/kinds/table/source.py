@@ -28,7 +28,7 @@ from cellfeed.server.preprocess.outputs import read_manifest
 from cellfeed.server.reading.parquet import ParquetFolder
 from cellfeed.server.kinds.table.config import TableConfig
 from cellfeed.server.kinds.table.sampler import TableSampler
-from cellfeed.server.kinds.base import Alloc, Source
+from cellfeed.server.kinds.base import HEAP, Buffers, Source
 from cellfeed.wire import table as wire
 
 log = logging.getLogger(__name__)
@@ -235,7 +235,7 @@ class TableSource(Source):
         self.sampler(split)
         return self._schema
 
-    def batch(self, split: str, epoch: int, rank: int, world_size: int, index: int, *, alloc: Alloc | None = None) -> pa.RecordBatch:
+    def batch(self, split: str, epoch: int, rank: int, world_size: int, index: int, *, buffers: Buffers = HEAP) -> pa.RecordBatch:
         sampler = self.sampler(split)
         planned = sampler.batch(epoch, rank, world_size, index)
         rows, padding = planned.items, planned.padding
