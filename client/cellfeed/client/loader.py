@@ -59,7 +59,7 @@ class RemoteLoader:
         replicas: ReplicaSet | None = None,
     ) -> None:
         self.connection = connection
-        self.replicas = replicas if replicas is not None else ReplicaSet(connection)  # stream i reads from replicas.pick(i)
+        self.replicas = replicas if replicas is not None else ReplicaSet(connection)  # stream i reads at its endpoint's locations
         self.session = session
         self.split = split
         self.decode = decode
@@ -285,9 +285,10 @@ class _Fetcher:
         delay = 0.1
         failed_pids: set[int] = set()  # server processes whose slots failed on this stream
         reopens = 0  # sessions reopened since the last batch came
+        locations: list[str] = []  # endpoint i's replicas, in the order to try them
         while k < self.total and not self.stop.is_set():
             stream: Stream | None = None
-            conn = replicas.pick(i)  # another replica once this one failed, the same one otherwise
+            conn = replicas.first_up(locations or replicas.uris)  # the next location once this one failed
             generation = conn.generation
             moving = False
             slots: SlotReader | None = None
@@ -295,6 +296,10 @@ class _Fetcher:
                 replicas.ensure_session(conn, loader.session)  # on each replica once (lazily)
                 slots = loader.slots_for_stream()  # this stream's choice, whatever other streams decide meanwhile
                 endpoint = loader.endpoints.endpoint(conn, epoch, i, k, loader.shm_pool(slots is not None))
+                locations = [location.uri.decode() for location in endpoint.locations]
+                conn = replicas.first_up(locations)
+                generation = conn.generation
+                replicas.ensure_session(conn, loader.session)
                 stream = conn.open_stream(endpoint.ticket.ticket)
                 generation = stream.generation
                 self.readers[i] = stream
@@ -313,7 +318,7 @@ class _Fetcher:
                     last_ok, delay, reopens = time.monotonic(), 0.1, 0
                     if k >= self.total and loader.continues:  # the server goes on likewise
                         epoch, k = tickets.roll_over(epoch, i)
-                        if replicas.pick(i) is not conn:  # a replica came back: rebalance at the epoch's start
+                        if replicas.first_up(locations) is not conn:  # a replica came back: rebalance at the epoch's start
                             moving = True
                             break
                 if k < self.total and not self.stop.is_set() and not moving:

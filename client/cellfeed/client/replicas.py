@@ -8,8 +8,11 @@ from the batch it owed, when its replica dies.
 - Addresses: a list, a comma-separated string (`server=` or CELLFEED_SERVER), or a DNS name that
   resolves to several hosts (socket.getaddrinfo; one replica per address). A name that resolves
   to one address (`localhost`) stays as given.
-- Assignment: stream i reads from the i-th healthy replica, round-robin (Flight's endpoint list:
-  endpoint i of GetFlightInfo is stream i).
+- Assignment: the client names its replicas as the StreamRequest's `locations`; GetFlightInfo's
+  endpoint i (stream i) lists them all, starting at replica (rank * streams + i) % replicas, so
+  the streams of every rank spread over the fleet. Stream i reads at the endpoint's first
+  location whose replica is up, and when that one fails, at the next, from the batch it owed;
+  a replica back from its back-off is used again at the next epoch's start.
 - Sessions open lazily on each replica a stream uses; a replica that gives the session another
   id (its files differ) or cannot open it (a file missing) is refused with a RequestError naming
   the replica and, where the server says which, the file.
@@ -122,10 +125,20 @@ class ReplicaSet:
             up = [r.connection for r in self._replicas if r.down_until <= now]
         return up or self.connections
 
-    def pick(self, index: int) -> Connection:
-        """The replica of stream (endpoint) `index`: round-robin over the healthy ones."""
-        up = self.healthy()
-        return up[index % len(up)]
+    def at(self, uri: str) -> Connection | None:
+        """The replica whose location is `uri` (grpc:// and grpc+tcp:// alike); None if none is."""
+        wanted = _canonical(uri)
+        return next((r.connection for r in self._replicas if _canonical(r.connection.location) == wanted), None)
+
+    def first_up(self, locations: Sequence[str]) -> Connection:
+        """The replica at the first of `locations` (an endpoint's) that is not left out; when all
+        are, the first of them (the retry budget then applies). Unknown URIs are skipped; with no
+        known one, the replica set's own order is used."""
+        known = [c for c in (self.at(uri) for uri in locations) if c is not None] or self.connections
+        now = time.monotonic()
+        with self._lock:
+            up = [c for c in known if self._replica(c).down_until <= now]
+        return (up or known)[0]
 
     def failed(self, connection: Connection) -> None:
         """`connection`'s replica failed (transport): leave it out for a back-off, doubling."""
@@ -229,6 +242,11 @@ class ReplicaSet:
             )
         with self._lock:
             r.sessions.add(session.session_id)
+
+
+def _canonical(uri: str) -> str:
+    """A Flight URI with grpc+tcp:// written grpc:// (the same transport)."""
+    return "grpc://" + uri[len("grpc+tcp://"):] if uri.startswith("grpc+tcp://") else uri
 
 
 def preflight_any(replicas: ReplicaSet, connect_timeout: float) -> None:
