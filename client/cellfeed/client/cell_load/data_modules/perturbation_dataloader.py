@@ -49,6 +49,7 @@ from cellfeed.client.connection import Session
 from cellfeed.client.loader import RemoteLoader
 from cellfeed.client.perturbation import PerturbationDataModule as _CellfeedPerturbationDataModule
 from cellfeed.wire import codec
+from cellfeed.wire import perturbation as wire
 
 log = logging.getLogger(__name__)
 
@@ -95,49 +96,52 @@ class _Stream(_CellfeedPerturbationDataModule):
 
 
 class CellLoadBatchDecoder:
-    """A record batch -> cell-load's collated batch (via the parent decoder's `meta` and `dense`),
-    plus `cell_mask` [B*S] (True: a real cell of the pass; False: padding), which the loaders take
-    off. Rows are made dense in one pass each, from CSR or from a dense column as sent."""
+    """A record batch -> cell-load's collated batch, plus `cell_mask` [B*S] (True: a real cell of
+    the pass; False: padding), which the loaders take off. Rows are made dense by the parent
+    decoder's `dense` (a dense column as sent, CSR scattered in one pass, controls gathered from
+    the session's table); names, one-hots and embeddings are gathered per row from the batch's
+    dictionary codes, names as the session's own str objects (no per-batch string conversion)."""
 
     def __init__(self, inner: Any, info: dict[str, Any], dataset_name: str, exp_counts: bool = False) -> None:
         self.inner = inner
-        self.S = int(info["group_size_S"])
-        self.batches = np.asarray(info["batches"], dtype=object)
-        self.datasets = np.asarray(info.get("datasets") or [dataset_name], dtype=object)
+        self.targets = np.asarray([str(t) for t in info["targets"]], dtype=object)
+        self.cell_types = np.asarray([str(c) for c in info["cell_types"]], dtype=object)
+        self.batches = np.asarray([str(b) for b in info["batches"]], dtype=object)
+        self.datasets = np.asarray([str(d) for d in info.get("datasets") or [dataset_name]], dtype=object)
         self.dataset_name = dataset_name
         self.exp_counts = exp_counts
 
     def __call__(self, rb: Any) -> dict[str, Any]:
-        d = self.inner.meta(rb)
-        S = self.S
-        B = len(d["pert_name"])
-        n = B * S
+        n = rb.num_rows
         names = rb.schema.names
-        batch_onehot = d["batch_onehot"].reshape(n, -1)
-        if "dataset" in names:
-            dataset_name = self.datasets[rb.column("dataset").indices.to_numpy()].astype(str).tolist()
+        target = rb.column(wire.TARGET).indices.to_numpy()
+        cell_type = rb.column(wire.CELL_TYPE).indices.to_numpy()
+        exp_batch = rb.column(wire.EXP_BATCH).indices.to_numpy()
+        if wire.DATASET in names:
+            dataset_name = self.datasets[rb.column(wire.DATASET).indices.to_numpy()].tolist()
         else:
             dataset_name = [self.dataset_name] * n
+        inner = self.inner
         out: dict[str, Any] = {
-            "pert_cell_emb": torch.from_numpy(self.inner.dense(rb, "pert")),
-            "ctrl_cell_emb": torch.from_numpy(self.inner.dense(rb, "ctrl")),
-            "pert_emb": torch.from_numpy(np.repeat(d["pert_emb"].numpy(), S, axis=0)),
-            "pert_name": np.repeat(d["pert_name"], S).tolist(),
-            "cell_type": np.repeat(d["cell_type"], S).tolist(),
-            "cell_type_onehot": d["cell_type_onehot"].reshape(n, -1),
-            "batch": batch_onehot,
-            "batch_name": self.batches[batch_onehot.numpy().argmax(axis=1)].astype(str).tolist(),
+            "pert_cell_emb": torch.from_numpy(inner.dense(rb, wire.PERT)),
+            "ctrl_cell_emb": torch.from_numpy(inner.dense(rb, wire.CTRL)),
+            "pert_emb": torch.from_numpy(inner.embeddings[target]),
+            "pert_name": self.targets[target].tolist(),
+            "cell_type": self.cell_types[cell_type].tolist(),
+            "cell_type_onehot": torch.from_numpy(inner.cell_type_eye[cell_type]),
+            "batch": torch.from_numpy(inner.batch_eye[exp_batch]),
+            "batch_name": self.batches[exp_batch].tolist(),
             "dataset_name": dataset_name,
-            "cell_mask": d["cell_mask"].reshape(n),
+            "cell_mask": torch.from_numpy(rb.column(wire.CELL_MASK).to_numpy(zero_copy_only=False)),
         }
+        if wire.PERT_BARCODE in names:
+            out["pert_cell_barcode"] = rb.column(wire.PERT_BARCODE).to_numpy(zero_copy_only=False).tolist()
+            out["ctrl_cell_barcode"] = rb.column(wire.CTRL_BARCODE).to_numpy(zero_copy_only=False).tolist()
         for prefix in ("pert", "ctrl"):
             if f"{prefix}_counts_data" in names or f"{prefix}_counts_dense" in names or (
                 prefix == "ctrl" and "ctrl_counts" in self.inner.control_rows
             ):
                 out[f"{prefix}_cell_counts"] = self._counts(torch.from_numpy(self.inner.dense(rb, f"{prefix}_counts")))
-        if "pert_cell_barcode" in d:
-            out["pert_cell_barcode"] = d["pert_cell_barcode"].reshape(n).tolist()
-            out["ctrl_cell_barcode"] = d["ctrl_cell_barcode"].reshape(n).tolist()
         for name in names:
             if not name.startswith("obs."):
                 continue
