@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from cellfeed.server.metrics import Metrics
 from cellfeed.server.paths import DataRoot
 from cellfeed.server.reading.blocks import BlockCache
 from cellfeed.server.reading.handles import HandleCache
-from cellfeed.server.serving.metrics import Metrics
 from cellfeed.server.settings import Settings
 
 if TYPE_CHECKING:

@@ -16,11 +16,11 @@ from fastapi import APIRouter, Depends, HTTPException, Query, status
 from fastapi.routing import APIRoute
 from pydantic import BaseModel
 
+from cellfeed.server.auth import require_token
 from cellfeed.server.context import ServerContext
 from cellfeed.server.errors import CellfeedError, MissingFile, NotFound, OutsideRoot
 from cellfeed.server.jobs.models import Accepted, Job, JobLogs, JobRequest, LogEntry
 from cellfeed.server.jobs.service import Conflict, JobService
-from cellfeed.server.serving.auth import require_token
 
 
 def start_jobs(ctx: ServerContext) -> JobService:

@@ -14,12 +14,12 @@ from fastapi.exception_handlers import http_exception_handler
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
+from cellfeed.server.auth import require_token
 from cellfeed.server.context import ServerContext
 from cellfeed.server.errors import CellfeedError
 from cellfeed.server.jobs.api import make_router
 from cellfeed.server.limits import MAX_JSON_BYTES, check_json
-from cellfeed.server.serving.auth import require_token
-from cellfeed.server.serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from cellfeed.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from cellfeed.server.serving.sessions import SessionRegistry
 from cellfeed.server.serving.shm import SlotPools
 from cellfeed.server.suffixes import H5AD_SUFFIXES

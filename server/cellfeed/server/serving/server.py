@@ -11,9 +11,9 @@ import threading
 import pyarrow as pa
 import uvicorn
 
+from cellfeed.server.auth import TokenMiddlewareFactory
 from cellfeed.server.context import ServerContext
 from cellfeed.server.errors import StartupError
-from cellfeed.server.serving.auth import TokenMiddlewareFactory
 from cellfeed.server.serving.flight import FlightService
 from cellfeed.server.serving.http import create_app
 from cellfeed.server.serving.sessions import SessionRegistry
