@@ -188,7 +188,7 @@ def test_resolve_rebuilds_list_columns_and_refuses_broken_runs(tmp_path):
 
 def test_slot_pool_hands_out_only_slots_the_client_is_done_with(tmp_path):
     """The header words, one writer each: the server's GEN, the client's TAKEN and DONE."""
-    from cellfeed.server.serving.shm import ShmUnavailable, SlotPool
+    from cellfeed.server.serving.shm import SlotsUnavailable, SlotPool
 
     pool = SlotPool(tmp_path)
     first: dict = {}
@@ -210,7 +210,7 @@ def test_slot_pool_hands_out_only_slots_the_client_is_done_with(tmp_path):
     # at most AHEAD slots in flight: the next stream waits (here: is told to stop waiting)
     pool.array((4,), np.float32)
     pool.array((4,), np.float32)
-    with pytest.raises(ShmUnavailable, match="ended while waiting"):
+    with pytest.raises(SlotsUnavailable, match="ended while waiting"):
         pool.array((4,), np.float32, cancelled=lambda: True)
     pool.give_up()  # a new stream for this key: nothing in flight will be read any more
     assert all(s.is_free() for s in pool.slots)

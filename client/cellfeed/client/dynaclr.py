@@ -25,8 +25,9 @@ from cellfeed.wire import dynaclr as wire
 
 Z_REDUCTION_CLASSES = ("BatchedChannelWiseZReductiond",)  # kept in val and predict, as VisCy main does
 
-class TripletBatchDecoder:
-    """One record batch to a batch dict, the image tensors being views of the received buffers."""
+class PairBatchDecoder:
+    """One record batch of anchor/positive pairs to a batch dict, the image tensors being views
+    of the received buffers."""
 
     def __init__(self, info: dict[str, Any]) -> None:
         self.channel_keys = list(info["channel_keys"])
@@ -351,7 +352,7 @@ class MultiExperimentDataModule(RemoteDataModule):
         return config
 
     def on_session(self, session: Session) -> None:
-        self.decoder = TripletBatchDecoder(session.info)
+        self.decoder = PairBatchDecoder(session.info)
         hp = self.hparams
         z = hp.z_window if hp.z_window is not None else hp.z_range[1] - hp.z_range[0]
         mip = [_MaxIntensityProjection(self.decoder.channel_keys)] if hp.z_reduction == "mip" else []

@@ -23,7 +23,7 @@ from cellfeed.server import limits
 from cellfeed.server.errors import CellfeedError, NotFound
 from cellfeed.server.serving.sessions import SessionRegistry, StreamProgress
 from cellfeed.server.kinds.base import HEAP, Buffers
-from cellfeed.server.serving.shm import ShmUnavailable, SlotBuffers, SlotPool, SlotPools, to_refs
+from cellfeed.server.serving.shm import SlotsUnavailable, SlotBuffers, SlotPool, SlotPools, to_refs
 from cellfeed.wire import cellfeed_pb2 as pb
 from cellfeed.wire import codec, shm, tickets
 from cellfeed.wire.errors import ErrorKind, server_error
@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 def _client_error(exc: CellfeedError) -> flight.FlightServerError:
     """A request's own fault, sent with its message and its kind (cellfeed.wire.errors)."""
-    kind = ErrorKind.NOT_FOUND if isinstance(exc, NotFound) else ErrorKind.SHM_UNAVAILABLE if isinstance(exc, ShmUnavailable) else ErrorKind.INVALID
+    kind = ErrorKind.NOT_FOUND if isinstance(exc, NotFound) else ErrorKind.SHM_UNAVAILABLE if isinstance(exc, SlotsUnavailable) else ErrorKind.INVALID
     return server_error(str(exc), kind)
 
 
@@ -259,7 +259,7 @@ class FlightService(flight.FlightServerBase):
             for batch, buffers in built:
                 yield to_refs(batch, schema, buffers)
             finished = True
-        except ShmUnavailable as exc:
+        except SlotsUnavailable as exc:
             if ended():
                 return
             raise _client_error(exc) from None
@@ -299,7 +299,7 @@ class FlightService(flight.FlightServerBase):
                 progress.epoch, progress.sent, progress.total_batches = epoch, 0, len(range(first, total, t.stream_count))
             progress.state = "done"
         except CellfeedError as exc:
-            if isinstance(exc, ShmUnavailable) and ended():
+            if isinstance(exc, SlotsUnavailable) and ended():
                 # the slot wait ended because the client left or the server is stopping: no
                 # refusal (a client told shm_unavailable would stream over gRPC for good)
                 progress.state = "cancelled"

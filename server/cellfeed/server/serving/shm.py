@@ -31,8 +31,10 @@ POLL_S = (0.0005, 0.01)  # first and longest pause between looks at a slow clien
 ALIGN = 64  # arrays sharing a slot start at multiples of this many bytes
 
 
-class ShmUnavailable(CellfeedError):
-    """A slot could not be made (the shared-memory folder is full); the client falls back to gRPC."""
+class SlotsUnavailable(CellfeedError):
+    """Shared-memory slots unavailable: none could be made (the folder is full, or there is none),
+    so the stream is refused as `shm_unavailable` and the client falls back to gRPC; the client's
+    own `cellfeed.client.shm.SlotsUnavailable` is the same condition seen from its side."""
 
 
 class Slot:
@@ -110,7 +112,7 @@ class SlotPool:
                 if sum(1 for s in self.slots if s.in_flight()) < AHEAD:
                     return self._take_free(nbytes)
             if cancelled():
-                raise ShmUnavailable("the stream ended while waiting for the client")
+                raise SlotsUnavailable("the stream ended while waiting for the client")
             time.sleep(pause)
             pause = min(pause * 1.5, POLL_S[1])
 
@@ -124,7 +126,7 @@ class SlotPool:
         try:
             slot = Slot(path, _capacity(nbytes))
         except OSError as exc:
-            raise ShmUnavailable(f"cannot make a {nbytes:,}-byte shared-memory slot in {self.directory}: {exc.strerror or exc}") from None
+            raise SlotsUnavailable(f"cannot make a {nbytes:,}-byte shared-memory slot in {self.directory}: {exc.strerror or exc}") from None
         slot.fill()
         self.slots.append(slot)
         return slot
@@ -180,7 +182,7 @@ class SlotPools:
 
     def acquire(self, key: str) -> SlotPool:
         if self.directory is None:
-            raise ShmUnavailable("this server has no shared-memory folder")
+            raise SlotsUnavailable("this server has no shared-memory folder")
         if not all(c in "0123456789abcdef" for c in key) or not 8 <= len(key) <= 64:
             raise CellfeedError(f"malformed ticket: shm_pool {key!r} is not 8 to 64 hex digits")
         self._expire()

@@ -36,7 +36,7 @@ class Block:
 
 
 @dataclass
-class EpochPlan:
+class EpochItems:
     group: np.ndarray  # [n_items] group index of each item
     rows: np.ndarray  # [n_items, S] file rows of each item's perturbed cells
     n_real: np.ndarray  # [n_items] how many of the item's rows (the first ones) are not padding
@@ -78,7 +78,7 @@ class PerturbationSampler(Sampler):
         window_blocks: int,
         seed: int,
         stream_key: int,
-        match_controls_by_batch: bool,
+        match_controls_by_exp_batch: bool,
         once: bool = False,
         drop_last: bool = False,
         max_cells_per_group: int | None = None,
@@ -91,7 +91,7 @@ class PerturbationSampler(Sampler):
         self.window_blocks = window_blocks
         self.seed = seed
         self.stream_key = stream_key
-        self.match_controls_by_batch = match_controls_by_batch
+        self.match_controls_by_exp_batch = match_controls_by_exp_batch
         self.once = once
         self.drop_last = drop_last
         self.max_cells = max_cells_per_group
@@ -100,10 +100,10 @@ class PerturbationSampler(Sampler):
         for g, b in enumerate(self.block_of_group):
             self.groups_of_block[b].append(g)
         self.num_items = sum(self._items_of(len(g.rows)) for g in groups)
-        self.pools = ControlPools(groups, layouts, by_batch=match_controls_by_batch)
+        self.pools = ControlPools(groups, layouts, by_exp_batch=match_controls_by_exp_batch)
         # cell-load's cache_perturbation_control_pairs: each cell's control drawn once (pairs.py)
         self.pairs = FixedPairs(groups, self.pools.pools, self.pools.pool_of_group, seed=seed, stream_key=stream_key) if fixed_control_pairs else None
-        self._plans: EpochPlans[EpochPlan] = EpochPlans(self._build_plan)
+        self._epochs: EpochPlans[EpochItems] = EpochPlans(self._build_items)
 
     def _items_of(self, n: int) -> int:
         """Items of a group of n cells: capped at max_cells (cell-load's downsample_cells), its
@@ -117,24 +117,24 @@ class PerturbationSampler(Sampler):
         # drop_last (training): the epoch's partial last batch is dropped, as cell-load's sampler
         return batches_per_rank(self.num_items, self.B, world_size, drop_last=self.drop_last and not self.once)
 
-    def epoch_plan(self, epoch: int) -> EpochPlan:
+    def epoch_items(self, epoch: int) -> EpochItems:
         """Every item of `epoch`: its group, rows and real cells (built once, the next ahead)."""
-        return self._plans.get(epoch)
+        return self._epochs.get(epoch)
 
     def plan(self, epoch: int, world_size: int, global_index: int) -> PerturbationPlannedBatch:
-        plan = self.epoch_plan(epoch)
+        epoch_items = self.epoch_items(epoch)
         j = global_index
         if self.once:
             # every item once: the last batch is short, batches past the end one padding item
             lo = j * self.B
             items = np.arange(lo, min(lo + self.B, self.num_items)) if lo < self.num_items else np.zeros(1, np.int64)
-            n_real = plan.n_real[items] if lo < self.num_items else np.zeros(1, np.int64)
+            n_real = epoch_items.n_real[items] if lo < self.num_items else np.zeros(1, np.int64)
         else:
             items, wrapped = wrap_around(np.arange(j * self.B, (j + 1) * self.B), self.num_items)
-            n_real = np.where(wrapped, 0, plan.n_real[items])
-        group = plan.group[items]
+            n_real = np.where(wrapped, 0, epoch_items.n_real[items])
+        group = epoch_items.group[items]
         rng = np.random.default_rng([self.seed, self.stream_key, epoch, j, 1])
-        ctrl_rows = self.pools.draw(rng, group, self.S) if self.pairs is None else self.pairs.controls(group, plan.rows[items])
+        ctrl_rows = self.pools.draw(rng, group, self.S) if self.pairs is None else self.pairs.controls(group, epoch_items.rows[items])
         # items of one block together: one gather per block
         blocks = self.block_of_group[group]
         order = np.argsort(blocks, kind="stable")
@@ -146,10 +146,10 @@ class PerturbationSampler(Sampler):
         )
         return PerturbationPlannedBatch(
             items=items, padding=n_real == 0, global_index=j,
-            group=group, pert_rows=plan.rows[items], ctrl_rows=ctrl_rows, n_real=n_real, reads=reads,
+            group=group, pert_rows=epoch_items.rows[items], ctrl_rows=ctrl_rows, n_real=n_real, reads=reads,
         )
 
-    def _build_plan(self, epoch: int) -> EpochPlan:
+    def _build_items(self, epoch: int) -> EpochItems:
         rng = np.random.default_rng([self.seed, self.stream_key, epoch])
         order = rng.permutation(len(self.blocks))
         item_groups: list[np.ndarray] = []
@@ -186,12 +186,13 @@ class PerturbationSampler(Sampler):
             item_groups.append(np.concatenate(w_groups)[perm])
             item_real.append(np.concatenate(w_real)[perm])
         if not item_rows:
-            return EpochPlan(group=np.zeros(0, np.int32), rows=np.zeros((0, S), np.int64), n_real=np.zeros(0, np.int64))
-        return EpochPlan(group=np.concatenate(item_groups), rows=np.concatenate(item_rows), n_real=np.concatenate(item_real))
+            return EpochItems(group=np.zeros(0, np.int32), rows=np.zeros((0, S), np.int64), n_real=np.zeros(0, np.int64))
+        return EpochItems(group=np.concatenate(item_groups), rows=np.concatenate(item_rows), n_real=np.concatenate(item_real))
 
     def control_fallbacks(self) -> dict[str, Any]:
-        """Under batch matching: the groups whose batch has no controls of their cell type, so
-        that their controls come from the whole cell type (file and cell type) instead."""
+        """Under experimental-batch matching: the groups whose experimental batch has no controls of
+        their cell type, so that their controls come from the whole cell type (file and cell type)
+        instead (the info's key "batches" lists those cell type/experimental batch pairs)."""
         fallback = self.pools.fallback
         return {
             "groups": int(fallback.sum()),
@@ -203,11 +204,11 @@ class PerturbationSampler(Sampler):
 class ControlPools:
     """The control rows of every pool, concatenated, for vectorised draws.
 
-    A group's pool is its file and cell type's controls; with `by_batch` (every group then lies
-    in one batch) the controls of its file, cell type and batch, or the cell type's when that
-    batch has none (`fallback`)."""
+    A group's pool is its file and cell type's controls; with `by_exp_batch` (every group then
+    lies in one experimental batch) the controls of its file, cell type and experimental batch,
+    or the cell type's when that experimental batch has none (`fallback`)."""
 
-    def __init__(self, groups: list[Group], layouts: list[FileLayout], *, by_batch: bool = False) -> None:
+    def __init__(self, groups: list[Group], layouts: list[FileLayout], *, by_exp_batch: bool = False) -> None:
         keys: dict[tuple, int] = {}
         arrays: list[np.ndarray] = []
         self.pool_of_group = np.zeros(len(groups), dtype=np.int64)
@@ -216,11 +217,11 @@ class ControlPools:
             layout = layouts[group.file]
             key: tuple = (group.file, group.cell_type)
             rows = None
-            if by_batch:
-                batch = str(group.batches[0])
-                rows = layout.control_rows_by_batch.get((group.cell_type, batch))
+            if by_exp_batch:
+                exp_batch = str(group.batches[0])
+                rows = layout.control_rows_by_batch.get((group.cell_type, exp_batch))
                 if rows is not None and len(rows):
-                    key = (group.file, group.cell_type, batch)
+                    key = (group.file, group.cell_type, exp_batch)
                 else:
                     rows = None
                     self.fallback[g] = True

@@ -82,12 +82,12 @@ class PerturbationSource(Source):
         self.input_dim = self._shapes[self.main_key].width
         self.hvg_dim = hvg_width(layouts[0].h5)
         self.cell_types = sorted(set().union(*(l.cell_types for l in layouts)))
-        self.batches = sorted(set().union(*(l.batches for l in layouts)))
+        self.exp_batches = sorted(set().union(*(l.batches for l in layouts)))  # experimental batches
         targets = sorted(set().union(*(l.targets for l in layouts)) | {config.control_label})
         self.targets = targets
         self._target_code = {t: i for i, t in enumerate(targets)}
         self._cell_type_code = {c: i for i, c in enumerate(self.cell_types)}
-        batch_code = {b: i for i, b in enumerate(self.batches)}
+        exp_batch_code = {b: i for i, b in enumerate(self.exp_batches)}
         self.embedding_dim = len(targets)
         self._embeddings: np.ndarray | None = None
         self.missing_embeddings: list[str] = []
@@ -109,7 +109,7 @@ class PerturbationSource(Source):
                 window_blocks=config.window_blocks,
                 seed=config.seed,
                 stream_key=k,
-                match_controls_by_batch=config.match_controls_by_batch,
+                match_controls_by_exp_batch=config.match_controls_by_batch,
                 once=split != "train",
                 drop_last=config.drop_last,
                 max_cells_per_group=config.max_cells_per_group,
@@ -118,7 +118,7 @@ class PerturbationSource(Source):
             for k, split in enumerate(SPLITS)
         }
         # per split, each group's file, target code and cell type code; per row of the files, one
-        # after another, its session batch code (and barcode): batches look these up, no loops
+        # after another, its session experimental-batch code (and barcode): batches look these up, no loops
         self._group_codes = {
             split: np.array(
                 [(g.file, self._target_code[g.target], self._cell_type_code[g.cell_type]) for g in sampler.groups],
@@ -127,8 +127,8 @@ class PerturbationSource(Source):
             for split, sampler in self.samplers.items()
         }
         self._row_offset = np.cumsum([0] + [l.h5.n_obs for l in layouts])
-        session_batch = [np.array([batch_code.get(str(n), 0) for n in l.batch_names], dtype=np.int32) for l in layouts]
-        self._row_batch_code = np.concatenate([codes[l.row_batch] for codes, l in zip(session_batch, layouts)])
+        session_exp_batch = [np.array([exp_batch_code.get(str(n), 0) for n in l.batch_names], dtype=np.int32) for l in layouts]
+        self._row_exp_batch = np.concatenate([codes[l.row_batch] for codes, l in zip(session_exp_batch, layouts)])
         self._barcodes = np.concatenate([l.h5.obs_names() for l in layouts]) if config.barcodes else None
         self.obs_columns = {name: _obs_values([l.h5 for l in layouts], name) for name in config.obs_columns}
         self.datasets = sorted({l.spec.dataset for l in layouts})
@@ -201,7 +201,7 @@ class PerturbationSource(Source):
             "obs_columns": {n: (v[1] if v[1] is not None else str(v[0].dtype)) for n, v in self.obs_columns.items()},
             "datasets": self.datasets,
             "cell_types": self.cell_types,
-            "batches": self.batches,
+            "batches": self.exp_batches,
             "targets": self.targets,
             "control_label": self.config.control_label,
             "embedding_dim": self.embedding_dim,
@@ -284,7 +284,7 @@ class PerturbationSource(Source):
         global_rows = (self._row_offset[files][:, None] + pert_rows).ravel()
         columns[wire.TARGET] = pa.DictionaryArray.from_arrays(np.repeat(target_codes.astype(np.int32), S), self._target_dict)
         columns[wire.CELL_TYPE] = pa.DictionaryArray.from_arrays(np.repeat(ct_codes.astype(np.int32), S), self._cell_type_dict)
-        columns[wire.EXP_BATCH] = pa.DictionaryArray.from_arrays(self._row_batch_code[global_rows], self._exp_batch_dict)
+        columns[wire.EXP_BATCH] = pa.DictionaryArray.from_arrays(self._row_exp_batch[global_rows], self._exp_batch_dict)
         columns[wire.CELL_MASK] = pa.array(cell_mask, pa.bool_())
         if self._barcodes is not None:
             ctrl_global_rows = (self._row_offset[files][:, None] + ctrl_rows).ravel()
@@ -365,7 +365,7 @@ class PerturbationSource(Source):
     def _build_schema(self) -> pa.Schema:
         self._target_dict = pa.array(self.targets, pa.string())
         self._cell_type_dict = pa.array(self.cell_types, pa.string())
-        self._exp_batch_dict = pa.array(self.batches, pa.string())
+        self._exp_batch_dict = pa.array(self.exp_batches, pa.string())
         self._dataset_dict = pa.array(self.datasets, pa.string())
         matrices = {prefix: (self._shapes[key].dense, self._shapes[key].width) for prefix, key in self._prefix_keys().items()}
         obs_types = {
