@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 
 METADATA_KEY = b"cellfeed"
+PADDING = "padding"  # bool per row, in the kinds that pad by rows: a repeat that only evens out the ranks' shares
 
 
 def index_type(n_vars: int) -> pa.DataType:

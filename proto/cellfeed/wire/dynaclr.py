@@ -19,7 +19,7 @@ PREDICT = "predict"  # the split of anchors only, with the index columns
 
 ANCHOR, POSITIVE = "anchor", "positive"  # [C, Z, Y, X] float32 tensors
 IMAGES = (ANCHOR, POSITIVE)
-PADDING = "padding"  # bool: a repeat that only evens out the ranks' shares
+PADDING = codec.PADDING
 POSITIVE_TRACK_ID, POSITIVE_T = "positive_track_id", "positive_t"  # with the index, outside predict
 
 _DICT = pa.dictionary(pa.int32(), pa.string())

@@ -8,7 +8,7 @@ import pyarrow as pa
 from cellfeed.wire import codec
 
 KIND = "table"
-PADDING = "padding"  # bool per row: a repeat that only evens out the ranks' shares
+PADDING = codec.PADDING
 DATASET_NAME = "dataset_name"  # string per row, when several datasets stream as one
 
 
