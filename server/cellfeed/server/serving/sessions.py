@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel
+
 from cellfeed.server.context import ServerContext
 from cellfeed.server.errors import CellfeedError, NotFound
 from cellfeed.server.limits import MAX_JSON_DEPTH, check_batch_size, object_depth
@@ -33,9 +35,17 @@ def _held_bytes(session: "Session") -> int:
         return 0
 
 
-def session_id(kind: str, config: dict[str, Any], files: dict[str, Any] | None = None) -> str:
-    """A digest of the kind, the canonical JSON of its config and the versions of the files it
-    reads: equal configs over unchanged files share a session, in any server process."""
+def normalised_config(source: Source, raw: dict[str, Any]) -> Any:
+    """The config as the source's kind read it, defaults filled in (its pydantic model dumped), so
+    configs of one meaning (`{}` and `{"batch_size": <its default>}`) are one; `raw` for a kind
+    without a model."""
+    config = getattr(source, "config", None)
+    return config.model_dump(mode="json") if isinstance(config, BaseModel) else raw
+
+
+def session_id(kind: str, config: Any, files: dict[str, Any] | None = None) -> str:
+    """A digest of the kind, the canonical JSON of its (normalised) config and the versions of the
+    files it reads: configs of one meaning over unchanged files share a session, in any server process."""
     canonical = json.dumps({"kind": kind, "config": config, "files": files or {}}, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
@@ -100,7 +110,10 @@ class SessionRegistry:
     def open(self, kind: str, config: dict[str, Any]) -> Session:
         """The session of this config over the files as they are now.
 
-        When a file changed since the config's session opened (a job rewrote it), a new session
+        Its id digests the config as the kind's model reads it (defaults filled in), so a config
+        that means the same as an open session's gets that session (the source just opened for
+        it is closed). The raw config's digest only finds, without opening anything, the session
+        it was last given. When a file changed since the config's session opened (a job rewrote it), a new session
         opens under a new id; the old one keeps serving its streams from the old version.
         A config nested too deep or asking for a batch over the server's cap is refused first.
         """
@@ -125,12 +138,19 @@ class SessionRegistry:
             with self.ctx.handles.recording() as used:
                 source = source_class(kind).open(config, self.ctx)
             files = {str(self.ctx.data_root.relative(p)): v for p, v in used.items()}
-            session = Session(session_id(kind, config, files), kind, config, source, files=dict(used))
+            sid = session_id(kind, normalised_config(source, config), files)
             with self._lock:
-                if latest is not None:
+                existing = self._sessions.get(sid)
+                session = existing or Session(sid, kind, config, source, files=dict(used))
+                if latest is not None and latest is not session:
                     latest.superseded_by = session.session_id
-                self._sessions[session.session_id] = session
+                self._sessions[sid] = session
                 self._latest[key] = session
+                session.used_at = time.monotonic()
+            if existing is not None:  # the same meaning as an open session: that one serves it
+                source.close()
+                log.info("session reused: %s (%s) for a config of the same meaning", sid, kind)
+                return existing
             log.info("session opened: %s (%s), %d file(s): %s", session.session_id, kind, len(files), ", ".join(sorted(files)[:5]))
         self.evict()
         return session
