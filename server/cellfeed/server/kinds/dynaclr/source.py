@@ -231,13 +231,14 @@ class DynaCLRSource(Source):
         planned: PlannedBatch = self.sampler(split).batch(epoch, rank, world_size, index)
         items = self.items[split][planned.items]
         sel = self.sel
-        anchors, slots = sel.item_row[items], sel.item_slot[items]
+        # chans: the read channel each item takes (-1: all of them; one with channels_per_sample=1)
+        anchors, chans = sel.item_row[items], sel.item_slot[items]
         n = len(anchors)
         columns: dict[str, pa.Array] = {}
         if split == wire.PREDICT:
-            images = self._read(anchors, slots, buffers.array(wire.ANCHOR, (n, *self.patch_shape), np.dtype(np.float32)))
+            images = self._read(anchors, chans, buffers.array(wire.ANCHOR, (n, *self.patch_shape), np.dtype(np.float32)))
             columns[wire.ANCHOR] = codec.tensor_column(images)
-            columns[wire.norm(wire.ANCHOR)] = codec.tensor_column(self._norm(anchors, slots))
+            columns[wire.norm(wire.ANCHOR)] = codec.tensor_column(self._norm(anchors, chans))
         else:
             # Positives are a function of (seed, split, epoch, global batch); val ignores the epoch.
             rng = np.random.default_rng(
@@ -249,35 +250,35 @@ class DynaCLRSource(Source):
                 positives = self.match.sample(anchors, rng)
             else:  # positive_cell_source="self": the anchor's own crop, two views made on the device
                 positives = anchors
-            pos_slots = sel.positive_slots(slots, positives, rng)
+            pos_chans = sel.positive_slots(chans, positives, rng)
             # one read of anchors and positives, straight into one array: anchors first
             images = buffers.array(wire.IMAGES, (2 * n, *self.patch_shape), np.dtype(np.float32))
             if positives is anchors:
-                self._read(anchors, slots, images[:n])
+                self._read(anchors, chans, images[:n])
                 images[n:] = images[:n]
             else:
-                self._read(np.concatenate([anchors, positives]), np.concatenate([slots, pos_slots]), images)
+                self._read(np.concatenate([anchors, positives]), np.concatenate([chans, pos_chans]), images)
             columns[wire.ANCHOR] = codec.tensor_column(images[:n])
             columns[wire.POSITIVE] = codec.tensor_column(images[n:])
-            columns[wire.norm(wire.ANCHOR)] = codec.tensor_column(self._norm(anchors, slots))
-            columns[wire.norm(wire.POSITIVE)] = codec.tensor_column(self._norm(positives, pos_slots))
+            columns[wire.norm(wire.ANCHOR)] = codec.tensor_column(self._norm(anchors, chans))
+            columns[wire.norm(wire.POSITIVE)] = codec.tensor_column(self._norm(positives, pos_chans))
         columns[wire.PADDING] = pa.array(planned.padding, pa.bool_())
         if split == wire.PREDICT or self.config.return_index:
-            columns.update(self._index_columns(anchors, slots))
+            columns.update(self._index_columns(anchors, chans))
             if split != wire.PREDICT:
                 columns[wire.POSITIVE_TRACK_ID] = pa.array(self.index.rows["track_id"][positives], pa.int64())
                 columns[wire.POSITIVE_T] = pa.array(self.index.rows["t"][positives].astype(np.int32), pa.int32())
         if sel.return_meta:
-            columns.update(self._meta_columns(wire.META_PREFIXES[wire.ANCHOR], anchors, slots))
+            columns.update(self._meta_columns(wire.META_PREFIXES[wire.ANCHOR], anchors, chans))
             if split != wire.PREDICT:
-                columns.update(self._meta_columns(wire.META_PREFIXES[wire.POSITIVE], positives, pos_slots))
+                columns.update(self._meta_columns(wire.META_PREFIXES[wire.POSITIVE], positives, pos_chans))
         return pa.RecordBatch.from_arrays(list(columns.values()), schema=self._schemas[split])
 
-    def _read(self, rows: np.ndarray, slots: np.ndarray, out: np.ndarray) -> np.ndarray:
+    def _read(self, rows: np.ndarray, chans: np.ndarray, out: np.ndarray) -> np.ndarray:
         """Each row's patch into `out` ([N, C, Z, Y, X] float32), resampled where pixel sizes differ."""
         if not self._rescaled:
-            return self.reader.read(self.patches(rows, slots), self.patch_shape[1:], out=out)
-        requests = self.patches(rows, slots)
+            return self.reader.read(self.patches(rows, chans), self.patch_shape[1:], out=out)
+        requests = self.patches(rows, chans)
         exp = self.index.rows["experiment"][rows]
         for e in np.unique(exp):
             where = np.flatnonzero(exp == e)
@@ -286,12 +287,12 @@ class DynaCLRSource(Source):
             out[where] = part if tuple(native) == tuple(self.patch_shape[1:]) else nearest_exact(part, self.patch_shape[1:])
         return out
 
-    def patches(self, rows: np.ndarray, slots: np.ndarray | None = None) -> list[PatchRequest]:
+    def patches(self, rows: np.ndarray, chans: np.ndarray | None = None) -> list[PatchRequest]:
         """The patch of each index row: its FOV, frame, channels (one with channels_per_sample=1),
         the experiment's Z window and the clamped origin."""
         r, fovs = self.index.rows, self.index.fovs
-        if slots is None:
-            slots = np.full(len(rows), -1, dtype=np.int64)
+        if chans is None:
+            chans = np.full(len(rows), -1, dtype=np.int64)
         z0 = [g.z0 for g in self.geometry]
         return [
             PatchRequest(
@@ -302,15 +303,15 @@ class DynaCLRSource(Source):
                 int(y0),
                 int(x0),
             )
-            for f, t, y0, x0, s in zip(r["fov"][rows], r["t"][rows], r["y0"][rows], r["x0"][rows], slots)
+            for f, t, y0, x0, s in zip(r["fov"][rows], r["t"][rows], r["y0"][rows], r["x0"][rows], chans)
         ]
 
-    def _norm(self, rows: np.ndarray, slots: np.ndarray | None = None) -> np.ndarray:
+    def _norm(self, rows: np.ndarray, chans: np.ndarray | None = None) -> np.ndarray:
         """[n, C, levels, stats]: dataset and FOV statistics, then those of the row's timepoint."""
         fov, t = self.index.rows["fov"][rows], self.index.rows["t"][rows]
         out = np.concatenate([self._norm_static[fov], self._norm_t[fov, t][:, :, None, :]], axis=2)
         if self.sel.bag:
-            picked = out[np.arange(len(rows)), slots]  # a fresh [n, levels, stats] array
+            picked = out[np.arange(len(rows)), chans]  # a fresh [n, levels, stats] array
             out = picked.reshape(len(rows), 1, *picked.shape[1:])
         return out
 
@@ -323,7 +324,7 @@ class DynaCLRSource(Source):
             per_t.append(pt)
         return np.stack(static), np.stack(per_t)
 
-    def _index_columns(self, rows: np.ndarray, slots: np.ndarray) -> dict[str, pa.Array]:
+    def _index_columns(self, rows: np.ndarray, chans: np.ndarray) -> dict[str, pa.Array]:
         r = self.index.rows
         out: dict[str, pa.Array] = {
             "experiment": pa.DictionaryArray.from_arrays(r["experiment"][rows].astype(np.int32), self._dicts["experiment"]),
@@ -333,14 +334,14 @@ class DynaCLRSource(Source):
         for name, dtype in wire.INDEX_NUMERIC:
             out[name] = pa.array(r[_INDEX_ROW_COLUMN.get(name, name)][rows].astype(dtype.to_pandas_dtype()), dtype)
         for name in wire.INDEX_MAIN:
-            out[name] = pa.DictionaryArray.from_arrays(self.sel.value_codes(name, rows, slots), self._dicts[name])
+            out[name] = pa.DictionaryArray.from_arrays(self.sel.value_codes(name, rows, chans), self._dicts[name])
         return out
 
-    def _meta_columns(self, prefix: str, rows: np.ndarray, slots: np.ndarray) -> dict[str, pa.Array]:
+    def _meta_columns(self, prefix: str, rows: np.ndarray, chans: np.ndarray) -> dict[str, pa.Array]:
         r, sel = self.index.rows, self.sel
         out: dict[str, pa.Array] = {}
         for name in wire.META_DICT:
-            codes = self._fov_name_code[r["fov"][rows]] if name == "fov_name" else sel.value_codes(name, rows, slots)
+            codes = self._fov_name_code[r["fov"][rows]] if name == "fov_name" else sel.value_codes(name, rows, chans)
             out[wire.meta(prefix, name)] = pa.DictionaryArray.from_arrays(codes, self._dicts[name])
         exp = r["experiment"][rows]
         native = np.array([g.native for g in self.geometry], dtype=np.int64)
@@ -354,7 +355,7 @@ class DynaCLRSource(Source):
         }
         for name, dtype in wire.META_NUMERIC:
             out[wire.meta(prefix, name)] = pa.array(np.asarray(values[name]).astype(dtype.to_pandas_dtype()), dtype)
-        for key, codes in sel.label_codes(rows, slots).items():
+        for key, codes in sel.label_codes(rows, chans).items():
             out[wire.label(prefix, key)] = pa.array(codes, pa.int32())
         return out
 
