@@ -2,8 +2,8 @@
 
 A refactor must not cost speed, and this machine is shared and noisy: so the two trees run the
 same benchmark script of their own, interleaved, and each figure is compared as the ratio of
-medians. The other commit is checked out as a git worktree; its code is imported through
-PYTHONPATH (ahead of this tree's editable install) and it reads this tree's bench/data.
+medians. The other commit is checked out as a git worktree; each tree's code is imported through
+PYTHONPATH (ahead of the venv's editable install), and both read this tree's bench/data.
 
     python bench/compare.py --baseline ace48b0 --bench perturbation.py --rounds 2 -- --skip-cell-load
 """
@@ -38,9 +38,8 @@ def worktree(commit: str) -> Path:
 
 def run(tree: Path, bench: str, args: list[str]) -> dict:
     """One run of `tree`'s bench/<bench>: the JSON results it wrote."""
-    env = dict(os.environ)
-    if tree != ROOT:
-        env["PYTHONPATH"] = os.pathsep.join(str(tree / p) for p in ("proto", "server", "client", "."))
+    env = dict(os.environ)  # each tree's own code, whichever tree the venv's editable install points at
+    env["PYTHONPATH"] = os.pathsep.join(str(tree / p) for p in ("proto", "server", "client", "."))
     results = tree / "bench" / "results"
     before = {p: p.stat().st_mtime_ns for p in results.glob("*.json")} if results.exists() else {}
     subprocess.check_call([sys.executable, str(tree / "bench" / bench), *args], cwd=tree, env=env)
