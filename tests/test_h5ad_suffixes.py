@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from cellfeed.server.kinds.perturbation import config as perturbation_config
-from cellfeed.server.preprocess.layout import dataset_name, find_inputs
+from cellfeed.server.preprocess.folders import dataset_name, find_inputs
 from cellfeed.server.serving.http import DATASET_SUFFIXES
 from cellfeed.server.suffixes import H5AD_SUFFIXES
 from tests.fixtures.preprocess_h5ad import write_cellxgene_like

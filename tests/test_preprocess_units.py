@@ -10,7 +10,7 @@ import scipy.sparse as sp
 from cellfeed.server.errors import CellfeedError
 from cellfeed.server.preprocess.age import age_in_years, ages
 from cellfeed.server.preprocess.genes import GeneTable, resolve_symbols
-from cellfeed.server.preprocess.layout import dataset_name
+from cellfeed.server.preprocess.folders import dataset_name
 from cellfeed.server.preprocess.sentences import columns, rank
 from cellfeed.server.preprocess.split import DROPPED, TEST, TRAIN, SplitCounter
 

@@ -21,7 +21,7 @@ from cellfeed.server.jobs.models import Job, PreprocessJob, SortJob
 from cellfeed.server.jobs.store import JobStore
 from cellfeed.server.jobs.work import OUTCOME, FileTask, JobLog, cells_of, clean_after_kill, outputs_of, resolve_options
 from cellfeed.server.preprocess.convert import Cancelled
-from cellfeed.server.preprocess.layout import dataset_name
+from cellfeed.server.preprocess.folders import dataset_name
 from cellfeed.server.suffixes import H5AD_NAMES, is_h5ad
 from cellfeed.server.preprocess.outputs import is_done
 

@@ -22,7 +22,7 @@ from cellfeed.server.jobs.models import iso
 from cellfeed.server.paths import DataRoot
 from cellfeed.server.preprocess.atomic import remove_stale
 from cellfeed.server.preprocess.h5ad_reader import cells_of  # noqa: F401  (the service sizes files with it)
-from cellfeed.server.preprocess.layout import Layout
+from cellfeed.server.preprocess.folders import RunFolders
 from cellfeed.server.preprocess.logs import FileLog
 from cellfeed.server.preprocess.pipeline import Options, run_file
 from cellfeed.server.preprocess.sort import SortOptions, default_output, sort_file
@@ -92,7 +92,7 @@ def outputs_of(kind: str, path: str, dataset: str, options: dict[str, Any]) -> l
     if kind == "preprocess":
         out = [Path(options["output_dir"]) / dataset]
         if options.get("keep_interim"):
-            out.append(Layout(Path(options["interim_dir"]), Path(options["output_dir"]), Path(options["log_dir"])).interim(dataset))
+            out.append(RunFolders(Path(options["interim_dir"]), Path(options["output_dir"]), Path(options["log_dir"])).interim(dataset))
         return out
     if kind == "build-cell-index":
         from cellfeed.server.jobs.cell_index import output_of
@@ -148,9 +148,9 @@ def _process(task: FileTask, progress: Callable[[int, int], None], cancelled: Ca
 
 def _preprocess(task: FileTask, options: dict[str, Any], root: DataRoot | None, progress, cancelled) -> dict[str, Any]:
     opts = dict(options)
-    layout = Layout(Path(opts.pop("interim_dir")), Path(opts.pop("output_dir")), Path(opts.pop("log_dir")))
+    dirs = RunFolders(Path(opts.pop("interim_dir")), Path(opts.pop("output_dir")), Path(opts.pop("log_dir")))
     options = Options(**opts, token=os.environ.get("HF_TOKEN"))
-    result = run_file(Path(task.path), layout, options, progress=progress, cancelled=cancelled, sinks=(JobLog(task.job_log),), root=root)
+    result = run_file(Path(task.path), dirs, options, progress=progress, cancelled=cancelled, sinks=(JobLog(task.job_log),), root=root)
     return {"state": STATES[result.status], "seconds": result.seconds, "output": result.output, "message": result.message, "counts": result.counts}
 
 

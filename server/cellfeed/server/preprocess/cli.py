@@ -18,15 +18,15 @@ from tqdm import tqdm
 from cellfeed.server.errors import CellfeedError
 from cellfeed.server.preprocess import steps, summary
 from cellfeed.server.preprocess.h5ad_reader import cells_of
-from cellfeed.server.preprocess.layout import Layout, dataset_name, find_inputs
+from cellfeed.server.preprocess.folders import RunFolders, dataset_name, find_inputs
 from cellfeed.server.preprocess.pipeline import FileResult, Options, run_file
 from cellfeed.server.preprocess.sort import SortOptions
 from cellfeed.server.suffixes import is_h5ad
 from cellfeed.wire.malloc import reuse_freed_memory
 
 
-def _layout(args: argparse.Namespace) -> Layout:
-    return Layout(Path(args.interim_dir), Path(getattr(args, "output_dir", "./data/output")), Path(getattr(args, "log_dir", "./logs")))
+def _run_folders(args: argparse.Namespace) -> RunFolders:
+    return RunFolders(Path(args.interim_dir), Path(getattr(args, "output_dir", "./data/output")), Path(getattr(args, "log_dir", "./logs")))
 
 
 def _options(args: argparse.Namespace, **extra: object) -> Options:
@@ -53,13 +53,13 @@ def _bar(desc: str, disable: bool) -> tuple[Callable[[int, int], None], Callable
     return update, bar.close
 
 
-def _report(results: list[FileResult], layout: Layout, write: bool = True) -> int:
-    print(summary.render(results, layout))
+def _report(results: list[FileResult], dirs: RunFolders, write: bool = True) -> int:
+    print(summary.render(results, dirs))
     if write:
         try:
-            print(f"Summary: {summary.write(results, layout)}")
+            print(f"Summary: {summary.write(results, dirs)}")
         except OSError as exc:
-            print(f"warning: cannot write the summary to {layout.output_dir}: {exc.strerror or exc}", file=sys.stderr)
+            print(f"warning: cannot write the summary to {dirs.output_dir}: {exc.strerror or exc}", file=sys.stderr)
     return 1 if any(r.status == "FAILED" for r in results) else 0
 
 
@@ -108,7 +108,7 @@ class JobProgress:
         self.bar.close()
 
 
-def _each_file(args: argparse.Namespace, layout: Layout, fn: Callable[..., FileResult]) -> list[FileResult]:
+def _each_file(args: argparse.Namespace, dirs: RunFolders, fn: Callable[..., FileResult]) -> list[FileResult]:
     files = find_inputs(args.h5ad_path, args.input_dir)
     results = []
     overall = JobProgress(files, args.no_progress)
@@ -132,35 +132,35 @@ def _each_file(args: argparse.Namespace, layout: Layout, fn: Callable[..., FileR
 
 
 def cmd_run_all(args: argparse.Namespace) -> int:
-    layout = _layout(args)
+    dirs = _run_folders(args)
     token = args.token or os.environ.get("HF_TOKEN")
     options = _options(args, token=token)
     if args.create_hgnc:
-        path, _ = steps.write_gene_table(layout, Path(args.hgnc_file) if args.hgnc_file else None)
+        path, _ = steps.write_gene_table(dirs, Path(args.hgnc_file) if args.hgnc_file else None)
         options.gene_table = str(path)
-    results = _each_file(args, layout, lambda p, update: run_file(p, layout, options, progress=update))
-    return _report(results, layout)
+    results = _each_file(args, dirs, lambda p, update: run_file(p, dirs, options, progress=update))
+    return _report(results, dirs)
 
 
 def cmd_step1(args: argparse.Namespace) -> int:
-    path, n = steps.write_gene_table(_layout(args), Path(args.hgnc_file) if args.hgnc_file else None)
+    path, n = steps.write_gene_table(_run_folders(args), Path(args.hgnc_file) if args.hgnc_file else None)
     print(f"gene table: {n:,} Ensembl IDs with a symbol -> {path}")
     return 0
 
 
 def cmd_step2(args: argparse.Namespace) -> int:
-    layout = _layout(args)
+    dirs = _run_folders(args)
     options = _options(args)
-    if options.gene_table is None and layout.gene_table().exists():
-        options.gene_table = str(layout.gene_table())
-    results = _each_file(args, layout, lambda p, update: steps.convert(p, layout, options, progress=update))
-    return _report(results, layout, write=False)
+    if options.gene_table is None and dirs.gene_table().exists():
+        options.gene_table = str(dirs.gene_table())
+    results = _each_file(args, dirs, lambda p, update: steps.convert(p, dirs, options, progress=update))
+    return _report(results, dirs, write=False)
 
 
-def _datasets(args: argparse.Namespace, layout: Layout) -> list[str]:
+def _datasets(args: argparse.Namespace, dirs: RunFolders) -> list[str]:
     if args.datasets:
         return [dataset_name(d) if is_h5ad(d) else d for d in args.datasets]
-    root = layout.interim_dir / "parquet_chunks"
+    root = dirs.interim_dir / "parquet_chunks"
     names = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) if root.is_dir() else []
     if not names:
         raise CellfeedError(f"no datasets in {str(root)!r}; run step2-convert-h5ad first")
@@ -168,15 +168,15 @@ def _datasets(args: argparse.Namespace, layout: Layout) -> list[str]:
 
 
 def cmd_step3(args: argparse.Namespace) -> int:
-    layout = _layout(args)
+    dirs = _run_folders(args)
     options = _options(args)
-    return _report([steps.add_age(n, layout, options) for n in _datasets(args, layout)], layout, write=False)
+    return _report([steps.add_age(n, dirs, options) for n in _datasets(args, dirs)], dirs, write=False)
 
 
 def cmd_step4(args: argparse.Namespace) -> int:
-    layout = _layout(args)
+    dirs = _run_folders(args)
     options = _options(args)
-    return _report([steps.split(n, layout, options) for n in _datasets(args, layout)], layout)
+    return _report([steps.split(n, dirs, options) for n in _datasets(args, dirs)], dirs)
 
 
 def cmd_upload(args: argparse.Namespace) -> int:

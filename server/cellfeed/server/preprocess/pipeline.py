@@ -25,7 +25,7 @@ from cellfeed.server.preprocess.atomic import remove_stale, staged_dir
 from cellfeed.server.preprocess.convert import AgeSource, BlockOptions, Cancelled, Converter, chunk_tasks
 from cellfeed.server.preprocess.genes import GeneSymbols, GeneTable, resolve_symbols
 from cellfeed.server.preprocess.h5ad_reader import H5adInput
-from cellfeed.server.preprocess.layout import Layout, dataset_name
+from cellfeed.server.preprocess.folders import RunFolders, dataset_name
 from cellfeed.server.preprocess.logs import FileLog, Sink
 from cellfeed.server.preprocess.outputs import is_done, source_stamp, write_manifest
 from cellfeed.server.preprocess.split import DONOR_COLUMNS, DROPPED, TEST, TRAIN, SplitCounter, SplitPlan
@@ -149,18 +149,18 @@ def scan_obs(source: H5adInput, ages: AgeSource, donor: str | None, options: Opt
             f"{source.label}: no cell has an age (development stages: {labels}); the split keeps only cells with one, "
             "so pass --no-age-filter or --skip-train-test-split"
         )
-    plan = counter.plan(options.test_size, options.seed)
+    split_plan = counter.plan(options.test_size, options.seed)
     codes = np.empty(n, dtype=np.int8)
-    assigner = plan.assigner()
+    assigner = split_plan.assigner()
     for start, stop in blocks:
         donors, values, _ = read(start, stop)
         codes[start:stop] = assigner.codes(donors, values)
-    return counts, plan, codes
+    return counts, split_plan, codes
 
 
 def run_file(
     path: Path,
-    layout: Layout,
+    dirs: RunFolders,
     options: Options,
     *,
     progress: Progress | None = None,
@@ -175,7 +175,7 @@ def run_file(
     `progress(done, total)` counts cells of the input (total: its n_obs)."""
     path = Path(path)
     name = dataset_name(path)
-    final = layout.output(name)
+    final = dirs.output(name)
 
     def work(log: FileLog) -> dict[str, Any] | None:
         if root is not None:
@@ -185,24 +185,24 @@ def run_file(
         if options.skip_existing and is_done(final, path):
             log.event("file.skipped", reason="output exists and was made from this file", output=str(final))
             return None
-        counts = _convert(path, name, final, layout, options, log, progress, cancelled, root)
+        counts = _convert(path, name, final, dirs, options, log, progress, cancelled, root)
         note = _maybe_upload(final, name, options, log)
         if note:
             counts["upload"] = note
         return counts
 
-    return guarded(path, name, final, layout, sinks, work, options)
+    return guarded(path, name, final, dirs, sinks, work, options)
 
 
 def guarded(
-    path: Path, name: str, output: Path, layout: Layout, sinks: tuple[Sink, ...],
+    path: Path, name: str, output: Path, dirs: RunFolders, sinks: tuple[Sink, ...],
     work: Callable[[FileLog], dict[str, Any] | None], options: Options,
 ) -> FileResult:
     """Run one file's `work` with its own log: errors become a FAILED result; None means SKIPPED."""
     started = time.time()
     result = FileResult(path=str(path), dataset=name, status="FAILED", output=str(output))
     try:
-        log = FileLog(layout.logs(name), name, sinks)
+        log = FileLog(dirs.logs(name), name, sinks)
     except CellfeedError as exc:
         result.message = str(exc)
         return result
@@ -234,7 +234,7 @@ def guarded(
 
 
 def _convert(
-    path: Path, name: str, final: Path, layout: Layout, options: Options, log: FileLog,
+    path: Path, name: str, final: Path, dirs: RunFolders, options: Options, log: FileLog,
     progress: Progress | None, cancelled: Callable[[], bool], root: "DataRoot | None" = None,
 ) -> dict[str, Any]:
     source, symbols = open_input(path if root is None else root.contain(path, path.name), options, log)
@@ -247,12 +247,12 @@ def _convert(
             log.event("obs.renamed", level="warning", columns=converter.renamed)
         if split and donor is None:
             log.event("split.no_donor", level="warning", looked_for=list(DONOR_COLUMNS))
-        counts, plan, codes = scan_obs(source, ages, donor, options, split)
+        counts, split_plan, codes = scan_obs(source, ages, donor, options, split)
         log.event("age.extracted", **counts.as_dict())
-        if plan is not None:
-            log.event("split.planned", donor_column=donor, **plan.describe())
-        with staged_dir(final, root) as staging, _interim(layout, name, options, root) as interim:
-            folders = {s: staging / s / "chunks" for s in ("train", "test")} if plan else {"all": staging / "chunks"}
+        if split_plan is not None:
+            log.event("split.planned", donor_column=donor, **split_plan.describe())
+        with staged_dir(final, root) as staging, _interim(dirs, name, options, root) as interim:
+            folders = {s: staging / s / "chunks" for s in ("train", "test")} if split_plan else {"all": staging / "chunks"}
             tasks = []
             for split_name, folder in folders.items():
                 folder.mkdir(parents=True)
@@ -281,7 +281,7 @@ def _convert(
                 "source": source_stamp(path),
                 "cells": source.n_obs,
                 "rows": rows,
-                "split": plan.describe() | {"donor_column": donor} if plan else None,
+                "split": split_plan.describe() | {"donor_column": donor} if split_plan else None,
                 "age": counts.as_dict(),
                 "genes": {"source": symbols.source, "vars": source.n_vars, "with_symbol": symbols.n_mapped, "unmapped_examples": symbols.unmapped_examples},
                 "obs_renamed": converter.renamed,
@@ -296,8 +296,8 @@ def _convert(
 class _interim:
     """The interim chunk folder kept by --keep-interim (built hidden, renamed on success)."""
 
-    def __init__(self, layout: Layout, name: str, options: Options, root: "DataRoot | None" = None) -> None:
-        self._cm = staged_dir(layout.interim(name), root) if options.keep_interim else None
+    def __init__(self, dirs: RunFolders, name: str, options: Options, root: "DataRoot | None" = None) -> None:
+        self._cm = staged_dir(dirs.interim(name), root) if options.keep_interim else None
 
     def __enter__(self) -> Path | None:
         return self._cm.__enter__() if self._cm else None

@@ -21,25 +21,25 @@ from cellfeed.server.preprocess.atomic import remove_stale, staged_dir
 from cellfeed.server.preprocess.chunks import ROW_GROUP_ROWS, chunk_files, open_parquet, read_chunks
 from cellfeed.server.preprocess.convert import Converter, chunk_tasks
 from cellfeed.server.preprocess.genes import GeneTable
-from cellfeed.server.preprocess.layout import Layout, dataset_name
+from cellfeed.server.preprocess.folders import RunFolders, dataset_name
 from cellfeed.server.preprocess.logs import Sink
 from cellfeed.server.preprocess.outputs import DatasetWriter, write_manifest
 from cellfeed.server.preprocess.pipeline import FileResult, Options, Progress, guarded, open_input
 from cellfeed.server.preprocess.split import DONOR_COLUMNS, SplitCounter
 
 
-def write_gene_table(layout: Layout, hgnc_file: Path | None) -> tuple[Path, int]:
+def write_gene_table(dirs: RunFolders, hgnc_file: Path | None) -> tuple[Path, int]:
     """step1: the gene table step2 uses, from an HGNC complete set or the shipped GENCODE table."""
     table = GeneTable.load(hgnc_file) if hgnc_file else GeneTable.shipped()
-    target = layout.gene_table()
+    target = dirs.gene_table()
     table.write(target)
     return target, len(table)
 
 
-def convert(path: Path, layout: Layout, options: Options, *, progress: Progress | None = None, sinks: tuple[Sink, ...] = ()) -> FileResult:
+def convert(path: Path, dirs: RunFolders, options: Options, *, progress: Progress | None = None, sinks: tuple[Sink, ...] = ()) -> FileResult:
     """step2: one h5ad to interim chunks (obs_names, obs columns, cell_sentence, genes, values)."""
     name = dataset_name(path)
-    final = layout.interim(name)
+    final = dirs.interim(name)
 
     def work(log) -> dict[str, Any]:
         remove_stale(final)
@@ -60,12 +60,12 @@ def convert(path: Path, layout: Layout, options: Options, *, progress: Progress 
         log.event("convert.done", output=str(final), rows=rows)
         return {"cells": source.n_obs, "rows": rows}
 
-    return guarded(Path(path), name, final, layout, sinks, work, options)
+    return guarded(Path(path), name, final, dirs, sinks, work, options)
 
 
-def add_age(name: str, layout: Layout, options: Options, *, sinks: tuple[Sink, ...] = ()) -> FileResult:
+def add_age(name: str, dirs: RunFolders, options: Options, *, sinks: tuple[Sink, ...] = ()) -> FileResult:
     """step3: add (or recompute) `age` in every interim chunk of a dataset, one chunk at a time."""
-    folder = layout.interim_chunks(name)
+    folder = dirs.interim_chunks(name)
 
     def work(log) -> dict[str, Any]:
         files = _interim_files(folder, name)
@@ -84,13 +84,13 @@ def add_age(name: str, layout: Layout, options: Options, *, sinks: tuple[Sink, .
         log.event("age.extracted", chunks=len(files), **counts.as_dict())
         return {"cells": counts.cells, "rows": {"all": counts.cells}, "age": {k: v for k, v in counts.as_dict().items() if k != "distribution"}}
 
-    return guarded(folder, name, folder, layout, sinks, work, options)
+    return guarded(folder, name, folder, dirs, sinks, work, options)
 
 
-def split(name: str, layout: Layout, options: Options, *, sinks: tuple[Sink, ...] = ()) -> FileResult:
+def split(name: str, dirs: RunFolders, options: Options, *, sinks: tuple[Sink, ...] = ()) -> FileResult:
     """step4: interim chunks (with age) to output/<name>/{train,test}/chunks, or /chunks unsplit."""
-    folder = layout.interim_chunks(name)
-    final = layout.output(name)
+    folder = dirs.interim_chunks(name)
+    final = dirs.output(name)
 
     def work(log) -> dict[str, Any]:
         remove_stale(final)
@@ -99,26 +99,26 @@ def split(name: str, layout: Layout, options: Options, *, sinks: tuple[Sink, ...
         if "age" not in columns:
             raise CellfeedError(f"{name}: interim chunks have no age column; run step3-add-age first")
         donor = _donor(columns, options, name)
-        plan = None
+        split_plan = None
         if not options.skip_train_test_split:
             counter = SplitCounter(by_donor=donor is not None, drop_null_age=not options.keep_null_age)
             for table in read_chunks(folder, [c for c in (donor, "age") if c]):
                 counter.add(table.column(donor).combine_chunks() if donor else None, table.column("age").combine_chunks())
-            plan = counter.plan(options.test_size, options.seed)
-            log.event("split.planned", donor_column=donor, **plan.describe())
+            split_plan = counter.plan(options.test_size, options.seed)
+            log.event("split.planned", donor_column=donor, **split_plan.describe())
         with staged_dir(final) as staging:
-            writer = DatasetWriter(staging, plan is not None, options.chunk_size, options.compression, options.compression_level)
-            assigner = plan.assigner() if plan else None
+            writer = DatasetWriter(staging, split_plan is not None, options.chunk_size, options.compression, options.compression_level)
+            assigner = split_plan.assigner() if split_plan else None
             for table in read_chunks(folder):
                 age = table.column("age").combine_chunks()
                 writer.write(table, assigner.codes(table.column(donor).combine_chunks() if donor else None, age) if assigner else None)
             rows = writer.close()
-            described = plan.describe() | {"donor_column": donor} if plan else None
+            described = split_plan.describe() | {"donor_column": donor} if split_plan else None
             write_manifest(staging, {"dataset": name, "source": {"path": str(folder)}, "rows": rows, "split": described, "options": options.public()})
         log.event("output.written", output=str(final), rows=rows)
         return {"rows": rows, "split": described}
 
-    return guarded(folder, name, final, layout, sinks, work, options)
+    return guarded(folder, name, final, dirs, sinks, work, options)
 
 
 def _interim_files(folder: Path, name: str) -> list[Path]:

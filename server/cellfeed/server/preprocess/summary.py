@@ -8,7 +8,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from cellfeed.server.preprocess.layout import Layout
+from cellfeed.server.preprocess.folders import RunFolders
 from cellfeed.server.preprocess.pipeline import FileResult
 
 COLUMNS = ["dataset_name", "status", "processing_time_seconds", "processing_time_formatted", "output_path", "message"]
@@ -20,7 +20,7 @@ def _duration(seconds: float) -> str:
     return f"{hours:d}:{minutes:02d}:{secs:02d}"
 
 
-def render(results: list[FileResult], layout: Layout) -> str:
+def render(results: list[FileResult], dirs: RunFolders) -> str:
     ok = sum(r.status == "SUCCESS" for r in results)
     failed = sum(r.status == "FAILED" for r in results)
     lines = [
@@ -31,18 +31,18 @@ def render(results: list[FileResult], layout: Layout) -> str:
     ]
     marks = {"SUCCESS": "✓", "FAILED": "✗"}
     lines += [f"  {marks.get(r.status, '-')} {r.dataset} [{r.status}] {_duration(r.seconds)}: {r.message}" for r in results]
-    lines += [f"Input files: {', '.join(sorted({str(Path(r.path).parent) for r in results}))}", f"Interim: {layout.interim_dir}", f"Output: {layout.output_dir}", f"Logs: {layout.log_dir}"]
+    lines += [f"Input files: {', '.join(sorted({str(Path(r.path).parent) for r in results}))}", f"Interim: {dirs.interim_dir}", f"Output: {dirs.output_dir}", f"Logs: {dirs.log_dir}"]
     return "\n".join(lines)
 
 
-def write(results: list[FileResult], layout: Layout) -> Path:
+def write(results: list[FileResult], dirs: RunFolders) -> Path:
     """Write batch_processing_summary.tsv and .json into the output folder; return the TSV path."""
-    layout.output_dir.mkdir(parents=True, exist_ok=True)
-    tsv = layout.output_dir / "batch_processing_summary.tsv"
+    dirs.output_dir.mkdir(parents=True, exist_ok=True)
+    tsv = dirs.output_dir / "batch_processing_summary.tsv"
     with open(tsv, "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh, delimiter="\t", lineterminator="\n")
         writer.writerow(COLUMNS)
         for r in results:
             writer.writerow([r.dataset, r.status, f"{r.seconds:.3f}", _duration(r.seconds), r.output, r.message.replace("\n", " ")])
-    (layout.output_dir / "batch_processing_summary.json").write_text(json.dumps([asdict(r) for r in results], indent=2, default=str) + "\n", encoding="utf-8")
+    (dirs.output_dir / "batch_processing_summary.json").write_text(json.dumps([asdict(r) for r in results], indent=2, default=str) + "\n", encoding="utf-8")
     return tsv

@@ -14,7 +14,7 @@ from huggingface_hub import CommitOperationAdd, HfApi
 
 from cellfeed.server.errors import CellfeedError
 from cellfeed.server.preprocess.chunks import chunk_files
-from cellfeed.server.preprocess.layout import chunk_dirs
+from cellfeed.server.preprocess.folders import chunk_dirs
 
 
 def repo_name(repo_id: str, dataset: str) -> str:
