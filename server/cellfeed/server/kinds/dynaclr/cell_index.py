@@ -248,7 +248,7 @@ def build_from_collection(
         path = _resolve(root, entry.data_path, f"experiment {entry.name!r}: data_path")
         plates[entry.name] = open_plate(path, root.relative(path), root)
         channels[entry.name] = list(plates[entry.name].channel_names)
-    registry = registry_from_collection(parsed, channels)
+    registry = registry_from_collection(parsed, channels, aligned=False)  # VisCy main indexes any channel counts
     from cellfeed.server.kinds.dynaclr.registry import check_plate
 
     for exp in registry.experiments:

@@ -100,9 +100,10 @@ def parse_collection(text: str, where: str = "collection YAML") -> Collection:
     return parse_model(Collection, doc, where)
 
 
-def registry_from_collection(collection: Collection, plate_channels: dict[str, list[str]]) -> ExperimentRegistry:
+def registry_from_collection(collection: Collection, plate_channels: dict[str, list[str]], *, aligned: bool = True) -> ExperimentRegistry:
     """The registry of a collection; `plate_channels` gives each experiment's plate channels
-    (used when the entry lists none, as VisCy reads them from the zarr)."""
+    (used when the entry lists none, as VisCy reads them from the zarr); `aligned`: as
+    `ExperimentRegistry.validate`."""
     experiments = []
     for entry in collection.experiments:
         where = f"experiment {entry.name!r}"
@@ -137,5 +138,5 @@ def registry_from_collection(collection: Collection, plate_channels: dict[str, l
             )
         )
     registry = ExperimentRegistry(experiments)
-    registry.validate()
+    registry.validate(aligned=aligned)
     return registry

@@ -95,8 +95,10 @@ class ExperimentRegistry:
         registry.validate()
         return registry
 
-    def validate(self) -> None:
-        """VisCy's checks that need no files: names, intervals, conditions, channels."""
+    def validate(self, aligned: bool = True) -> None:
+        """VisCy's checks that need no files: names, intervals, conditions, channels. `aligned`:
+        every experiment has as many source channels (a session streams them by position; the
+        cell index builder, which only writes one row per channel, does not need it)."""
         names = [e.name for e in self.experiments]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
@@ -131,7 +133,7 @@ class ExperimentRegistry:
                 if value is not None and not value > 0:
                     raise CellfeedError(f"{where}: {key} must be > 0 (got {value})")
         counts = {e.name: len(e.source_channel) for e in self.experiments}
-        if len(set(counts.values())) > 1:
+        if aligned and len(set(counts.values())) > 1:
             raise CellfeedError(
                 "experiments YAML: every experiment needs the same number of source channels "
                 f"(they are aligned by position); got {counts}"
