@@ -23,7 +23,7 @@ import pyarrow as pa
 
 from cellfeed.server.context import ServerContext
 from cellfeed.server.errors import CellfeedError, parse_model
-from cellfeed.server.preprocess.layout import chunk_dirs
+from cellfeed.server.preprocess.folders import chunk_dirs
 from cellfeed.server.preprocess.outputs import read_manifest
 from cellfeed.server.reading.parquet import ParquetFolder
 from cellfeed.server.kinds.table.config import TableConfig
