@@ -13,7 +13,6 @@ resolve is the LightningCLI example in docs/dynaclr.md (cellfeed's counterpart o
 
 from __future__ import annotations
 
-import importlib
 import re
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import pytest
 import yaml
 from lightning.pytorch import Trainer, seed_everything
 
+from tests.fixtures.configs import class_paths, resolve_class_path
 from tests.fixtures.contrastive import FlatEncoder, NTXentLoss, RecordedContrastiveModule
 from tests.fixtures.viscy_ports import make_experiment, ported_server
 
@@ -73,20 +73,10 @@ def test_multi_experiment_fast_dev_run_with_all_sampling_axes(ported, tmp_path):
     assert module.train_losses and module.val_losses
 
 
-def _class_paths(obj) -> list[str]:
-    if isinstance(obj, dict):
-        return [v for k, v in obj.items() if k == "class_path" and isinstance(v, str)] + [
-            p for k, v in obj.items() if k != "class_path" for p in _class_paths(v)]
-    if isinstance(obj, list):
-        return [p for item in obj for p in _class_paths(item)]
-    return []
-
-
 def test_multi_experiment_config_class_paths_resolve():
     doc = (Path(__file__).resolve().parents[1] / "docs" / "dynaclr.md").read_text()
     blocks = [yaml.safe_load(b) for b in re.findall(r"```yaml\n(.*?)```", doc, flags=re.S) if "class_path" in b]
-    paths = [p for block in blocks for p in _class_paths(block)]
+    paths = [p for block in blocks for p in class_paths(block)]
     assert "cellfeed.client.MultiExperimentDataModule" in paths
     for path in paths:
-        module, name = path.rsplit(".", 1)
-        assert getattr(importlib.import_module(module), name) is not None, path
+        assert resolve_class_path(path) is not None, path
