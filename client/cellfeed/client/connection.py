@@ -9,7 +9,7 @@ Safe to share between threads, whatever fails:
   opening a DoGet stream and for each batch read from it (a watchdog cancels a read that gets
   no batch in time). A hung server is thus a failure like a dead one.
 - Failures by kind (cellfeed.wire.errors): transport failures (refused, reset, deadline) are
-  retried with backoff for `retry_seconds`, then raise ServerUnavailable; a refusal (bad input:
+  retried with backoff for `retry_seconds` (the client's one policy: cellfeed.client.pipeline.retry), then raise ServerUnavailable; a refusal (bad input:
   RequestError), a server failure (ServerError), a bad token or a TLS handshake failure raise
   at once, with the server's message naming what is at fault.
 
@@ -31,6 +31,8 @@ import pyarrow as pa
 import pyarrow.flight as flight
 
 from cellfeed.client.errors import RequestError, ServerError, ServerUnavailable
+from cellfeed.client.pipeline import retry as retry_policy
+from cellfeed.client.pipeline.retry import Retry
 from cellfeed.wire import cellfeed_pb2 as pb
 from cellfeed.wire import codec
 from cellfeed.wire.errors import ErrorKind, is_tls_failure, kind_of, message_of
@@ -297,12 +299,13 @@ class Connection:
         return Stream(self, gen, box.pop("reader"))
 
     def _call(self, what: str, fn: Callable[[flight.FlightClient], T], session: Session | None = None, *, retry: bool = True) -> T:
-        """fn(client) with retries of transport failures; reopens `session` once if the server
-        no longer knows it (it restarted); raises refusals at once."""
-        deadline = time.monotonic() + self.retry_seconds
-        delay = 0.1
+        """fn(client) under the client's retry policy (cellfeed.client.pipeline.retry): transport
+        failures retried for `retry_seconds` (none with `retry=False`), `session` reopened once if
+        the server no longer knows it (it restarted), refusals raised at once."""
         reopened = False
-        while True:
+
+        def attempt() -> T:
+            nonlocal reopened
             gen = self._acquire()
             try:
                 return fn(gen.client)
@@ -310,11 +313,10 @@ class Connection:
                 error = exc
             finally:
                 self._release(gen)
-            kind = kind_of(error)
-            if kind is ErrorKind.NOT_FOUND and session is not None and not reopened:
+            if kind_of(error) is ErrorKind.NOT_FOUND and session is not None and not reopened:
                 self.reopen(session)
                 reopened = True
-                continue
+                raise Retry(error, at_once=True, budgeted=False)
             refusal = self.refusal(error)
             if refusal is not None:
                 raise refusal from None
@@ -323,13 +325,15 @@ class Connection:
             self.reset(gen.number)
             if not retry:
                 raise error
-            if time.monotonic() + delay > deadline:
-                raise ServerUnavailable(
-                    f"cellfeed server at {self.location} unreachable for {self.retry_seconds:g} s "
-                    f"({what}; deadline per call {self.call_timeout:g} s): {message_of(error)}"
-                ) from error
-            time.sleep(delay)
-            delay = min(delay * 2, 5.0)
+            raise Retry(error)
+
+        def give_up(cause: BaseException, budget: float) -> ServerUnavailable:
+            return ServerUnavailable(
+                f"cellfeed server at {self.location} unreachable for {budget:g} s "
+                f"({what}; deadline per call {self.call_timeout:g} s): {message_of(cause)}"
+            )
+
+        return retry_policy.call(attempt, budget_s=lambda: self.retry_seconds, give_up=give_up)
 
     def refusal(self, exc: BaseException) -> RequestError | None:
         """The error to raise at once for a failure that retrying cannot mend; None for one to

@@ -14,7 +14,8 @@ passes; anything else ends in `ServerUnavailable` naming what the address probab
   Connection's call deadlines and retry budget, with a WARNING.
 
 Failures that may pass (refused while a server starts, a slow DNS) are retried until the
-deadline, each retry logged at WARNING with the address and its cause. Mid-epoch reconnection
+deadline (the client's one policy, cellfeed.client.pipeline.retry, with waits up to 1 s), each
+retry logged at WARNING with the address and its cause. Mid-epoch reconnection
 is not this: the Connection retries with its own, longer budget (`retry_seconds`).
 
 Only plain-TCP addresses (grpc://, grpc+tcp://) get the protocol probe; for grpc+tls:// the check
@@ -32,6 +33,8 @@ import time
 from urllib.parse import urlsplit
 
 from cellfeed.client.errors import ServerUnavailable
+from cellfeed.client.pipeline import retry as retry_policy
+from cellfeed.client.pipeline.retry import Retry
 
 log = logging.getLogger("cellfeed.client")
 
@@ -78,19 +81,26 @@ def check(location: str, connect_timeout: float) -> None:
     address = f"{host}:{port}"
     probe = parts.scheme in ("grpc", "grpc+tcp", "")
     deadline = time.monotonic() + connect_timeout
-    attempt, pause = 0, 0.1
-    while True:
-        attempt += 1
+
+    def attempt() -> None:
         try:
             _look(host, port, address, deadline, probe)
-            return
         except _Verdict as verdict:
-            left = deadline - time.monotonic()
-            if verdict.final or left <= pause:
-                raise ServerUnavailable(f"cellfeed server at {location}: {verdict} (connect_timeout {connect_timeout:g} s)") from None
-            log.warning("cellfeed: %s not ready (attempt %d, %.1f s left): %s", address, attempt, left, verdict)
-            time.sleep(pause)
-            pause = min(pause * 2, 1.0)
+            if verdict.final:
+                raise give_up(verdict, connect_timeout) from None
+            raise Retry(verdict) from None
+
+    def give_up(verdict: BaseException, budget: float) -> ServerUnavailable:
+        return ServerUnavailable(f"cellfeed server at {location}: {verdict} (connect_timeout {budget:g} s)")
+
+    def warn(verdict: BaseException, attempt_number: int) -> None:
+        left = deadline - time.monotonic()
+        log.warning("cellfeed: %s not ready (attempt %d, %.1f s left): %s", address, attempt_number, left, verdict)
+
+    try:
+        retry_policy.call(attempt, budget_s=lambda: connect_timeout, give_up=give_up, max_wait_s=1.0, on_retry=warn)
+    except ServerUnavailable as exc:
+        raise exc.with_traceback(None) from None
 
 
 def _look(host: str, port: int, address: str, deadline: float, probe: bool) -> None:

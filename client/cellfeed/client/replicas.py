@@ -32,6 +32,8 @@ from typing import Any
 
 from cellfeed.client.connection import Connection, Session, normalize_location
 from cellfeed.client.errors import RequestError, ServerUnavailable
+from cellfeed.client.pipeline import retry as retry_policy
+from cellfeed.client.pipeline.retry import Retry
 
 BACKOFF_S = 1.0  # the first time a failed replica is left out
 MAX_BACKOFF_S = 30.0
@@ -193,11 +195,12 @@ class ReplicaSet:
 
     def _any(self, fn: Callable[[Connection], Any], what: str) -> Any:
         """fn(replica) on the healthy replicas in turn until one answers; a refusal raises at
-        once; past the first replica's retry budget, ServerUnavailable naming them all."""
-        budget = self.primary.retry_seconds
-        deadline, delay = time.monotonic() + budget, 0.1
+        once; the round is retried under the client's policy, and past the first replica's
+        retry budget raises ServerUnavailable naming them all."""
         error: Exception | None = None
-        while True:
+
+        def attempt() -> Any:
+            nonlocal error
             for connection in self.healthy():
                 try:
                     result = fn(connection)
@@ -209,12 +212,12 @@ class ReplicaSet:
                     continue
                 self.succeeded(connection)
                 return result
-            if time.monotonic() + delay > deadline:
-                raise ServerUnavailable(
-                    f"no cellfeed replica reachable for {budget:g} s ({what}; replicas {self.locations}): {error}"
-                ) from error
-            time.sleep(delay)
-            delay = min(delay * 2, 5.0)
+            raise Retry(error or ServerUnavailable(f"no replica of {self.locations} is up"))
+
+        def give_up(cause: BaseException, budget: float) -> ServerUnavailable:
+            return ServerUnavailable(f"no cellfeed replica reachable for {budget:g} s ({what}; replicas {self.locations}): {cause}")
+
+        return retry_policy.call(attempt, budget_s=lambda: self.primary.retry_seconds, give_up=give_up)
 
     def ensure_session(self, connection: Connection, session: Session, *, reopen: bool = False) -> None:
         """Open `session` on `connection`'s replica unless known open there (`reopen`: the
