@@ -3,8 +3,9 @@
 Subclasses name their stream `kind`, give `session_config()` and `on_session()` (which builds
 the decoder), and may change how many streams and how much prefetch a loader gets.
 
-Where the server is: the `server` argument, else CELLFEED_SERVER, else grpc://127.0.0.1:8815 (one
-address, or several replicas: a list, commas, or a name of several hosts; see
+Where the server is: the `server` argument (typed `ServerAddress`, `str | list[str] | None`, so
+LightningCLI YAML takes one address or a list), else CELLFEED_SERVER, else grpc://127.0.0.1:8815
+(one address, or several replicas: a list, commas, or a name of several hosts; see
 cellfeed.client.replicas); the token: `token`, else CELLFEED_TOKEN; the client's TLS files:
 CELLFEED_TLS_ROOT_CERTS, CELLFEED_TLS_CERT_CHAIN, CELLFEED_TLS_PRIVATE_KEY (paths). Neither variable is saved in hparams, so a secret set in the
 environment stays out of LightningCLI's saved config.yaml (`token` is never saved).
@@ -43,10 +44,17 @@ from cellfeed.client.shm import SlotReader
 
 DEFAULT_SERVER = "grpc://127.0.0.1:8815"
 DEFAULT_PREFETCH = 2
+# What a DataModule's `server` argument takes: one address, a comma-separated string or a list
+# of replicas (LightningCLI YAML: `server: grpc://a:8815` or `server: [grpc://a:8815, grpc://b:8815]`),
+# or None for $CELLFEED_SERVER, else the local default.
+ServerAddress = str | list[str] | None
 
 
-def resolve_server(server: str | None) -> str:
-    """`server`, else $CELLFEED_SERVER, else the local default (grpc://127.0.0.1:8815)."""
+def resolve_server(server: ServerAddress) -> str | list[str]:
+    """`server` (one address, commas, or a list of replicas), else $CELLFEED_SERVER, else the
+    local default (grpc://127.0.0.1:8815)."""
+    if isinstance(server, (list, tuple)):
+        return [str(s) for s in server] if server else resolve_server(None)
     return server or os.environ.get("CELLFEED_SERVER") or DEFAULT_SERVER
 
 
