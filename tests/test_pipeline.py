@@ -135,3 +135,24 @@ def test_prefetch_state_is_the_consumers_not_the_threads(dm):
         assert stage.next().batch == 2
     finally:
         stage.close()
+
+
+def test_a_pass_asks_getflightinfo_once_for_all_its_streams(dm, monkeypatch):
+    """The client builds no ticket: a pass's streams read endpoints of one FlightInfo, asked at
+    the pass's start (again at a resume point), naming the client's replicas as locations."""
+    conn = dm._connection
+    asked: list[tuple[int, int, list[str]]] = []
+    ask = conn.flight_info_once
+
+    def counted(request):
+        asked.append((request.epoch, request.first_batch, list(request.locations)))
+        return ask(request)
+
+    monkeypatch.setattr(conn, "flight_info_once", counted)
+    ld = loader(dm, 3, fixed_epoch=True)
+    total = len(ld)
+    assert len(list(ld)) == total
+    assert asked == [(0, 0, [conn.location])]
+    ld.load_state_dict(dict(ld.state_dict(), next_batch=4))
+    assert len(list(ld)) == total - 4
+    assert asked[1:] == [(0, 4, [conn.location])]
