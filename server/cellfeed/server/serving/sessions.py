@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import logging
@@ -192,6 +193,9 @@ class SessionRegistry:
                 for key, latest in list(self._latest.items()):
                     if latest is s:
                         del self._latest[key]
+            if gone:  # the opening locks of configs with no session left (none is opening now)
+                for key in [k for k, lock in self._opening.items() if k not in self._latest and not lock.locked()]:
+                    del self._opening[key]
             kept_files = {p for s in self._sessions.values() for p in s.files}
         for s in gone:
             try:
@@ -202,7 +206,10 @@ class SessionRegistry:
         if gone:
             self.evicted += len(gone)
             self.ctx.handles.release(keep=kept_files, idle_seconds=min(60.0, settings.session_idle_seconds))
-            return_freed_memory()  # what the closed sessions held goes back to the system, not just to the heap
+            # a cycle in a closed source would wait for a full collection, which a server making few
+            # Python objects seldom runs (issue 15); then what they held goes back to the system
+            gc.collect()
+            return_freed_memory()
         return [s.session_id for s in gone]
 
     def _sweep(self, every: float) -> None:
