@@ -43,9 +43,10 @@ class Selection:
         if self.bag:
             fov_well = [ref.fov.well for ref in index.fovs]
             per_slot = []
-            for s in range(len(self.read_channels[0])):
+            for s in range(max(len(chans) for chans in self.read_channels)):  # an experiment may read fewer channels
                 ok_fov = np.array(
-                    [_channel_valid(exps[ref.experiment].channel_wells, s, fov_well[f]) for f, ref in enumerate(index.fovs)],
+                    [s < len(self.read_channels[ref.experiment]) and _channel_valid(exps[ref.experiment].channel_wells, s, fov_well[f])
+                     for f, ref in enumerate(index.fovs)],
                     dtype=bool,
                 )
                 per_slot.append(ok_fov[rows["fov"]])
