@@ -66,10 +66,15 @@ class Endpoints:
             locations=self.locations,
         )
 
-    def endpoint(self, connection: Connection, epoch: int, stream_index: int, batch: int, shm_pool: str) -> flight.FlightEndpoint:
+    def endpoint(
+        self, connection: Connection, epoch: int, stream_index: int, batch: int, shm_pool: str, *, shared: bool = True
+    ) -> flight.FlightEndpoint:
         """Endpoint `stream_index` of a FlightInfo whose stream starts at `batch` of `epoch`:
-        cached, else asked of `connection` (one attempt; a failure raises as Flight raised it)."""
-        key = (epoch, self._first_batch(epoch, stream_index, batch, shm_pool), shm_pool)
+        cached, else asked of `connection` (one attempt; a failure raises as Flight raised it).
+        `shared`: one the other streams use may serve (a pass's start); else first_batch = batch
+        (a stream resuming after a failure asks for its own resume point)."""
+        first = self._first_batch(epoch, stream_index, batch, shm_pool) if shared else batch
+        key = (epoch, first, shm_pool)
         with self._lock:
             info = self._infos.get(key)
             asking = self._asking.setdefault(key, threading.Lock())

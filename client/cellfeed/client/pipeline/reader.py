@@ -53,6 +53,7 @@ class StreamReader:
         self._last_batch = 0.0
         self._reopen_on: Connection | None = None  # said it does not know the session
         self._reopens = 0
+        self._resuming = False  # reopening after a failure: GetFlightInfo from the batch owed
 
     # -- the protocol --------------------------------------------------------------------------
     def reset(self, state: State | None = None) -> None:
@@ -66,7 +67,7 @@ class StreamReader:
         if stream is not None:
             stream.close()
         self._epoch, self._batch, self._done = self._normalized(epoch, batch)
-        self._reopens, self._reopen_on = 0, None
+        self._reopens, self._reopen_on, self._resuming = 0, None, False
 
     def get_state(self) -> State:
         return state_at(self._epoch, self._batch)
@@ -147,7 +148,8 @@ class StreamReader:
         asked = replicas.first_up(self._locations or replicas.uris)
         self._conn, self._generation = asked, asked.generation
         replicas.ensure_session(asked, loader.session)  # on each replica once (lazily)
-        endpoint = loader.endpoints.endpoint(asked, self._epoch, self.index, self._batch, loader.shm_pool(slots is not None))
+        pool = loader.shm_pool(slots is not None)
+        endpoint = loader.endpoints.endpoint(asked, self._epoch, self.index, self._batch, pool, shared=not self._resuming)
         self._locations = [location.uri.decode() for location in endpoint.locations]
         conn = replicas.first_up(self._locations)
         self._conn, self._generation = conn, conn.generation
@@ -162,6 +164,7 @@ class StreamReader:
             stream.close()
             raise retry.Closed()
         self._generation, self._slots, self._opened = stream.generation, slots, time.monotonic()
+        self._resuming = False
 
     def _delivered(self) -> None:
         """Batch owed delivered: owe the stream's next; at a training epoch's end, move back to
@@ -201,6 +204,7 @@ class StreamReader:
         if isinstance(exc, (RequestError, ServerUnavailable)):
             return exc  # from reopening a session: a refusal, or its own budget spent
         loader, conn = self.loader, self._conn or self.loader.replicas.primary
+        self._resuming = True
         what = kind_of(exc)
         if what is ErrorKind.NOT_FOUND and self._reopens < MAX_REOPENS:  # the server restarted, or closed it when idle
             self._reopens += 1
