@@ -173,7 +173,7 @@ def main() -> int:
     for r, rd in enumerate(rounds):
         print(f"round {r + 1}: {args.sessions} sessions opened one after another, {rd['listed']} listed after them, {rd['left']} left once idle; "
               f"RSS {rd['rss_mb']:.0f} MB, block cache {rd['block_cache_mb']:.0f} MB")
-    print(f"RSS bound {bound:.0f} MB (after the clients {after_many:.0f} MB + the cache budget's {CACHE_MB} MB unfilled part, + 10%); "
+    print(f"RSS bound {bound:.0f} MB (after the clients {after_many:.0f} MB + {max(0.0, CACHE_MB - cache_after_many):.0f} MB of the {CACHE_MB} MB cache budget unfilled then, + 10%); "
           f"last round / first: {result['rss_last_round_vs_first']:.2f} (flat: within 1.10)")
     if result["errors"]:
         print("errors:", *result["errors"], sep="\n  ")
