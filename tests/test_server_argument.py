@@ -29,3 +29,18 @@ def test_resolve_server_keeps_a_list_and_falls_back_to_the_environment(monkeypat
     assert resolve_server(None) == resolve_server([]) == DEFAULT_SERVER
     monkeypatch.setenv("CELLFEED_SERVER", "grpc://10.0.0.3:8815")
     assert resolve_server(None) == "grpc://10.0.0.3:8815"
+
+
+
+def test_every_datamodule_takes_a_list_of_replicas_from_yaml():
+    """Each DataModule's `server` annotation admits a list, so LightningCLI reads one from YAML."""
+    import typing
+
+    from cellfeed.client import MultiExperimentDataModule, PerturbationDataModule, TableDataModule
+    from cellfeed.client.cell_load.data_modules import PerturbationDataModule as CellLoadDataModule
+
+    for cls in (PerturbationDataModule, MultiExperimentDataModule, TableDataModule, CellLoadDataModule):
+        parser = ArgumentParser()
+        parser.add_argument("--server", type=typing.get_type_hints(cls.__init__)["server"])
+        assert parser.parse_args(["--server", "[grpc://a:8815, grpc://b:8815]"]).server == ["grpc://a:8815", "grpc://b:8815"], cls
+        assert parser.parse_args(["--server", "grpc://a:8815"]).server == "grpc://a:8815", cls

@@ -16,7 +16,7 @@ import pyarrow as pa
 import torch
 
 from cellfeed.client.connection import Session
-from cellfeed.client.datamodule import RemoteDataModule
+from cellfeed.client.datamodule import RemoteDataModule, ServerAddress
 from cellfeed.client.loader import RemoteLoader
 from cellfeed.client.transforms import BatchedCenterSpatialCropd, ChannelDropout
 from cellfeed.wire import codec
@@ -149,7 +149,7 @@ class MultiExperimentDataModule(RemoteDataModule):
         seed: int = 0,
         include_wells: list[str] | None = None,
         exclude_fovs: list[str] | None = None,
-        server: str | None = None,
+        server: ServerAddress = None,
         token: str | None = None,
         tls_root_certs: str | None = None,
         tls_cert_chain: str | None = None,
@@ -222,8 +222,8 @@ class MultiExperimentDataModule(RemoteDataModule):
             seed: seed of the epoch plans (a batch is a function of it and the epoch).
             include_wells: only these wells ("A/1"); None: all.
             exclude_fovs: skip these FOVs ("A/1/0").
-            server: Flight address of the cellfeed server; None: $CELLFEED_SERVER, else
-                grpc://127.0.0.1:8815.
+            server: Flight address of the cellfeed server, or several replicas (a list, or a
+                comma-separated string); None: $CELLFEED_SERVER, else grpc://127.0.0.1:8815.
             token: bearer token, when the server has one; None: $CELLFEED_TOKEN. Never saved.
             tls_root_certs: PEM file of the root certificates that sign a TLS server's (grpc+tls://);
                 None: $CELLFEED_TLS_ROOT_CERTS, else the system's.

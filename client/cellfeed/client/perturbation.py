@@ -18,7 +18,7 @@ import pyarrow as pa
 import torch
 
 from cellfeed.client.connection import Session
-from cellfeed.client.datamodule import RemoteDataModule
+from cellfeed.client.datamodule import RemoteDataModule, ServerAddress
 from cellfeed.client.loader import RemoteLoader
 from cellfeed.wire import codec, csr
 from cellfeed.wire import perturbation as wire
@@ -234,8 +234,8 @@ class PerturbationDataModule(RemoteDataModule):
         barcodes: add `pert_cell_barcode` / `ctrl_cell_barcode` (obs_names) to batches.
         block_size: rows per contiguous read block (adjacent groups merge up to this).
         batch_size: items per batch (B); a batch holds B * S perturbed cells.
-        server: Flight address of the cellfeed server; None: $CELLFEED_SERVER, else
-            grpc://127.0.0.1:8815.
+        server: Flight address of the cellfeed server, or several replicas (a list, or a
+            comma-separated string); None: $CELLFEED_SERVER, else grpc://127.0.0.1:8815.
         token: bearer token, when the server has one; None: $CELLFEED_TOKEN. Never saved.
         tls_root_certs: PEM file of the root certificates that sign a TLS server's (grpc+tls://);
             None: $CELLFEED_TLS_ROOT_CERTS, else the system's.
@@ -280,7 +280,7 @@ class PerturbationDataModule(RemoteDataModule):
         barcodes: bool = False,
         block_size: int = 2048,
         batch_size: int = 64,
-        server: str | None = None,
+        server: ServerAddress = None,
         token: str | None = None,
         tls_root_certs: str | None = None,
         tls_cert_chain: str | None = None,

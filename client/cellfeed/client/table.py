@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from cellfeed.client.datamodule import RemoteDataModule
+from cellfeed.client.datamodule import RemoteDataModule, ServerAddress
 from cellfeed.client.loader import RemoteLoader
 from cellfeed.wire import csr
 from cellfeed.wire import table as wire
@@ -83,7 +83,7 @@ class TableDataModule(RemoteDataModule):
 
     def __init__(
         self,
-        server: str | None = None,
+        server: ServerAddress = None,
         dataset: str | list[str] | None = None,
         train_split: str | None = None,
         columns: list[str] | None = None,
@@ -106,8 +106,8 @@ class TableDataModule(RemoteDataModule):
         """Rows of a preprocessed parquet dataset; no I/O until setup().
 
         Args:
-            server: Flight address of the cellfeed server; None: $CELLFEED_SERVER, else
-                grpc://127.0.0.1:8815.
+            server: Flight address of the cellfeed server, or several replicas (a list, or a
+                comma-separated string); None: $CELLFEED_SERVER, else grpc://127.0.0.1:8815.
             dataset: server-side folder (inside its --data-root) of a `cellfeed preprocess` output
                 (output/<name>), or a list of them streamed as one (with `dataset_name`).
             train_split: the training split (shuffled, streamed by train_dataloader); the other

@@ -622,7 +622,7 @@ class PerturbationDataModule(pl.LightningDataModule):
         torch.save(self._saved(), filepath)
 
     @classmethod
-    def load_state(cls, filepath: Any, server: str | None = None, token: str | None = None) -> "PerturbationDataModule":
+    def load_state(cls, filepath: Any, server: str | list[str] | None = None, token: str | None = None) -> "PerturbationDataModule":
         """A new module from save_state's file (cell-load's or this one's); call setup() after.
         `server` overrides the saved one; the token comes from `token` or CELLFEED_TOKEN."""
         saved = dict(torch.load(filepath, map_location="cpu", weights_only=False))
