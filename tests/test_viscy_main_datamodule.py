@@ -16,6 +16,7 @@ from types import SimpleNamespace
 
 import pandas as pd
 import pytest
+import torch
 
 from cellfeed.client.loader import RemoteLoader
 from tests.fixtures.jobs import run_job
@@ -227,3 +228,16 @@ def test_val_covers_every_val_anchor_once_without_weights(ported, mixed):
     dm.setup("fit")
     val = _rows(_frames(dm.val_dataloader()))
     assert len(val) == dm.info["splits"]["val"]["items"] == len(val.drop_duplicates(KEY))
+
+
+def test_a_bag_of_one_channel_trains_with_the_default_dropout(ported, two):
+    # VisCy main's channel_dropout_prob defaults to 0.0: with one channel per sample there is no
+    # channel 1 to drop, so the main form's defaults must not refuse the first training batch.
+    dm = _dm(ported, two, val_experiments=["exp_b"], channels_per_sample=1)
+    assert dm.channel_dropout.p == 0.0
+    dm.setup("fit")
+    dm.trainer = SimpleNamespace(training=True, world_size=1, global_rank=0)
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["anchor"].shape[1] == 1
+    out = dm.on_after_batch_transfer(batch, 0)
+    assert out["anchor"].shape[1] == 1 and torch.isfinite(out["anchor"]).all()

@@ -113,8 +113,9 @@ def _values(column: pa.Array) -> list[Any]:
 class MultiExperimentDataModule(RemoteDataModule):
     """Remote drop-in for VisCy's DynaCLR MultiExperimentDataModule (plus `server` and `token`).
 
-    `num_workers` is the number of parallel Flight streams per loader. Validation is in order
-    and identical every epoch; augmentations and channel dropout run only while training.
+    `num_workers` is the number of parallel Flight streams per loader. Validation is identical
+    every epoch (in index order, or in the main form epoch 0's training-sampler plan);
+    augmentations and channel dropout run only while training.
     `shared_memory`: patches come in shared-memory slots rather than over gRPC when the server
     runs on this host (None: when available; True: required; False: never).
     """
@@ -141,7 +142,7 @@ class MultiExperimentDataModule(RemoteDataModule):
         experiment_weights: dict[str, float] | None = None,
         condition_ratio: dict[str, float] | None = None,
         channel_dropout_channels: list[int] | None = None,
-        channel_dropout_prob: float = 0.5,
+        channel_dropout_prob: float | None = None,
         normalizations: Sequence[Callable] | None = None,
         augmentations: Sequence[Callable] | None = None,
         hcl_beta: float = 0.5,
@@ -213,7 +214,9 @@ class MultiExperimentDataModule(RemoteDataModule):
             experiment_weights: sampling weight per experiment name.
             condition_ratio: share of each condition in a condition-balanced batch.
             channel_dropout_channels: channels ChannelDropout may zero while training (default [1]).
-            channel_dropout_prob: probability of dropping each of those channels per sample.
+            channel_dropout_prob: probability of dropping each of those channels per sample; None:
+                0.5 in the experiments_yaml form (app-dynaclr's default), 0.0 in the main form
+                (VisCy main's, where a bag of one channel per sample has no channel 1 to drop).
             normalizations: transforms on VisCy's batch dict, on the device, in every split.
             augmentations: transforms on VisCy's batch dict, on the device, training only.
             hcl_beta: stored as a hyperparameter only (the loss belongs to the model), as in VisCy.
@@ -272,7 +275,9 @@ class MultiExperimentDataModule(RemoteDataModule):
             label_columns: {batch key: column}: class ids in `anchor_meta[i]["labels"]`.
             recheck_cached_data, file_io_concurrency: VisCy main's tensorstore settings; accepted,
                 no effect here (the server opens each plate read-only once, with its own I/O settings).
-            shuffle_val: accepted; VisCy main stores it unused. Validation is in order here.
+            shuffle_val: accepted; VisCy main stores it unused. Validation is in index order in the
+                experiments_yaml form, and drawn by the training sampler (epoch 0's plan every
+                epoch) in the main form.
             pin_memory, buffer_size: VisCy main's ThreadDataLoader settings; accepted, no effect
                 (batches arrive decoded from the server; move them with the trainer as usual).
             prefetch_factor: decoded batches queued per stream (default 2); `prefetch` is its deprecated alias.
@@ -289,7 +294,8 @@ class MultiExperimentDataModule(RemoteDataModule):
         self.normalizations = list(normalizations or [])
         self.augmentations = list(augmentations or [])
         self.channel_dropout = ChannelDropout(
-            channels=channel_dropout_channels if channel_dropout_channels is not None else [1], p=channel_dropout_prob
+            channels=channel_dropout_channels if channel_dropout_channels is not None else [1],
+            p=channel_dropout_prob if channel_dropout_prob is not None else (0.5 if self.form == "experiments_yaml" else 0.0),
         )
 
     # -- setup -------------------------------------------------------------------------------
