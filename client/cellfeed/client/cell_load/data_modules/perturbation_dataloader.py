@@ -552,7 +552,7 @@ class PerturbationDataModule(pl.LightningDataModule):
         targets = np.asarray(self.info["targets"], dtype=object)
 
         def codes(rb: Any) -> np.ndarray:
-            return np.unique(rb.column("target").indices.to_numpy()[rb.column("cell_mask").to_numpy(zero_copy_only=False)])
+            return np.unique(rb.column(wire.TARGET).indices.to_numpy()[rb.column(wire.CELL_MASK).to_numpy(zero_copy_only=False)])
 
         replicas = self._stream._connect_replicas()  # every replica `server` names, as the loaders
         loader = RemoteLoader(

@@ -1,7 +1,8 @@
 """The DynaCLR stream: anchor and positive patches of the same lineage, from OME-Zarr plates.
 
 Splits: "train" (flexible sampler over valid anchors of the training experiments), "val"
-(in order over valid anchors of `val_experiments`, same batches every epoch) and "predict"
+(valid anchors of `val_experiments`, the same batches every epoch: in order in the
+experiments_yaml form, epoch 0's flexible-sampler plan in VisCy main's form) and "predict"
 (in order over every tracked cell of every experiment, anchors only). One record batch is one
 training batch; the schema is written out in docs/protocol/dynaclr.md.
 """
