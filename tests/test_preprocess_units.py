@@ -128,17 +128,17 @@ def _donor_split(n_donors: int, cells_per_donor: np.ndarray, donor_age: np.ndarr
     blocks = np.array_split(np.arange(len(donors)), 7)
     for b in blocks:
         counter.add(pa.array(donors[b]), pa.array(age[b]))
-    plan = counter.plan(test_size, seed)
-    assigner = plan.assigner()
+    decision = counter.decide(test_size, seed)
+    assigner = decision.assigner()
     codes = np.concatenate([assigner.codes(pa.array(donors[b]), pa.array(age[b])) for b in blocks])
-    return donors, age, codes, plan
+    return donors, age, codes, decision
 
 
 def test_donor_split_never_puts_a_donor_on_both_sides_and_is_stratified_by_age():
     rng = np.random.default_rng(1)
     n = 300
     donor_age = rng.integers(20, 80, size=n)
-    donors, age, codes, plan = _donor_split(n, rng.integers(20, 60, size=n), donor_age)
+    donors, age, codes, decision = _donor_split(n, rng.integers(20, 60, size=n), donor_age)
     for d in np.unique(donors):
         assert len(set(codes[donors == d])) == 1
     share = (codes == TEST).mean()
@@ -146,7 +146,7 @@ def test_donor_split_never_puts_a_donor_on_both_sides_and_is_stratified_by_age()
     for lo in range(20, 80, 15):  # every age range gets about its share of test cells
         band = (age >= lo) & (age < lo + 15)
         assert 0.05 < (codes[band] == TEST).mean() < 0.15
-    assert plan.describe()["by"] == "donor"
+    assert decision.describe()["by"] == "donor"
 
 
 def test_donor_split_depends_on_the_seed_only():
@@ -173,7 +173,7 @@ def test_cell_split_draws_exact_counts_per_age_whatever_the_block_size():
         blocks = np.array_split(np.arange(5000), parts)
         for b in blocks:
             counter.add(None, arr.take(pa.array(b)))
-        assigner = counter.plan(0.2, 7).assigner()
+        assigner = counter.decide(0.2, 7).assigner()
         results.append(np.concatenate([assigner.codes(None, arr.take(pa.array(b))) for b in blocks]))
     assert all(np.array_equal(results[0], r) for r in results[1:])
     codes = results[0]

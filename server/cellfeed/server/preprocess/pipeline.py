@@ -1,6 +1,6 @@
 """run-all for one file: gene symbols, sentences, age and split in a single pass over X.
 
-Every cell is read, ranked and compressed once: the split is planned first from obs (donor and
+Every cell is read, ranked and compressed once: the split is decided first from obs (donor and
 age only), then each output chunk file of output/<name>/{train,test}/chunks is written by its own
 task. The dataset folder is built hidden and renamed into place, so a failure or a cancel leaves
 nothing behind.
@@ -28,7 +28,7 @@ from cellfeed.server.preprocess.h5ad_reader import H5adInput
 from cellfeed.server.preprocess.folders import RunFolders, dataset_name
 from cellfeed.server.preprocess.logs import FileLog, Sink
 from cellfeed.server.preprocess.outputs import is_done, source_stamp, write_manifest
-from cellfeed.server.preprocess.split import DONOR_COLUMNS, DROPPED, TEST, TRAIN, SplitCounter, SplitPlan
+from cellfeed.server.preprocess.split import DONOR_COLUMNS, DROPPED, TEST, TRAIN, SplitCounter, SplitDecision
 
 if TYPE_CHECKING:
     from cellfeed.server.paths import DataRoot
@@ -122,8 +122,8 @@ def donor_column(columns: list[str], options: Options, label: str) -> str | None
     return next((c for c in DONOR_COLUMNS if c in columns), None)
 
 
-def scan_obs(source: H5adInput, ages: AgeSource, donor: str | None, options: Options, split: bool) -> tuple[AgeCounts, SplitPlan | None, np.ndarray | None]:
-    """Passes over obs only (donor and stage columns): age counts, the split plan, and the split
+def scan_obs(source: H5adInput, ages: AgeSource, donor: str | None, options: Options, split: bool) -> tuple[AgeCounts, SplitDecision | None, np.ndarray | None]:
+    """Passes over obs only (donor and stage columns): age counts, the split decision, and the split
     code of every row (one byte per cell)."""
     n = source.n_obs
     blocks = [(a, min(a + OBS_BLOCK, n)) for a in range(0, n, OBS_BLOCK)]
@@ -149,13 +149,13 @@ def scan_obs(source: H5adInput, ages: AgeSource, donor: str | None, options: Opt
             f"{source.label}: no cell has an age (development stages: {labels}); the split keeps only cells with one, "
             "so pass --no-age-filter or --skip-train-test-split"
         )
-    split_plan = counter.plan(options.test_size, options.seed)
+    decision = counter.decide(options.test_size, options.seed)
     codes = np.empty(n, dtype=np.int8)
-    assigner = split_plan.assigner()
+    assigner = decision.assigner()
     for start, stop in blocks:
         donors, values, _ = read(start, stop)
         codes[start:stop] = assigner.codes(donors, values)
-    return counts, split_plan, codes
+    return counts, decision, codes
 
 
 def run_file(
@@ -247,12 +247,12 @@ def _convert(
             log.event("obs.renamed", level="warning", columns=converter.renamed)
         if split and donor is None:
             log.event("split.no_donor", level="warning", looked_for=list(DONOR_COLUMNS))
-        counts, split_plan, codes = scan_obs(source, ages, donor, options, split)
+        counts, decision, codes = scan_obs(source, ages, donor, options, split)
         log.event("age.extracted", **counts.as_dict())
-        if split_plan is not None:
-            log.event("split.planned", donor_column=donor, **split_plan.describe())
+        if decision is not None:
+            log.event("split.decided", donor_column=donor, **decision.describe())
         with staged_dir(final, root) as staging, _interim(dirs, name, options, root) as interim:
-            folders = {s: staging / s / "chunks" for s in ("train", "test")} if split_plan else {"all": staging / "chunks"}
+            folders = {s: staging / s / "chunks" for s in ("train", "test")} if decision else {"all": staging / "chunks"}
             tasks = []
             for split_name, folder in folders.items():
                 folder.mkdir(parents=True)
@@ -281,7 +281,7 @@ def _convert(
                 "source": source_stamp(path),
                 "cells": source.n_obs,
                 "rows": rows,
-                "split": split_plan.describe() | {"donor_column": donor} if split_plan else None,
+                "split": decision.describe() | {"donor_column": donor} if decision else None,
                 "age": counts.as_dict(),
                 "genes": {"source": symbols.source, "vars": source.n_vars, "with_symbol": symbols.n_mapped, "unmapped_examples": symbols.unmapped_examples},
                 "obs_renamed": converter.renamed,

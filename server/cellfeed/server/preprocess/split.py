@@ -1,10 +1,10 @@
 """Train/test split: by donor when there is a donor column, else by cell; age-stratified, seeded.
 
 A first pass counts cells per donor and age (memory grows with donors and distinct ages, not
-cells); the plan then assigns whole donors, walking them in age order (shuffled, seeded, within
+cells); the decision then assigns whole donors, walking them in age order (shuffled, seeded, within
 strata of about 1/test_size donors of similar age) and keeping the running test share at
 `test_size`, so no donor is on both sides and every age range gets its share. The
-cell-level plan draws exactly round(test_size x n) cells per age (largest remainder) and marks
+cell-level decision draws exactly round(test_size x n) cells per age (largest remainder) and marks
 them as the rows stream past, so any block size gives the same split.
 """
 
@@ -44,17 +44,18 @@ class SplitCounter:
         for (donor, age), n in _pairs(donors if self.by_donor else None, ages, keep).items():
             self.cells[donor][age] += n
 
-    def plan(self, test_size: float, seed: int) -> "SplitPlan":
+    def decide(self, test_size: float, seed: int) -> "SplitDecision":
+        """Which donors (or, without two donors, which cells of each age) go to test."""
         if not 0 < test_size < 1:
             raise ValueError(f"test_size must be between 0 and 1 (exclusive), got {test_size}")
         donors = [d for d in self.cells if sum(self.cells[d].values())]
         if self.by_donor and len(donors) >= 2:
-            return _donor_plan(self.cells, test_size, seed, self.dropped, self.drop_null_age)
+            return _donor_split(self.cells, test_size, seed, self.dropped, self.drop_null_age)
         by_age: Counter = Counter()
         for ages in self.cells.values():
             by_age.update(ages)
         reason = "no donor column" if not self.by_donor else f"{len(donors)} donor(s): a donor split needs two"
-        return _cell_plan(by_age, test_size, seed, self.dropped, self.drop_null_age, reason)
+        return _cell_split(by_age, test_size, seed, self.dropped, self.drop_null_age, reason)
 
 
 def _keep_mask(ages: pa.Array, drop_null_age: bool) -> np.ndarray:
@@ -67,7 +68,7 @@ def _sort_key(age: float | None) -> tuple[bool, float]:
     return (age is None, age if age is not None else 0.0)
 
 
-def _donor_plan(cells: dict[Any, Counter], test_size: float, seed: int, dropped: int, drop_null: bool) -> "SplitPlan":
+def _donor_split(cells: dict[Any, Counter], test_size: float, seed: int, dropped: int, drop_null: bool) -> "SplitDecision":
     names = sorted((d for d in cells if sum(cells[d].values())), key=lambda d: (d is None, str(d)))
     sizes = {d: sum(cells[d].values()) for d in names}
     age_of = {d: min(cells[d].items(), key=lambda kv: (-kv[1], _sort_key(kv[0])))[0] for d in names}
@@ -88,7 +89,7 @@ def _donor_plan(cells: dict[Any, Counter], test_size: float, seed: int, dropped:
         test.add(min(order, key=lambda d: (abs(sizes[d] - test_size * total), tiebreak[d])))
     if len(test) == len(order):
         test.discard(max(test, key=lambda d: (sizes[d], tiebreak[d])))
-    return SplitPlan(
+    return SplitDecision(
         level="donor",
         donor_test={d: d in test for d in names},
         dropped=dropped,
@@ -96,7 +97,7 @@ def _donor_plan(cells: dict[Any, Counter], test_size: float, seed: int, dropped:
     )
 
 
-def _cell_plan(by_age: Counter, test_size: float, seed: int, dropped: int, drop_null: bool, reason: str) -> "SplitPlan":
+def _cell_split(by_age: Counter, test_size: float, seed: int, dropped: int, drop_null: bool, reason: str) -> "SplitDecision":
     strata = sorted(by_age, key=_sort_key)
     sizes = np.array([by_age[a] for a in strata], dtype=np.int64)
     total = int(sizes.sum())
@@ -107,11 +108,11 @@ def _cell_plan(by_age: Counter, test_size: float, seed: int, dropped: int, drop_
     quota[order[: want - int(quota.sum())]] += 1
     rng = np.random.default_rng(seed)
     chosen = {a: np.sort(rng.choice(int(n), int(k), replace=False)) for a, n, k in zip(strata, sizes, quota)}
-    return SplitPlan(level="cell", chosen=chosen, dropped=dropped, drop_null_age=drop_null, reason=reason)
+    return SplitDecision(level="cell", chosen=chosen, dropped=dropped, drop_null_age=drop_null, reason=reason)
 
 
 @dataclass
-class SplitPlan:
+class SplitDecision:
     """Which donors (or which cells of each age) go to test; `assigner()` applies it to rows."""
 
     level: str
@@ -139,17 +140,17 @@ class SplitPlan:
 class Assigner:
     """Pass two: TRAIN, TEST or DROPPED per row; call it on consecutive blocks in file order."""
 
-    def __init__(self, plan: SplitPlan) -> None:
-        self.plan = plan
+    def __init__(self, decision: SplitDecision) -> None:
+        self.decision = decision
         self._seen: Counter = Counter()
 
     def codes(self, donors: pa.Array | None, ages: pa.Array) -> np.ndarray:
-        keep = _keep_mask(ages, self.plan.drop_null_age)
+        keep = _keep_mask(ages, self.decision.drop_null_age)
         out = np.full(len(ages), DROPPED, dtype=np.int8)
-        if self.plan.level == "donor":
+        if self.decision.level == "donor":
             assert donors is not None
             encoded = donors.cast(pa.string()).dictionary_encode()
-            flags = np.array([self.plan.donor_test.get(d, False) for d in encoded.dictionary.to_pylist()] + [self.plan.donor_test.get(None, False)])
+            flags = np.array([self.decision.donor_test.get(d, False) for d in encoded.dictionary.to_pylist()] + [self.decision.donor_test.get(None, False)])
             index = encoded.indices.fill_null(len(flags) - 1).to_numpy(zero_copy_only=False)
             out[keep] = np.where(flags[index], TEST, TRAIN)[keep]
             return out
@@ -161,7 +162,7 @@ class Assigner:
             age = strata[code]
             local = self._seen[age] + np.arange(len(rows))
             self._seen[age] += len(rows)
-            chosen = self.plan.chosen.get(age, np.zeros(0, np.int64))
+            chosen = self.decision.chosen.get(age, np.zeros(0, np.int64))
             out[rows] = np.where(np.isin(local, chosen, assume_unique=True), TEST, TRAIN)
         return out
 

@@ -99,21 +99,21 @@ def split(name: str, dirs: RunFolders, options: Options, *, sinks: tuple[Sink, .
         if "age" not in columns:
             raise CellfeedError(f"{name}: interim chunks have no age column; run step3-add-age first")
         donor = _donor(columns, options, name)
-        split_plan = None
+        decision = None
         if not options.skip_train_test_split:
             counter = SplitCounter(by_donor=donor is not None, drop_null_age=not options.keep_null_age)
             for table in read_chunks(folder, [c for c in (donor, "age") if c]):
                 counter.add(table.column(donor).combine_chunks() if donor else None, table.column("age").combine_chunks())
-            split_plan = counter.plan(options.test_size, options.seed)
-            log.event("split.planned", donor_column=donor, **split_plan.describe())
+            decision = counter.decide(options.test_size, options.seed)
+            log.event("split.decided", donor_column=donor, **decision.describe())
         with staged_dir(final) as staging:
-            writer = DatasetWriter(staging, split_plan is not None, options.chunk_size, options.compression, options.compression_level)
-            assigner = split_plan.assigner() if split_plan else None
+            writer = DatasetWriter(staging, decision is not None, options.chunk_size, options.compression, options.compression_level)
+            assigner = decision.assigner() if decision else None
             for table in read_chunks(folder):
                 age = table.column("age").combine_chunks()
                 writer.write(table, assigner.codes(table.column(donor).combine_chunks() if donor else None, age) if assigner else None)
             rows = writer.close()
-            described = split_plan.describe() | {"donor_column": donor} if split_plan else None
+            described = decision.describe() | {"donor_column": donor} if decision else None
             write_manifest(staging, {"dataset": name, "source": {"path": str(folder)}, "rows": rows, "split": described, "options": options.public()})
         log.event("output.written", output=str(final), rows=rows)
         return {"rows": rows, "split": described}
