@@ -27,7 +27,7 @@ from tests.conftest import ServerProcess
 CONTROL = "non-targeting"
 TARGETS = [f"G{i:03d}" for i in range(6)]
 # dataset -> file -> cell types in it (cell types interleave within each target's rows)
-LAYOUT = {
+DATASETS = {
     "screen_a": {"plate1": ["k562", "rpe1"], "plate2": ["hepg2"]},
     "screen_b": {"pool": ["jurkat", "a549"]},
 }
@@ -55,7 +55,7 @@ def write_screen(path: Path, cell_types: list[str], seed: int) -> None:
 def screens(tmp_path_factory):
     root = tmp_path_factory.mktemp("cell_load_splits") / "data"
     seed = 0
-    for dataset, files in LAYOUT.items():
+    for dataset, files in DATASETS.items():
         for stem, cell_types in files.items():
             write_screen(root / dataset / f"{stem}.h5ad", cell_types, seed)
             seed += 1

@@ -23,31 +23,31 @@ def files(root, toml: str):
 
 
 def test_brace_glob_directory_and_plain_paths(root):
-    layout = files(root, '[datasets]\nbrace = "a/{k562,rpe1}.h5ad"\nglob = "a/*.h5"\ndir = "b"\n')
-    got = {(f.dataset, f.stem) for f in layout.files}
+    found = files(root, '[datasets]\nbrace = "a/{k562,rpe1}.h5ad"\nglob = "a/*.h5"\ndir = "b"\n')
+    got = {(f.dataset, f.stem) for f in found.files}
     assert got == {("brace", "k562"), ("brace", "rpe1"), ("glob", "hepg2"), ("dir", "jurkat")}
     absolute = files(root, f'[datasets]\nabs = "{root.path}/a/k562.h5ad"\n')
     assert [f.label for f in absolute.files] == ["a/k562.h5ad"]
 
 
 def test_cell_load_loads_only_named_datasets(root):
-    layout = files(root, '[datasets]\nx = "a/k562.h5ad"\ny = "b"\n[training]\nx = "train"\n')
-    assert {f.dataset for f in layout.files} == {"x"}
+    found = files(root, '[datasets]\nx = "a/k562.h5ad"\ny = "b"\n[training]\nx = "train"\n')
+    assert {f.dataset for f in found.files} == {"x"}
 
 
 def test_protoplast_loads_every_dataset_and_reads_opts(root):
-    layout = files(root, '[datasets]\nx = "a/k562.h5ad"\ny = "b"\n[dataset_opts]\nn_basal_samples = 8\n[loader]\nnum_workers = 2\n')
-    assert {f.dataset for f in layout.files} == {"x", "y"}
-    assert layout.dataset_opts == {"n_basal_samples": 8}
+    found = files(root, '[datasets]\nx = "a/k562.h5ad"\ny = "b"\n[dataset_opts]\nn_basal_samples = 8\n[loader]\nnum_workers = 2\n')
+    assert {f.dataset for f in found.files} == {"x", "y"}
+    assert found.dataset_opts == {"n_basal_samples": 8}
 
 
 def test_zeroshot_and_fewshot_rules_attach_to_their_dataset(root):
-    layout = files(
+    found = files(
         root,
         '[datasets]\nx = "a/{k562,rpe1}.h5ad"\n[zeroshot]\n"x.k562" = "val"\n'
         '[fewshot."x.rpe1"]\nval = ["G1"]\ntest = ["G2", "G1"]\n',
     )
-    spec = layout.files[0]
+    spec = found.files[0]
     assert spec.zeroshot == {"k562": "val"}
     assert spec.fewshot == {"rpe1": {"G1": "test", "G2": "test"}}  # listed twice: the later wins
 
@@ -86,22 +86,22 @@ def test_a_training_table_selects_cell_loads_schema(root):
 
 
 def test_cell_load_fewshot_lists_may_overlap(root):
-    layout = files(
+    found = files(
         root,
         '[datasets]\nx = "a/{k562,rpe1}.h5ad"\n[training]\nx = "train"\n'
         '[fewshot."x.rpe1"]\nval = ["G1", "G3"]\ntest = ["G2", "G1"]\n',
     )
-    assert layout.files[0].fewshot == {"rpe1": {"G1": ("val", "test"), "G2": ("test",), "G3": ("val",)}}
+    assert found.files[0].fewshot == {"rpe1": {"G1": ("val", "test"), "G2": ("test",), "G3": ("val",)}}
 
 
 def test_cell_load_training_other_than_train_drops_unnamed_cell_types(root):
-    layout = files(root, '[datasets]\nx = "a/k562.h5ad"\ny = "b"\n[training]\nx = "val"\ny = "train"\n')
-    split = {f.dataset: f.split for f in layout.files}
+    found = files(root, '[datasets]\nx = "a/k562.h5ad"\ny = "b"\n[training]\nx = "val"\ny = "train"\n')
+    split = {f.dataset: f.split for f in found.files}
     assert split == {"x": None, "y": "train"}
-    assert any("[training] x = 'val'" in w for w in layout.warnings)
+    assert any("[training] x = 'val'" in w for w in found.warnings)
 
 
 def test_cell_load_loads_datasets_named_only_by_rules(root):
-    layout = files(root, '[datasets]\nx = "a/k562.h5ad"\ny = "b"\n[training]\ny = "train"\n[zeroshot]\n"x.k562" = "test"\n')
-    split = {f.dataset: f.split for f in layout.files}
+    found = files(root, '[datasets]\nx = "a/k562.h5ad"\ny = "b"\n[training]\ny = "train"\n[zeroshot]\n"x.k562" = "test"\n')
+    split = {f.dataset: f.split for f in found.files}
     assert split == {"x": None, "y": "train"}  # x is loaded for its rule; its other cell types are not

@@ -100,14 +100,16 @@ class FileSpec:
 
 
 @dataclass
-class DatasetLayout:
+class ConfigFiles:
+    """The h5ad files a config names, with their dataset options, TOML schema and the warnings of reading it."""
+
     files: list[FileSpec]
     dataset_opts: dict[str, Any]
     schema: str | None = None  # None: explicit `files`
     warnings: list[str] = field(default_factory=list)
 
 
-def resolve_files(config: PerturbationConfig, root: DataRoot) -> DatasetLayout:
+def resolve_files(config: PerturbationConfig, root: DataRoot) -> ConfigFiles:
     """The files of a session and their split rules, from an explicit list or from TOML."""
     if config.files is not None:
         if not config.files:
@@ -116,12 +118,12 @@ def resolve_files(config: PerturbationConfig, root: DataRoot) -> DatasetLayout:
         for name in config.files:
             path = root.resolve(name)
             specs.append(FileSpec(dataset=path.stem, path=path, label=root.relative(path)))
-        return DatasetLayout(files=specs, dataset_opts={})
+        return ConfigFiles(files=specs, dataset_opts={})
     assert config.toml is not None
     return _from_toml(config.toml, root, config.toml_schema)
 
 
-def _from_toml(text: str, root: DataRoot, schema: str = "auto") -> DatasetLayout:
+def _from_toml(text: str, root: DataRoot, schema: str = "auto") -> ConfigFiles:
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -203,7 +205,7 @@ def _from_toml(text: str, root: DataRoot, schema: str = "auto") -> DatasetLayout
         hint = " (under cell-load's schema only datasets named in [training], [zeroshot] or [fewshot] are loaded)" if cell_load else ""
         raise CellfeedError(f"TOML config: no dataset files selected{hint}")
     opts = doc.get("dataset_opts", {}) or {}
-    return DatasetLayout(files=specs, dataset_opts=opts, schema=schema, warnings=warnings)
+    return ConfigFiles(files=specs, dataset_opts=opts, schema=schema, warnings=warnings)
 
 
 def _check_split(split: object, where: str) -> None:
