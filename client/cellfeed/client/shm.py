@@ -117,7 +117,9 @@ class _RefColumn:
 
 
 @dataclass(frozen=True)
-class _Plan:
+class _SlotSchema:
+    """A stream schema's ref columns and the schema a resolved batch of it has."""
+
     source: pa.Schema
     refs: list[_RefColumn]
     schema: pa.Schema  # the resolved batch's
@@ -130,16 +132,16 @@ class SlotReader:
         self.directory = directory
         self._maps: dict[str, mmap.mmap] = {}
         self._lock = threading.Lock()
-        self._last_plan: _Plan | None = None
+        self._last_schema: _SlotSchema | None = None
 
     def resolve(self, batch: pa.RecordBatch) -> pa.RecordBatch:
         """The batch with each `shm_ref` column back as the tensor column it stands for and each
         `shm_list_ref` column back as its list column, the values a view of the slot (no copy);
         each slot stays the client's until those views are gone."""
-        plan = self._plan(batch.schema)
-        if not plan.refs:
+        slot_schema = self._slot_schema(batch.schema)
+        if not slot_schema.refs:
             return batch
-        located = [self._locate(ref, batch.column(ref.index)) for ref in plan.refs]
+        located = [self._locate(ref, batch.column(ref.index)) for ref in slot_schema.refs]
         leases: dict[str, _Lease] = {}
         for run in located:
             if run.slot:
@@ -152,7 +154,7 @@ class SlotReader:
                 leases[run.slot].count += 1
         columns = list(batch.columns)
         offsets: tuple[np.ndarray, pa.Array] | None = None  # list columns of one batch share their bounds
-        for ref, run in zip(plan.refs, located):
+        for ref, run in zip(slot_schema.refs, located):
             if run.slot:
                 mapped = self._map(run.slot)
                 address = np.frombuffer(mapped, dtype=np.uint8, count=1).ctypes.data + run.offset
@@ -166,12 +168,12 @@ class SlotReader:
                 columns[ref.index] = pa.ListArray.from_arrays(offsets[1], flat)
             else:
                 storage = pa.FixedSizeListArray.from_arrays(flat, ref.row_values)
-                columns[ref.index] = pa.ExtensionArray.from_storage(plan.schema.field(ref.index).type, storage)
-        return pa.RecordBatch.from_arrays(columns, schema=plan.schema)
+                columns[ref.index] = pa.ExtensionArray.from_storage(slot_schema.schema.field(ref.index).type, storage)
+        return pa.RecordBatch.from_arrays(columns, schema=slot_schema.schema)
 
-    def _plan(self, schema: pa.Schema) -> "_Plan":
+    def _slot_schema(self, schema: pa.Schema) -> "_SlotSchema":
         """The ref columns of a stream's schema and the schema they resolve to, made once."""
-        cached = self._last_plan
+        cached = self._last_schema
         if cached is not None and cached.source.equals(schema, check_metadata=True):
             return cached
         refs, fields = [], list(schema)
@@ -186,9 +188,9 @@ class SlotReader:
             else:
                 refs.append(_RefColumn(i, field.name, value_type, int(np.prod(info["shape"]))))
                 fields[i] = pa.field(field.name, pa.fixed_shape_tensor(value_type, info["shape"]), nullable=False)
-        plan = _Plan(schema, refs, pa.schema(fields, metadata=schema.metadata))
-        self._last_plan = plan
-        return plan
+        made = _SlotSchema(schema, refs, pa.schema(fields, metadata=schema.metadata))
+        self._last_schema = made
+        return made
 
     def _locate(self, ref: "_RefColumn", column: pa.StructArray) -> "_Run":
         """Where a column's rows lie: they must be one contiguous run of one slot's data."""
