@@ -187,11 +187,11 @@ class ReplicaSet:
         if len(self._replicas) == 1:
             return self.primary.plan(session, *args)
 
-        def plan_on(connection: Connection) -> Any:
+        def flight_info_on(connection: Connection) -> Any:
             self.ensure_session(connection, session)
             return connection.plan(session, *args, retry=False)
 
-        return self._any(plan_on, "GetFlightInfo")
+        return self._any(flight_info_on, "GetFlightInfo")
 
     def _any(self, fn: Callable[[Connection], Any], what: str) -> Any:
         """fn(replica) on the healthy replicas in turn until one answers; a refusal raises at
