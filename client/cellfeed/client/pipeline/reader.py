@@ -137,23 +137,25 @@ class StreamReader:
         """Open the stream owing (epoch, batch): its endpoint's ticket from GetFlightInfo (cached
         for a pass's start), at the first location of the endpoint whose replica is up."""
         loader, replicas = self.loader, self.loader.replicas
-        if self._reopen_on is not None:
-            conn, self._reopen_on = self._reopen_on, None
-            self._conn, self._generation = conn, conn.generation
+        reopened, self._reopen_on = self._reopen_on, None  # the replica that said it does not know the session
+        if reopened is not None:
+            self._conn, self._generation = reopened, reopened.generation
             if len(replicas) > 1:
-                replicas.ensure_session(conn, loader.session, reopen=True)
+                replicas.ensure_session(reopened, loader.session, reopen=True)
             else:
-                conn.reopen(loader.session)
+                reopened.reopen(loader.session)
         slots = loader.slots_for_stream()  # this stream's choice, whatever other streams decide meanwhile
         asked = replicas.first_up(self._locations or replicas.uris)
         self._conn, self._generation = asked, asked.generation
-        replicas.ensure_session(asked, loader.session)  # on each replica once (lazily)
+        if asked is not reopened:
+            replicas.ensure_session(asked, loader.session)  # on each replica once (lazily)
         pool = loader.shm_pool(slots is not None)
         endpoint = loader.endpoints.endpoint(asked, self._epoch, self.index, self._batch, pool, shared=not self._resuming)
         self._locations = [location.uri.decode() for location in endpoint.locations]
         conn = replicas.first_up(self._locations)
         self._conn, self._generation = conn, conn.generation
-        replicas.ensure_session(conn, loader.session)
+        if conn is not asked and conn is not reopened:  # the endpoint's first replica up is another one
+            replicas.ensure_session(conn, loader.session)
         stream = conn.open_stream(endpoint.ticket.ticket)
         with self._lock:
             if self._stop.is_set():  # closed while it opened: close() could not see it
