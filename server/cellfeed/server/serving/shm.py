@@ -237,16 +237,16 @@ class SlotBuffers(Buffers):
         self.placed: dict[str, tuple[Slot, int, int]] = {}  # column -> (slot, file offset of its values, their bytes)
 
     def arrays(self, wanted: dict[Columns, tuple[tuple[int, ...], np.dtype]]) -> dict[Columns, np.ndarray]:
-        layout, at = [], 0
+        regions, at = [], 0
         for columns, (shape, dtype) in wanted.items():
             dtype = np.dtype(dtype)
             at = -(-at // ALIGN) * ALIGN
             nbytes = int(np.prod(shape)) * dtype.itemsize
-            layout.append((columns, shape, dtype, at, nbytes))
+            regions.append((columns, shape, dtype, at, nbytes))
             at += nbytes
         slot = self.pool.take(at, self.cancelled, self.taken)
         out: dict[Columns, np.ndarray] = {}
-        for columns, shape, dtype, start, nbytes in layout:
+        for columns, shape, dtype, start, nbytes in regions:
             names = (columns,) if isinstance(columns, str) else columns
             share = nbytes // len(names)
             for k, name in enumerate(names):
