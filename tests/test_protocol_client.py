@@ -283,10 +283,12 @@ def test_a_resumed_stream_and_a_refused_first_batch(client):
     full, p, _ = read_rank(client, sid, "test", rank=1)
     later, _, _ = read_rank(client, sid, "test", rank=1, first_batch=1)
     assert [rb.column("pert_barcode").to_pylist() for rb in later] == [rb.column("pert_barcode").to_pylist() for rb in full[1:]]
-    with pytest.raises(flight.FlightServerError, match=r"\[cellfeed:invalid\]"):
+    with pytest.raises(flight.FlightServerError, match=r"first_batch .* is past the end") as past_the_end:
         plan(client, sid, "test", rank=0, first_batch=p.num_batches)
-    with pytest.raises(flight.FlightServerError, match=r"\[cellfeed:invalid\]"):
+    assert past_the_end.value.extra_info == b"cellfeed:invalid"  # docs/protocol.md "Errors": the kind is extra_info
+    with pytest.raises(flight.FlightServerError, match=r"unknown split 'no-such-split'") as unknown_split:
         plan(client, sid, "no-such-split", rank=0)
+    assert unknown_split.value.extra_info == b"cellfeed:invalid"
 
 
 # -- dynaclr: docs/protocol/dynaclr.md --------------------------------------------------------

@@ -99,8 +99,8 @@ def test_slots_the_client_cannot_open_fall_back_to_grpc(server, tmp_path):
 
 def test_a_server_that_cannot_make_slots_streams_over_grpc(data, server):
     """Slot files fail mid-stream (here: a file-size limit, as a full /dev/shm would): the error
-    reaches the client with its kind although Flight drops extra_info mid-stream, and the client
-    goes on over gRPC at once, not after a minute of retries."""
+    reaches the client with its kind (extra_info, mid-stream too), and the client goes on over
+    gRPC at once, not after a minute of retries."""
     limited = ServerProcess(data.root, max_file_bytes=64 << 10)
     limited.start()
     try:

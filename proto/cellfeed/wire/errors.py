@@ -1,10 +1,10 @@
 """Error kinds: what a failed cellfeed call means, written once for the server and the client.
 
 Every error a cellfeed server sends is a `FlightServerError` whose message names the file, key
-or value at fault and ends with its kind, ` [cellfeed:<kind>]`; the kind is also the error's
-`extra_info`. Both: Flight drops `extra_info` from errors raised after a stream has begun, so
-mid-stream the message's end is all that carries it. An error without a kind did not come from
-a cellfeed server's handlers but from the transport (a reset stream, a dying process).
+or value at fault and whose `extra_info` is its kind, b"cellfeed:<kind>": structured, never
+parsed out of the message, and the same before a stream and during one (the server raises a
+stream's error outside the C++ reader, which would drop it). An error without a kind did not
+come from a cellfeed server's handlers but from the transport (a reset stream, a dying process).
 
 What the client does with each kind is part of the contract (docs/protocol.md, "Errors"):
 `not_found` reopen the session, then retry; `shm_unavailable` stream again without `shm_pool`;
@@ -20,7 +20,6 @@ from enum import Enum
 import pyarrow.flight as flight
 
 PREFIX = "cellfeed:"
-_SUFFIX = re.compile(r" \[cellfeed:([a-z_]+)\]")
 _GRPC_DETAIL = (". Detail:", ". gRPC client debug context")
 # what gRPC says when the TLS handshake fails (bad certificate, plain server, wrong host name)
 _TLS_FAILURE = re.compile(r"handshake failed|SSL_ERROR|CERTIFICATE_VERIFY_FAILED|certificate verify failed", re.IGNORECASE)
@@ -51,8 +50,8 @@ class ErrorKind(str, Enum):
 
 
 def server_error(message: str, kind: ErrorKind) -> flight.FlightServerError:
-    """The FlightServerError a server raises: kind in extra_info and at the message's end."""
-    return flight.FlightServerError(f"{message} [{kind.wire.decode()}]", extra_info=kind.wire)
+    """The FlightServerError a server raises: the message as given, the kind in extra_info."""
+    return flight.FlightServerError(message, extra_info=kind.wire)
 
 
 def _head(text: str) -> str:
@@ -64,20 +63,17 @@ def _head(text: str) -> str:
 
 
 def kind_of(exc: BaseException) -> ErrorKind | None:
-    """The kind of a cellfeed server's error, from extra_info or the message's end; None when the
-    error has none (it came from the transport, or is not a Flight error at all)."""
+    """The kind of a cellfeed server's error, from its extra_info; None when the error has none
+    (it came from the transport, or is not a Flight error at all)."""
     if not isinstance(exc, flight.FlightError):
         return None
     info = getattr(exc, "extra_info", b"") or b""
-    if info.startswith(PREFIX.encode()):
-        return ErrorKind.parse(info.decode(errors="replace"))
-    found = _SUFFIX.search(_head(str(exc)))
-    return ErrorKind.parse(found.group(1)) if found else None
+    return ErrorKind.parse(info.decode(errors="replace")) if info.startswith(PREFIX.encode()) else None
 
 
 def message_of(exc: BaseException) -> str:
-    """The server's message, without gRPC's trailing detail or the `[cellfeed:...]` kind."""
-    return _SUFFIX.sub("", _head(str(exc))).removeprefix("Flight returned unavailable error, with message: ")
+    """The server's message, without gRPC's trailing detail."""
+    return _head(str(exc)).removeprefix("Flight returned unavailable error, with message: ")
 
 
 def is_tls_failure(exc: BaseException) -> bool:

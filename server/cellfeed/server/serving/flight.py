@@ -239,8 +239,30 @@ class FlightService(flight.FlightServerBase):
             taken: dict = {}  # slot -> generation this stream wrote: given up if the stream breaks
             built = self._batches(source, t, first, total, progress, ended, lambda: SlotBuffers(pool, ended, taken))
             batches = self._in_slots(built, schema, pool, taken, ended)
-        # RecordBatchStream (not GeneratorStream) so dictionary batches precede the first record batch.
-        return flight.RecordBatchStream(pa.RecordBatchReader.from_batches(schema, batches))
+        return flight.GeneratorStream(schema, self._delivered(batches, schema))
+
+    @staticmethod
+    def _delivered(batches: Iterator[pa.RecordBatch], schema: pa.Schema) -> Iterator[flight.FlightDataStream]:
+        """The batches as one RecordBatchStream (so dictionary batches precede the first record
+        batch), then the error that ended them, raised here: an error raised through the C++
+        RecordBatchReader loses its extra_info (the kind), one raised by the GeneratorStream keeps it."""
+        failure: list[flight.FlightError] = []
+
+        def caught() -> Iterator[pa.RecordBatch]:
+            try:
+                yield from batches
+            except flight.FlightError as exc:
+                failure.append(exc)
+            except Exception as exc:
+                failure.append(_server_failure("DoGet", exc))
+
+        inner = caught()
+        try:
+            yield flight.RecordBatchStream(pa.RecordBatchReader.from_batches(schema, inner))
+        finally:
+            inner.close()  # a client that cancels closes this generator: the batches' finally runs now
+        if failure:
+            raise failure[0]
 
     @staticmethod
     def _over_grpc(built: Iterator[tuple[pa.RecordBatch, Buffers]]) -> Iterator[pa.RecordBatch]:
