@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -157,8 +158,6 @@ def test_an_error_after_the_first_batch_keeps_its_kind_over_shared_memory(slot_s
 def test_a_cancelled_stream_still_runs_its_cleanup(slot_server, over):
     """The error relay wraps the batches in one more generator: a client that cancels must still
     end the stream on the server (state, metrics, and over shared memory the pool given back)."""
-    import time
-
     service, _ = slot_server
     client = flight.FlightClient(f"grpc://127.0.0.1:{service.port}")
     config = {"files": ["k562.h5ad"], "pert_counts": "X", "group_size_S": 4, "batch_size": 4}
