@@ -90,7 +90,6 @@ class PerturbationBatchDecoder:
         float32 [rows, width] array: a dense column as sent, CSR rows scattered in one pass, a
         control's rows gathered from the controls table by `ctrl_row`."""
         names = rb.schema.names
-        n = rb.num_rows
         if wire.dense(prefix) in names:  # a view of the batch's buffer (a shared-memory slot's, say), as sent
             return codec.tensor_from_column(rb.column(wire.dense(prefix)))
         if wire.csr_data(prefix) in names:
@@ -105,11 +104,7 @@ class PerturbationBatchDecoder:
             indptr, indices, data = csr.gather([(table, rows)])
         width = self.widths.get(prefix, self.G)
         csr.check(indptr, indices, data, width, "perturbation batch")
-        out = np.zeros(n * width, dtype=np.float32)
-        flat = np.repeat(np.arange(n, dtype=np.int64) * width, np.diff(np.asarray(indptr, dtype=np.int64)))
-        flat += indices
-        out[flat] = data
-        return out.reshape(n, width)
+        return csr.to_dense(indptr, indices, data, width)
 
     def meta(self, rb: pa.RecordBatch) -> dict[str, Any]:
         """Everything of a batch but the cells' rows: names, one-hots, mask, barcodes."""
