@@ -1,6 +1,6 @@
 """Plates written by iohub and ome-zarr-py, served by a real `cellfeed serve` on loopback.
 
-One test per layout (iohub NGFF 0.4, iohub 0.5 unsharded, iohub 0.5 sharded, ome-zarr-py 0.4 and
+One test per writer (iohub NGFF 0.4, iohub 0.5 unsharded, iohub 0.5 sharded, ome-zarr-py 0.4 and
 0.5): every patch a training epoch streams, anchor and positive, equals the pixels iohub reads
 back at that sample's FOV, frame and centroid. Then the plates cellfeed must refuse, each with a
 message that names the plate, the field and what was expected.
@@ -20,7 +20,7 @@ from cellfeed.client import MultiExperimentDataModule, RequestError
 from cellfeed.client.connection import Connection
 from cellfeed.server.errors import CellfeedError
 from cellfeed.server.reading.omezarr import NORM_STATS, open_plate
-from tests.fixtures.ecosystem_plates import LAYOUTS, SOURCE, IohubPlate, make_ecosystem_data
+from tests.fixtures.ecosystem_plates import WRITERS, SOURCE, IohubPlate, make_ecosystem_data
 from tests.fixtures.plates import expected_origin
 
 PATCH = (24, 24)
@@ -39,30 +39,30 @@ def _array_meta(plate: Path, fov: str, array: str) -> dict:
     return json.loads(((folder / "zarr.json") if (folder / "zarr.json").is_file() else (folder / ".zarray")).read_text())
 
 
-def _check_layout_on_disk(layout: str, plate: Path) -> None:
-    """The writer really produced the layout under test (so each test covers what it names)."""
+def _check_writer_on_disk(writer: str, plate: Path) -> None:
+    """The writer really produced the format under test (so each test covers what it names)."""
     attrs = _fov_meta(plate, "A/1/0")
     ome = attrs.get("ome", attrs)
     axes = [a["name"] for a in ome["multiscales"][0]["axes"]]
     array = ome["multiscales"][0]["datasets"][0]["path"]
     meta = _array_meta(plate, "A/1/0", array)
-    if layout.startswith("iohub"):
+    if writer.startswith("iohub"):
         assert axes == ["T", "C", "Z", "Y", "X"] and array == "0"  # upper case: what was refused before
     else:
         assert axes == ["t", "c", "z", "y", "x"] and array == "s0"  # level 0 is not named "0"
-    assert meta["zarr_format"] == (2 if layout.endswith("0.4") else 3)
+    assert meta["zarr_format"] == (2 if writer.endswith("0.4") else 3)
     codecs = [c["name"] for c in meta.get("codecs", [])]
-    assert ("sharding_indexed" in codecs) == layout.endswith("sharded")
-    if layout == "iohub-0.5":
+    assert ("sharding_indexed" in codecs) == writer.endswith("sharded")
+    if writer == "iohub-0.5":
         assert meta["data_type"] == "uint16"
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_streamed_patches_equal_iohub_reads(serve, tmp_path, layout):
-    data = make_ecosystem_data(tmp_path / "data", (layout,))
+@pytest.mark.parametrize("writer", WRITERS)
+def test_streamed_patches_equal_iohub_reads(serve, tmp_path, writer):
+    data = make_ecosystem_data(tmp_path / "data", (writer,))
     name = data.entries[0]["name"]
     plate_path = data.plate(name)
-    _check_layout_on_disk(layout, plate_path)
+    _check_writer_on_disk(writer, plate_path)
     server = serve(data.root)
     dm = MultiExperimentDataModule(
         "experiments.yml",

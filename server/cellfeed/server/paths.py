@@ -161,7 +161,7 @@ class DataRoot:
 
     def relative_unresolved(self, path: Path) -> str:
         """The path relative to the root without following links (a link's own name); a path
-        outside shows its last part only, never the server's layout."""
+        outside shows its last part only, never the server's folder tree."""
         path = Path(path)
         try:
             return str(path.relative_to(self.path)) if path.is_absolute() else str(path)

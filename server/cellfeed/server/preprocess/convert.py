@@ -26,7 +26,7 @@ from cellfeed.server.preprocess.h5ad_reader import OBS_NAMES, H5adInput
 
 SENTENCE_COLUMNS = ("cell_sentence", "genes", "values")
 RESERVED = {OBS_NAMES, "age", *SENTENCE_COLUMNS}
-SCAN_ROWS = 1 << 20  # rows of split codes looked at per step when planning chunks
+SCAN_ROWS = 1 << 20  # rows of split codes looked at per step when choosing chunks
 
 
 class Cancelled(Exception):

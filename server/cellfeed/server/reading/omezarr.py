@@ -1,7 +1,7 @@
 """HCS OME-Zarr plates: metadata from the JSON documents, pixels through tensorstore.
 
 Plates as iohub and ome-zarr-py write them: NGFF 0.4 on zarr v2, NGFF 0.5 on zarr v3 (sharded or
-not), and the earlier NGFF versions' layouts. Axes are identified by their `type` (time, channel,
+not), and the earlier NGFF versions' formats. Axes are identified by their `type` (time, channel,
 space) and by name in any case (iohub writes "T", "C", "Z", "Y", "X"; ome-zarr-py "t", "c", ...);
 an image lacking t, c or z is read as if that axis had length 1. The image array is the first
 (full-resolution) dataset of `multiscales[0]`, wherever it lies ("0" for iohub, "s0" for

@@ -33,7 +33,7 @@ class PlateSpec:
     ngff: str = "0.4"  # "0.4" (zarr v2) or "0.5" (zarr v3)
     shard: bool = False  # zarr v3 only: one shard per (t, c) image, chunks inside
     tracks: str = "edge_cases"  # "edge_cases" or "grid" (many plain tracks, for benchmarks)
-    tracks_per_fov: int = 16  # grid layout only
+    tracks_per_fov: int = 16  # the grid arrangement only
     extra: dict = field(default_factory=dict)  # organelle, date, moi: copied into the YAML
 
 
