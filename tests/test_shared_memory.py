@@ -126,7 +126,7 @@ def test_a_malformed_slot_pool_key_is_refused(server):
 
     dm = _dm(server, shared_memory=True)
     loader = dm.train_dataloader()
-    loader._slot_key = "not-hex!"
+    loader.slot_use.key = "not-hex!"
     with pytest.raises(RequestError, match="shm_pool"):
         next(iter(loader))
 

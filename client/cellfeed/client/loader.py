@@ -13,15 +13,12 @@ kinds) reach the loop at once.
 
 from __future__ import annotations
 
-import logging
-import secrets
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pyarrow as pa
 
-from cellfeed.client import shm
 from cellfeed.client.connection import Connection, Session
 from cellfeed.client.pipeline.decode import Decode
 from cellfeed.client.pipeline.endpoints import Endpoints
@@ -29,12 +26,11 @@ from cellfeed.client.pipeline.merge import Cursor, OrderedMerge
 from cellfeed.client.pipeline.prefetch import Prefetch
 from cellfeed.client.pipeline.reader import StreamReader
 from cellfeed.client.replicas import ReplicaSet
-from cellfeed.client.shm import SlotReader
+from cellfeed.client.shm import SlotReader, SlotUse
 from cellfeed.wire.malloc import reuse_freed_memory
 
 STATE_VERSION = 1
 UNCLAIMED_S = 30.0  # streams gone on into an epoch nobody asks for end after this long
-log = logging.getLogger(__name__)
 
 
 class RemoteLoader:
@@ -68,11 +64,7 @@ class RemoteLoader:
         self.fixed_epoch = fixed_epoch
         self.cursor = Cursor(int(epoch), 0)  # where the loader stands: the one resume cursor
         self._resume = False  # load_state_dict asked the next pass to start at the cursor
-        self.slots = slots  # same host: large tensors come in shared-memory slots (None: over gRPC)
-        self._slot_reader = slots  # what `slots` was given: tried again after a reconnect
-        self._slots_off_at = 0  # the client generation whose streams could not use the slots
-        self._probe_lock = threading.Lock()
-        self._slot_key = secrets.token_hex(8)
+        self.slot_use = SlotUse(connection, slots)  # same host: large tensors in shared-memory slots
         self._num_batches: int | None = None
         self._kept: OrderedMerge | None = None  # a training pass's streams, gone on into the next epoch
         self._kept_timer: threading.Timer | None = None
@@ -210,32 +202,7 @@ class RemoteLoader:
             self._kept, self._kept_timer = None, None
         pipeline.close()
 
-    # -- shared-memory slots ---------------------------------------------------------------------
-    def shm_pool(self, shared_memory: bool) -> str:
-        """The slot-pool key prefix a stream asks for (the server appends the stream's index); "": gRPC."""
-        return self._slot_key if shared_memory else ""
-
-    def slots_off(self, generation: int, reason: str) -> None:
-        """Stream over gRPC from now on: slots failed (`reason`) on a stream of client `generation`.
-        They are tried again once the connection has reconnected (a restarted server offers them anew)."""
-        log.warning("%s; streaming batches over gRPC instead", reason)
-        with self._probe_lock:
-            self.slots = None
-            self._slots_off_at = max(self._slots_off_at, generation)
-
-    def slots_for_stream(self) -> SlotReader | None:
-        """The slots a new stream uses: after the connection reconnected since they failed, the
-        server is probed again (one attempt; a transport failure raises, to be retried)."""
-        if self.slots is not None or self._slot_reader is None:
-            return self.slots
-        generation = self.connection.generation
-        if generation <= self._slots_off_at:
-            return None
-        with self._probe_lock:
-            if self.slots is None and generation > self._slots_off_at:
-                if shm.probe(self.connection, retry=False) is not None:
-                    log.info("the server at %s offers shared-memory slots again", self.connection.location)
-                    self.slots = self._slot_reader
-                else:
-                    self._slots_off_at = generation
-            return self.slots
+    @property
+    def slots(self) -> SlotReader | None:
+        """The shared-memory slots new streams read (None: gRPC)."""
+        return self.slot_use.current

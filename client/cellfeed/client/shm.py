@@ -7,6 +7,7 @@ set to its generation) only when every tensor viewing it is gone, so holding a b
 from __future__ import annotations
 
 import json
+import logging
 import mmap
 import os
 import secrets
@@ -25,6 +26,9 @@ MAX_MAPS = 256
 
 if TYPE_CHECKING:
     from cellfeed.client.connection import Connection
+
+
+log = logging.getLogger(__name__)
 
 
 def probe(connection: "Connection", *, retry: bool = True) -> Path | None:
@@ -245,3 +249,44 @@ class SlotReader:
                     self._maps.pop(next(iter(self._maps)))
                 self._maps[name] = mapped
             return mapped
+
+
+class SlotUse:
+    """Whether a loader's new streams read shared-memory slots: off once slots fail on a stream,
+    offered again after the connection reconnects (a restarted server), the server probed once."""
+
+    def __init__(self, connection: "Connection", reader: SlotReader | None) -> None:
+        self.connection = connection
+        self.reader = reader  # the slots given (None: gRPC only), tried again after a reconnect
+        self.current = reader  # what a new stream uses now
+        self.key = secrets.token_hex(8)  # the slot-pool key prefix (the server appends the stream index)
+        self._off_at = 0  # the client generation whose streams could not use the slots
+        self._lock = threading.Lock()
+
+    def pool(self, shared_memory: bool) -> str:
+        """The `shm_pool` a stream asks for; "": gRPC."""
+        return self.key if shared_memory else ""
+
+    def off(self, generation: int, reason: str) -> None:
+        """Stream over gRPC from now on: slots failed (`reason`) on a stream of client `generation`."""
+        log.warning("%s; streaming batches over gRPC instead", reason)
+        with self._lock:
+            self.current = None
+            self._off_at = max(self._off_at, generation)
+
+    def for_stream(self) -> SlotReader | None:
+        """The slots a new stream uses: after a reconnect since they failed, the server is probed
+        again (one attempt; a transport failure raises, to be retried)."""
+        if self.current is not None or self.reader is None:
+            return self.current
+        generation = self.connection.generation
+        if generation <= self._off_at:
+            return None
+        with self._lock:
+            if self.current is None and generation > self._off_at:
+                if probe(self.connection, retry=False) is not None:
+                    log.info("the server at %s offers shared-memory slots again", self.connection.location)
+                    self.current = self.reader
+                else:
+                    self._off_at = generation
+            return self.current

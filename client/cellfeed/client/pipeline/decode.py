@@ -57,4 +57,4 @@ class Decode:
         if pid is not None and pid not in self._failed_pids:
             self._failed_pids.add(pid)  # a restarted server's stale refs: once more with slots
             return
-        self.loader.slots_off(raw.generation, f"cannot use the server's shared-memory slots ({exc})")
+        self.loader.slot_use.off(raw.generation, f"cannot use the server's shared-memory slots ({exc})")

@@ -144,12 +144,12 @@ class StreamReader:
                 replicas.ensure_session(reopened, loader.session, reopen=True)
             else:
                 reopened.reopen(loader.session)
-        slots = loader.slots_for_stream()  # this stream's choice, whatever other streams decide meanwhile
+        slots = loader.slot_use.for_stream()  # this stream's choice, whatever other streams decide meanwhile
         asked = replicas.first_up(self._locations or replicas.uris)
         self._conn, self._generation = asked, asked.generation
         if asked is not reopened:
             replicas.ensure_session(asked, loader.session)  # on each replica once (lazily)
-        pool = loader.shm_pool(slots is not None)
+        pool = loader.slot_use.pool(slots is not None)
         endpoint = loader.endpoints.endpoint(asked, self._epoch, self.index, self._batch, pool, shared=not self._resuming)
         self._locations = [location.uri.decode() for location in endpoint.locations]
         conn = replicas.first_up(self._locations)
@@ -213,7 +213,7 @@ class StreamReader:
             self._reopen_on = conn
             return retry.Retry(exc, at_once=self._reopens == 1, budgeted=False)
         if what is ErrorKind.SHM_UNAVAILABLE and self._slots is not None:
-            loader.slots_off(self._generation, message_of(exc))
+            loader.slot_use.off(self._generation, message_of(exc))
             return retry.Retry(exc, at_once=True, budgeted=False)
         refusal = conn.refusal(exc) if isinstance(exc, flight.FlightError) else None
         if refusal is not None:
