@@ -152,11 +152,14 @@ def test_resolve_refuses_refs_outside_a_slot(tmp_path):
     (tmp_path / name).write_bytes(bytes(shm.HEADER_BYTES + 64))
     field = pa.field("x", shm.REF_TYPE, metadata={shm.REF_KEY: json.dumps({"shape": [16], "dtype": "float32"})})
     refs = pa.StructArray.from_arrays(
-        [pa.array([name, name]), pa.array([shm.HEADER_BYTES, shm.HEADER_BYTES + 64]), pa.array([0, 0], pa.uint32())], fields=list(shm.REF_TYPE)
+        [pa.array([name, name]).dictionary_encode(), pa.array([shm.HEADER_BYTES, shm.HEADER_BYTES + 64]), pa.array([0, 0], pa.uint32())],
+        fields=list(shm.REF_TYPE),
     )
     with pytest.raises(ValueError, match="outside the data of slot"):
         SlotReader(tmp_path).resolve(pa.RecordBatch.from_arrays([refs], schema=pa.schema([field])))
-    bad = pa.StructArray.from_arrays([pa.array(["../../etc/passwd"]), pa.array([shm.HEADER_BYTES]), pa.array([0], pa.uint32())], fields=list(shm.REF_TYPE))
+    bad = pa.StructArray.from_arrays(
+        [pa.array(["../../etc/passwd"]).dictionary_encode(), pa.array([shm.HEADER_BYTES]), pa.array([0], pa.uint32())], fields=list(shm.REF_TYPE)
+    )
     with pytest.raises(ValueError, match="not a cellfeed slot"):
         SlotReader(tmp_path).resolve(pa.RecordBatch.from_arrays([bad], schema=pa.schema([field])))
 

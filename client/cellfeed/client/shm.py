@@ -205,21 +205,19 @@ class SlotReader:
             return _Run("", 0, 0, 0, bounds)
         slots = column.field("slot")
         offsets = column.field("offset").to_numpy()
+        codes = slots.indices.to_numpy()
+        name = slots.dictionary[int(codes[0])].as_py()
+        one_slot = len(slots.dictionary) == 1 or not np.any(codes != codes[0])
         if bounds is not None:
             np.cumsum(column.field("length").to_numpy(), out=bounds[1:])
             expected = bounds[:-1].astype(np.int64)  # each row's byte offset from the first's
             expected *= width
             nbytes = width * int(bounds[-1])
-            codes = slots.indices.to_numpy()
-            name = slots.dictionary[int(codes[0])].as_py()
-            one_slot = len(slots.dictionary) == 1 or not np.any(codes != codes[0])
         else:
             row_bytes = width * ref.row_values
             expected = np.arange(n, dtype=np.int64)
             expected *= row_bytes
             nbytes = n * row_bytes
-            name = slots[0].as_py()
-            one_slot = len(slots.unique()) == 1
         expected += offsets[0]
         if not one_slot or not np.array_equal(offsets, expected):
             raise ValueError(f"column {ref.name!r}: its shm refs are not one contiguous run of one slot")

@@ -25,15 +25,16 @@ GEN, TAKEN, DONE = 0, 1, 2  # header words
 MIN_ROW_BYTES = 4 << 10  # tensor columns with smaller rows stay in the byte stream
 SLOT_NAME = re.compile(r"^cellfeed-[0-9]+-[0-9a-f]{8,64}-[0-9]+$")
 PROBE_NAME = re.compile(r"^cellfeed-probe-[0-9a-f]{32}$")
+# the slot name is dictionary-encoded (sent once a batch), in both ref types
 REF_TYPE = pa.struct(
     [
-        pa.field("slot", pa.string(), nullable=False),
+        pa.field("slot", pa.dictionary(pa.int32(), pa.string()), nullable=False),
         pa.field("offset", pa.int64(), nullable=False),
         pa.field("generation", pa.uint32(), nullable=False),
     ]
 )
 REF_KEY = b"cellfeed.shm_tensor"
-# lists of numbers marked LIST_KEY by their source; the slot name is dictionary-encoded (once a batch)
+# lists of numbers marked LIST_KEY by their source
 LIST_REF_TYPE = pa.struct(
     [
         pa.field("slot", pa.dictionary(pa.int32(), pa.string()), nullable=False),

@@ -284,7 +284,7 @@ def to_refs(batch: pa.RecordBatch, schema: pa.Schema, buffers: SlotBuffers) -> p
             values = column.storage.flatten() if isinstance(column, pa.ExtensionArray) else column.flatten()
             slot, start = buffers.place(ref_field.name, values, 0)
             row = (len(values) // max(1, n)) * values.type.bit_width // 8
-            names = pa.array([slot.name] * n, pa.string())
+            names = pa.DictionaryArray.from_arrays(np.zeros(n, np.int32), pa.array([slot.name]))
             offsets = pa.array(start + row * np.arange(n, dtype=np.int64))
             columns.append(pa.StructArray.from_arrays([names, offsets, _generations(slot, n)], fields=list(shm.REF_TYPE)))
         elif ref_field.type == shm.LIST_REF_TYPE:
