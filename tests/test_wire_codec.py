@@ -139,3 +139,15 @@ def test_each_kinds_schema_builder_names_the_columns_both_ends_read():
 
     rows = table.batch_schema([pa.field("x", pa.int64())], "data/x")
     assert rows.names == ["x", table.PADDING] and codec.read_metadata(rows)["padding"] == table.PADDING
+
+
+@pytest.mark.parametrize("index_dtype", [np.uint16, np.int32, np.int64])
+def test_to_dense_equals_scipy_toarray(index_dtype):
+    """The client's CSR-to-dense scatter gives scipy's dense rows, empty rows and empty CSRs too."""
+    m = sp.random(40, 300, density=0.1, format="csr", dtype=np.float32, random_state=3)
+    m[5] = 0  # an empty row
+    m.eliminate_zeros()
+    out = csr.to_dense(m.indptr.astype(np.int64), m.indices.astype(index_dtype), m.data, 300)
+    assert out.dtype == np.float32 and out.flags["C_CONTIGUOUS"]
+    np.testing.assert_array_equal(out, m.toarray())
+    assert csr.to_dense(np.zeros(1, np.int64), np.zeros(0, index_dtype), np.zeros(0, np.float32), 7).shape == (0, 7)
