@@ -162,6 +162,12 @@ def test_resolve_refuses_refs_outside_a_slot(tmp_path):
     )
     with pytest.raises(ValueError, match="not a cellfeed slot"):
         SlotReader(tmp_path).resolve(pa.RecordBatch.from_arrays([bad], schema=pa.schema([field])))
+    dangling = pa.StructArray.from_arrays(
+        [pa.DictionaryArray.from_arrays(pa.array([3], pa.int32()), pa.array([name]), safe=False), pa.array([shm.HEADER_BYTES]), pa.array([0], pa.uint32())],
+        fields=list(shm.REF_TYPE),
+    )
+    with pytest.raises(ValueError, match="1-name dictionary"):
+        SlotReader(tmp_path).resolve(pa.RecordBatch.from_arrays([dangling], schema=pa.schema([field])))
 
 
 def test_resolve_rebuilds_list_columns_and_refuses_broken_runs(tmp_path):

@@ -206,6 +206,8 @@ class SlotReader:
         slots = column.field("slot")
         offsets = column.field("offset").to_numpy()
         codes = slots.indices.to_numpy()
+        if int(codes.min()) < 0 or int(codes.max()) >= len(slots.dictionary):
+            raise ValueError(f"column {ref.name!r}: shm refs name slot {int(codes.max())} of a {len(slots.dictionary)}-name dictionary")
         name = slots.dictionary[int(codes[0])].as_py()
         one_slot = len(slots.dictionary) == 1 or not np.any(codes != codes[0])
         if bounds is not None:
